@@ -1,0 +1,19 @@
+.PHONY: demo test bench bootstrap clean
+export PATH := $(CURDIR)/.venv/bin:/usr/sbin:$(PATH)
+
+bootstrap:
+	@scripts/bootstrap.sh
+
+demo: bootstrap
+	.venv/bin/python scripts/demo.py
+
+test: bootstrap
+	.venv/bin/python -m pytest -q
+
+bench: bootstrap
+	.venv/bin/python bench/switch_under_load.py
+	.venv/bin/python bench/orchestration_overhead.py
+
+clean:
+	-.venv/bin/rollback dev down
+	rm -rf .rollback

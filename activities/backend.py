@@ -1,0 +1,258 @@
+"""Backend rollback on nginx: blue-green switch and rolling reversal.
+
+Every activity here is declarative ("make colour X live", "make these instances
+run version V"), so running one twice leaves the same end state and performs the
+external effect (an nginx reload, an instance restart) only when the state differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.health import HttpCheckInput, HttpHealth
+from rollback.config import BackendTarget, ConfigSource, Instance
+from rollback.models import HealthReport, RollbackTarget, TargetPlan
+from rollback.payloads import BatchInput, BatchResult, SwitchInput, SwitchResult, ValidateInput
+from rollback.nginx import NginxRouter, RouterError, UpstreamServer
+from rollback.state import TargetVersions
+
+COMMAND_TIMEOUT_SECONDS = 120
+FRONT_DOOR_DEADLINE_SECONDS = 30
+
+
+def _refuse(message: str, kind: str = "AssessmentRefused") -> ApplicationError:
+    return ApplicationError(message, type=kind, non_retryable=True)
+
+
+def router_of(target: BackendTarget) -> NginxRouter:
+    r = target.router
+    return NginxRouter(
+        upstream_file=r.upstream_file, upstream_name=r.upstream_name,
+        reload_command=tuple(r.reload_command), test_command=tuple(r.test_command),
+    )
+
+
+def _heartbeat(detail: str) -> None:
+    if activity.in_activity():
+        activity.heartbeat(detail)
+
+
+def _attempt() -> int:
+    return activity.info().attempt if activity.in_activity() else 1
+
+
+class BackendRollback:
+    def __init__(self, config: ConfigSource, health: HttpHealth) -> None:
+        self.config = config
+        self.health = health
+
+    def target(self, environment: str) -> BackendTarget:
+        backend = self.config.get().environment(environment).targets.backend
+        if backend is None:
+            raise _refuse(f"environment {environment!r} has no backend target configured", "InvalidRequest")
+        return backend
+
+    # -- assessment (called from the coordination planner) -------------------
+
+    async def assess(self, environment: str, target: BackendTarget, versions: TargetVersions, to_version: str | None) -> TargetPlan:
+        from_version = versions.current
+        to = to_version or versions.known_good
+        if not to:
+            raise _refuse(f"backend of {environment!r}: no known-good version recorded; pass to_version")
+        if to == from_version:
+            raise _refuse(f"backend of {environment!r} already runs {to}: nothing to roll back")
+        front = await self._check(target, target.router.front_url, None)
+        evidence = {"front_door": front.model_dump(mode="json")}
+        checks = [f"{target.health.path} x{target.health.samples} >= {target.health.success_ratio:.0%} under {target.health.max_latency_ms} ms",
+                  f"front door {target.router.front_url} answers {to}"]
+        if target.strategy == "blue_green":
+            return await self._assess_blue_green(environment, target, from_version, to, evidence, checks)
+        return await self._assess_rolling(environment, target, from_version, to, evidence, checks)
+
+    async def _assess_blue_green(self, environment: str, target: BackendTarget, from_version: str | None, to: str,
+                                 evidence: dict, checks: list[str]) -> TargetPlan:
+        live = self._live_colour(target)
+        standby: dict[str, HealthReport] = {}
+        for colour, instance in target.colours.items():
+            if colour != live:
+                standby[colour] = await self._check(target, f"http://{instance.address}", to)
+        evidence["standby"] = {c: r.model_dump(mode="json") for c, r in standby.items()}
+        ready = [c for c, r in standby.items() if r.healthy]
+        if not ready:
+            seen = ", ".join(f"{c}: {r.detail or 'unhealthy'}" for c, r in standby.items())
+            raise _refuse(f"backend of {environment!r}: no standby colour serves {to} healthily ({seen})")
+        colour = ready[0]
+        return TargetPlan(
+            target=RollbackTarget.BACKEND, strategy="blue_green", from_version=from_version, to_version=to,
+            steps=[f"verify standby {colour}", f"switch traffic to {colour}", "validate backend"],
+            checks=checks, params={"colour": colour, "previous_colour": live}, evidence=evidence,
+        )
+
+    async def _assess_rolling(self, environment: str, target: BackendTarget, from_version: str | None, to: str,
+                              evidence: dict, checks: list[str]) -> TargetPlan:
+        if target.releases_command:
+            available = json.loads(await _run(target.releases_command, {}))
+            if to not in available:
+                raise _refuse(f"backend of {environment!r}: release {to} does not exist (available: {', '.join(available)})")
+        names = [i.name for i in target.instances]
+        batches = [names[i:i + target.max_unavailable] for i in range(0, len(names), target.max_unavailable)]
+        steps = [f"roll batch {n}/{len(batches)}: {', '.join(b)}" for n, b in enumerate(batches, 1)] + ["validate backend"]
+        return TargetPlan(
+            target=RollbackTarget.BACKEND, strategy="rolling", from_version=from_version, to_version=to,
+            steps=steps, checks=checks, params={"batches": batches}, evidence=evidence,
+        )
+
+    def _live_colour(self, target: BackendTarget) -> str | None:
+        live = {s.address for s in router_of(target).current() if not s.down}
+        return next((c for c, i in target.colours.items() if i.address in live), None)
+
+    async def _check(self, target: BackendTarget, base_url: str, version: str | None) -> HealthReport:
+        return await self.health.validate(HttpCheckInput(
+            base_url=base_url, check=target.health, version_path=target.version_path, expect_version=version))
+
+    # -- blue-green -----------------------------------------------------------
+
+    @activity.defn(name="backend.check_standby")
+    async def check_standby(self, inp: SwitchInput) -> HealthReport:
+        """Health of the colour we are about to send traffic to, checked directly (not through nginx)."""
+        target = self.target(inp.environment)
+        return await self._check(target, f"http://{self._colour(target, inp.colour).address}", inp.expect_version)
+
+    def _colour(self, target: BackendTarget, colour: str) -> Instance:
+        instance = target.colours.get(colour)
+        if instance is None:
+            raise _refuse(f"unknown colour {colour!r}; configured: {', '.join(target.colours)}", "InvalidRequest")
+        return instance
+
+    @activity.defn(name="backend.switch_traffic")
+    async def switch_traffic(self, inp: SwitchInput) -> SwitchResult:
+        """Make `colour` the only live one; success once the front door answers its version.
+
+        The workflow runs check_standby right before; compensation switches back
+        without it, since the colour it returns to may be the broken release.
+        """
+        target = self.target(inp.environment)
+        self._colour(target, inp.colour)  # unknown colour: a clear, non-retryable error
+        try:
+            # Declarative: every colour stays listed, only the chosen one is live.
+            servers = [UpstreamServer(i.address, down=name != inp.colour) for name, i in target.colours.items()]
+            reloaded = await asyncio.to_thread(router_of(target).apply, servers)
+        except RouterError as err:
+            raise ApplicationError(str(err), type="RouterError") from err
+        versions = await self._await_front_door(target, inp.expect_version)
+        return SwitchResult(colour=inp.colour, reloaded=reloaded, front_door_versions=versions, attempt=_attempt())
+
+    async def _await_front_door(self, target: BackendTarget, version: str) -> dict[str, int]:
+        """Success only once requests through the front door are answered by `version`.
+
+        nginx reloads gracefully: old workers finish their requests on the old
+        upstream, so a few answers may still come from it. Wait for a clean run.
+        """
+        url = target.router.front_url.rstrip("/") + target.version_path
+        deadline = time.monotonic() + FRONT_DOOR_DEADLINE_SECONDS
+        seen: dict[str, int] = {}
+        streak = 0
+        while time.monotonic() < deadline:
+            try:
+                answer = await self.health.get(url, target.health.timeout_seconds)
+                got = answer.json().get("version") if answer.status_code == 200 else f"HTTP {answer.status_code}"
+            except (ValueError, Exception) as err:  # noqa: BLE001 - any failure is "not yet"
+                got = type(err).__name__
+            seen[str(got)] = seen.get(str(got), 0) + 1
+            streak = streak + 1 if got == version else 0
+            if streak >= target.health.samples:
+                return seen
+            _heartbeat(f"front door {seen}")
+            await asyncio.sleep(0.05)
+        raise ApplicationError(f"front door {url} did not settle on {version} within {FRONT_DOOR_DEADLINE_SECONDS}s: saw {seen}",
+                               type="FrontDoorMismatch")
+
+    # -- rolling -------------------------------------------------------------
+
+    @activity.defn(name="backend.roll_batch")
+    async def roll_batch(self, inp: BatchInput) -> BatchResult:
+        """Drain the batch, switch its instances to `version`, health-check, put them back."""
+        target = self.target(inp.environment)
+        by_name = {i.name: i for i in target.instances}
+        unknown = [n for n in inp.instances if n not in by_name]
+        if unknown:
+            raise _refuse(f"unknown instances {unknown}; configured: {', '.join(by_name)}", "InvalidRequest")
+        router = router_of(target)
+        batch = {by_name[n].address for n in inp.instances}
+        reloads = 0
+        restarted: list[str] = []
+
+        def upstream(drained: set[str]) -> list[UpstreamServer]:
+            return [UpstreamServer(i.address, down=i.address in drained) for i in target.instances]
+
+        if await self._batch_done(target, inp, router):
+            return BatchResult(instances=inp.instances, restarted=[], reloads=0, attempt=_attempt())
+        try:
+            reloads += await asyncio.to_thread(router.apply, upstream(batch))
+            _heartbeat("drained")
+            for name in inp.instances:
+                output = await _run(target.deploy_command, {"instance": name, "version": inp.version})
+                if "unchanged" not in output:
+                    restarted.append(name)
+                _heartbeat(f"deployed {name}")
+                if inp.require_healthy:
+                    report = await self._check(target, f"http://{by_name[name].address}", inp.version)
+                    if not report.healthy:
+                        # Leave the batch drained: compensation decides what it serves next.
+                        raise ApplicationError(f"instance {name} unhealthy on {inp.version}: {report.detail}",
+                                               type="UnhealthyAfterDeploy", non_retryable=True)
+            reloads += await asyncio.to_thread(router.apply, upstream(set()))
+        except RouterError as err:
+            raise ApplicationError(str(err), type="RouterError") from err
+        return BatchResult(instances=inp.instances, restarted=restarted, reloads=reloads, attempt=_attempt())
+
+    async def _batch_done(self, target: BackendTarget, inp: BatchInput, router: NginxRouter) -> bool:
+        """True when the batch already serves `version` and takes traffic: a re-run changes nothing."""
+        addresses = {i.address for i in target.instances if i.name in inp.instances}
+        if any(s.down for s in router.current() if s.address in addresses):
+            return False
+        for address in addresses:
+            if (await self.health.sample(HttpCheckInput(base_url=f"http://{address}", check=target.health,
+                                                         version_path=target.version_path,
+                                                         expect_version=inp.version))).version != inp.version:
+                return False
+        return True
+
+    # -- validation ----------------------------------------------------------
+
+    @activity.defn(name="backend.validate")
+    async def validate(self, inp: ValidateInput) -> HealthReport:
+        target = self.target(inp.environment)
+        return await self._check(target, target.router.front_url, inp.expect_version)
+
+
+async def _run(command: list[str], values: dict[str, str]) -> str:
+    """Run a configured deployment hook with {placeholders} filled; stdout on success."""
+    argv = [part.format(**values) for part in command]
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    finished = asyncio.ensure_future(proc.communicate())
+    deadline = time.monotonic() + COMMAND_TIMEOUT_SECONDS
+    try:
+        # Heartbeat while the hook runs, so a dead worker is noticed within the
+        # heartbeat timeout rather than after the whole command timeout.
+        while not finished.done():
+            if time.monotonic() > deadline:
+                raise ApplicationError(f"{argv[0]} did not finish within {COMMAND_TIMEOUT_SECONDS}s", type="DeployHookTimeout")
+            await asyncio.wait({finished}, timeout=1)
+            _heartbeat(f"running {' '.join(argv[:3])}")
+    except BaseException:
+        if proc.returncode is None:
+            proc.kill()
+        raise
+    stdout, stderr = finished.result()
+    if proc.returncode != 0:
+        message = stderr.decode(errors="replace").strip()[-500:]
+        # Exit 3 is the hook's way to say "no such release": retrying cannot help.
+        raise ApplicationError(f"{argv[0]} exited {proc.returncode}: {message}", type="DeployHookFailed",
+                               non_retryable=proc.returncode == 3)
+    return stdout.decode(errors="replace")

@@ -1,0 +1,99 @@
+"""Planning, the per-environment deployment lock, and the version record."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio import activity
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.backend import BackendRollback
+from rollback.config import ConfigSource
+from rollback.models import EXECUTION_ORDER, RollbackPlan, RollbackRequest, RollbackTarget, TargetPlan
+from rollback.payloads import LockInput, PlanInput, RecordInput
+from rollback.state import StateStore
+
+
+def _invalid(field: str, message: str) -> ApplicationError:
+    return ApplicationError(f"{field}: {message}", type="InvalidRequest", non_retryable=True)
+
+
+class Coordination:
+    def __init__(self, config: ConfigSource, backend: BackendRollback, client: Client) -> None:
+        self.config = config
+        self.backend = backend
+        self.client = client
+
+    def _store(self) -> StateStore:
+        return StateStore(self.config.get().state_dir)
+
+    @activity.defn(name="coordination.plan")
+    async def plan(self, inp: PlanInput) -> RollbackPlan:
+        """Validate the request against the config and assess each target from fresh evidence."""
+        config = self.config.get()
+        request = inp.request
+        if request.environment not in config.environments:
+            raise _invalid("environment", f"unknown environment {request.environment!r}; configured: {', '.join(sorted(config.environments))}")
+        env = config.environment(request.environment)
+        configured = env.targets.configured()
+        wanted = configured if request.targets == [RollbackTarget.FULL] else [t.value for t in request.targets]
+        missing = [t for t in wanted if t not in configured]
+        if missing:
+            raise _invalid("targets", f"{', '.join(missing)} not configured for {request.environment!r} (configured: {', '.join(configured)})")
+        to_version = {k.value: v for k, v in (request.to_version or {}).items()}
+        extra = [t for t in to_version if t not in wanted]
+        if extra:
+            raise _invalid("to_version", f"names targets not being rolled back: {', '.join(extra)}")
+        store = StateStore(config.state_dir)
+        plans: list[TargetPlan] = []
+        for target in [t.value for t in EXECUTION_ORDER if t.value in wanted]:
+            if target == "backend":
+                backend = env.targets.backend
+                assert backend is not None
+                versions = store.versions(request.environment, "backend", seed=backend.versions)
+                plans.append(await self.backend.assess(request.environment, backend, versions, to_version.get("backend")))
+        policy = env.policy
+        require = policy.require_approval if request.require_approval is None else request.require_approval
+        why = ("requested by the caller" if request.require_approval else "environment policy") if require else ""
+        return RollbackPlan(
+            environment=request.environment, targets=plans, require_approval=require, approval_reason=why,
+            approval_timeout_seconds=policy.approval_timeout_seconds, on_approval_timeout=policy.on_approval_timeout,
+            on_failure=policy.on_failure, max_attempts=config.rollback.max_rollback_attempts,
+            health_check_timeout_seconds=config.rollback.health_check_timeout,
+            notification_channels=config.rollback.notification_channels,
+        )
+
+    async def _is_running(self, workflow_id: str) -> bool | None:
+        """Whether the lock holder's workflow still runs; None when Temporal cannot tell us."""
+        try:
+            described = await self.client.get_workflow_handle(workflow_id).describe()
+        except RPCError as err:
+            return False if err.status == RPCStatusCode.NOT_FOUND else None
+        return described.status == WorkflowExecutionStatus.RUNNING
+
+    @activity.defn(name="coordination.acquire_lock")
+    async def acquire_lock(self, inp: LockInput) -> None:
+        config = self.config.get()
+        store = StateStore(config.state_dir)
+        ttl = timedelta(seconds=config.rollback.lock_ttl_seconds)
+        holder = store.lock_holder(inp.environment)
+        running = await self._is_running(holder) if holder and holder != inp.holder else None
+        blocker = store.acquire_lock(inp.environment, inp.holder, ttl=ttl, checked=(holder, running) if holder else None)
+        if blocker:
+            raise ApplicationError(
+                f"environment {inp.environment!r} is locked by running rollback {blocker}; "
+                f"wait for it, or cancel it with: rollback cancel {blocker}",
+                type="EnvironmentLocked", non_retryable=True,
+            )
+
+    @activity.defn(name="coordination.release_lock")
+    async def release_lock(self, inp: LockInput) -> bool:
+        return self._store().release_lock(inp.environment, inp.holder)
+
+    @activity.defn(name="coordination.record_restored")
+    async def record_restored(self, inp: RecordInput) -> bool:
+        env = self.config.get().environment(inp.environment)
+        seed = env.targets.backend.versions if inp.target == "backend" and env.targets.backend else None
+        return self._store().record_restored(inp.environment, inp.target, inp.version, key=inp.key, seed=seed)

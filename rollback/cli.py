@@ -1,0 +1,321 @@
+"""The `rollback` command line: start, approve, reject, status, watch, list, cancel, dev ...
+
+Every command prints one clear line on error (no traceback) and exits non-zero;
+exit 0 only on success. Commands end with os._exit after flushing, because
+temporalio can abort at interpreter exit (sdk-python issue 300).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+from temporalio.client import WorkflowExecutionStatus
+from temporalio.service import RPCError
+
+from rollback.client import RollbackError, RollbackOrchestrator
+from rollback.config import ConfigError, load_config
+from rollback.models import TERMINAL_STATES, Phase, RollbackRequest, RollbackStatus
+from rollback.settings import config_path
+from rollback.state import StateStore
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Durable rollbacks of database, backend and frontend.")
+dev_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The local demo stack.")
+app.add_typer(dev_app, name="dev")
+out = Console(highlight=False)
+
+
+def _exit(code: int) -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    _exit(1)
+
+
+def run(action: Callable[[], Awaitable[int | None]]) -> None:
+    """Run an async command; turn every expected failure into one line and an exit code."""
+    try:
+        code = asyncio.run(action())
+    except (RollbackError, ConfigError) as err:
+        _fail(str(err))
+    except ValidationError as err:
+        first = err.errors()[0]
+        _fail(f"{'.'.join(str(p) for p in first['loc']) or 'input'}: {first['msg']}")
+    except RPCError as err:
+        _fail(f"Temporal: {err.message}")
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _exit(130)
+    _exit(code or 0)
+
+
+def _parse_versions(pairs: list[str]) -> dict[str, str] | None:
+    versions: dict[str, str] = {}
+    for pair in pairs:
+        target, sep, version = pair.partition("=")
+        if not sep or not target or not version:
+            raise ValueError(f"--to-version expects TARGET=VERSION, got {pair!r}")
+        versions[target] = version
+    return versions or None
+
+
+@app.command()
+def start(
+    environment: str = typer.Option(..., "--environment", "-e", help="environment name from rollback.yaml"),
+    target: list[str] = typer.Option(..., "--target", "-t", help="database, backend, frontend or full (repeatable)"),
+    reason: str = typer.Option("", help="why; shown to approvers and in the record"),
+    initiated_by: str = typer.Option(None, "--by", help="who starts it (default: your user name)"),
+    to_version: list[str] = typer.Option([], "--to-version", help="TARGET=VERSION; default: last known-good"),
+    require_approval: Optional[bool] = typer.Option(None, "--require-approval/--no-approval", help="default: the environment's policy"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="assess and coordinate only; change nothing"),
+    wait: bool = typer.Option(False, "--wait", help="wait for the end and exit 0 only on success"),
+) -> None:
+    """Start a rollback."""
+
+    async def action() -> int:
+        request = RollbackRequest.model_validate({
+            "environment": environment, "targets": target, "trigger": "manual", "reason": reason,
+            "initiated_by": initiated_by or getpass.getuser(), "to_version": _parse_versions(to_version),
+            "require_approval": require_approval, "dry_run": dry_run,
+        })
+        orchestrator = RollbackOrchestrator()
+        started = await orchestrator.start(request)
+        print(started.execution_id)
+        if not wait:
+            return 0
+        return await _watch(orchestrator, started.execution_id, quiet=True)
+
+    run(action)
+
+
+@app.command()
+def approve(execution_id: str, by: str = typer.Option(None, "--by"), comment: str = typer.Option(None, "--comment")) -> None:
+    """Approve a rollback that waits for approval."""
+    run(lambda: _decide(execution_id, "approve", by, comment))
+
+
+@app.command()
+def reject(execution_id: str, by: str = typer.Option(None, "--by"), comment: str = typer.Option(None, "--comment")) -> None:
+    """Reject a rollback that waits for approval."""
+    run(lambda: _decide(execution_id, "reject", by, comment))
+
+
+async def _decide(execution_id: str, decision: str, by: str | None, comment: str | None) -> int:
+    orchestrator = RollbackOrchestrator()
+    status = await orchestrator.get_rollback_status(execution_id)
+    if status.approval.decision != "pending":
+        raise RollbackError(f"{execution_id} is not waiting for approval (approval: {status.approval.decision}, state: {status.state.value})")
+    signal = orchestrator.approve if decision == "approve" else orchestrator.reject
+    await signal(execution_id, by=by or getpass.getuser(), comment=comment)
+    print(f"{decision} sent to {execution_id}")
+    return 0
+
+
+@app.command()
+def status(execution_id: str, as_json: bool = typer.Option(False, "--json", help="the raw status as JSON")) -> None:
+    """Show a rollback's phase, plan, steps and approval."""
+
+    async def action() -> int:
+        current = await RollbackOrchestrator().get_rollback_status(execution_id)
+        if as_json:
+            print(current.model_dump_json(indent=2))
+        else:
+            out.print(render(current))
+        return 0
+
+    run(action)
+
+
+@app.command()
+def watch(execution_id: str) -> None:
+    """Follow a rollback live until it ends; exit 0 only if it succeeded."""
+    run(lambda: _watch(RollbackOrchestrator(), execution_id))
+
+
+async def _watch(orchestrator: RollbackOrchestrator, execution_id: str, *, quiet: bool = False) -> int:
+    from rich.live import Live
+
+    async def poll() -> RollbackStatus:
+        return await orchestrator.get_rollback_status(execution_id)
+
+    current = await poll()
+    if quiet or not sys.stdout.isatty():
+        seen: set[str] = set()
+        while True:
+            for line in _events(current):
+                if line not in seen:
+                    seen.add(line)
+                    print(line, flush=True)
+            if current.state in TERMINAL_STATES:
+                break
+            await asyncio.sleep(0.5)
+            current = await poll()
+    else:
+        with Live(render(current), console=out, refresh_per_second=4) as live:
+            while current.state not in TERMINAL_STATES:
+                await asyncio.sleep(0.5)
+                current = await poll()
+                live.update(render(current))
+    return 0 if current.state == Phase.SUCCEEDED else 1
+
+
+def _events(current: RollbackStatus) -> list[str]:
+    """Stable one-line events for a non-interactive watch (logs, CI, the demo)."""
+    lines = [f"phase {phase}" for phase in current.phase_started]
+    if current.approval.decision == "pending":
+        lines.append(f"waiting for approval until {current.approval.deadline:%H:%M:%S} UTC")
+    for step in current.steps:
+        if step.state in ("running", "succeeded", "failed", "compensated"):
+            lines.append(f"  [{step.target}] {step.name}: {step.state}" + (f" ({step.detail})" if step.state != "running" and step.detail else ""))
+    if current.state in TERMINAL_STATES:
+        lines.append(f"{current.state.value}" + (f": {current.error}" if current.error else ""))
+    return lines
+
+
+def render(current: RollbackStatus) -> Table:
+    table = Table(title=f"{current.workflow_id}  [{current.state.value}]", show_lines=False, title_justify="left")
+    table.add_column("target")
+    table.add_column("step")
+    table.add_column("state")
+    table.add_column("tries", justify="right")
+    table.add_column("secs", justify="right")
+    table.add_column("detail", overflow="fold")
+    for step in current.steps:
+        secs = f"{(step.finished - step.started).total_seconds():.2f}" if step.started and step.finished else ""
+        table.add_row(step.target, step.name, step.state, str(step.attempts), secs, step.detail[:160])
+    caption = [f"environment {current.environment}, trigger {current.trigger}, by {current.initiated_by}"]
+    if current.plan:
+        caption += [f"{t.target.value}: {t.strategy} {t.from_version} -> {t.to_version}" for t in current.plan.targets]
+    if current.approval.required:
+        caption.append(f"approval: {current.approval.decision}" + (f" by {current.approval.by}" if current.approval.by else ""))
+    if current.error:
+        caption.append(f"error: {current.error}")
+    table.caption = "\n".join(caption)
+    table.caption_justify = "left"
+    return table
+
+
+@app.command(name="list")
+def list_(environment: str = typer.Option(None, "--environment", "-e"), running: bool = typer.Option(False, "--running"),
+          limit: int = typer.Option(20, min=1, max=1000)) -> None:
+    """List recent rollbacks (newest first)."""
+
+    async def action() -> int:
+        rows = await RollbackOrchestrator().list_rollbacks(environment=environment, running_only=running, limit=limit)
+        table = Table("id", "environment", "status", "state", "trigger", "targets", "started")
+        for r in rows:
+            table.add_row(r.execution_id, r.environment, r.status, r.state, r.trigger, ",".join(r.targets),
+                          f"{r.started:%Y-%m-%d %H:%M:%S}" if r.started else "")
+        out.print(table)
+        return 0
+
+    run(action)
+
+
+@app.command()
+def cancel(execution_id: str) -> None:
+    """Cancel a rollback; completed steps are compensated."""
+
+    async def action() -> int:
+        orchestrator = RollbackOrchestrator()
+        handle = (await orchestrator.client()).get_workflow_handle(execution_id)
+        described = await handle.describe()
+        if described.status != WorkflowExecutionStatus.RUNNING:
+            raise RollbackError(f"{execution_id} is not running ({described.status.name if described.status else '?'})")
+        await orchestrator.cancel(execution_id)
+        print(f"cancellation requested for {execution_id}; completed steps will be compensated")
+        return 0
+
+    run(action)
+
+
+@app.command()
+def unlock(environment: str = typer.Option(..., "--environment", "-e"),
+           force: bool = typer.Option(False, "--force", help="required: you checked no rollback is running")) -> None:
+    """Release an environment's deployment lock by hand (see docs/TROUBLESHOOTING.md)."""
+
+    async def action() -> int:
+        if not force:
+            raise RollbackError("refusing without --force: check `rollback list --running` first")
+        config = load_config(config_path())
+        if environment not in config.environments:
+            raise RollbackError(f"unknown environment {environment!r}")
+        holder = StateStore(config.state_dir).force_release_lock(environment)
+        print(f"lock of {environment} released (was held by {holder or 'nobody'})")
+        return 0
+
+    run(action)
+
+
+# -- the local demo stack ------------------------------------------------------
+
+@dev_app.command("up")
+def dev_up() -> None:
+    """Start Temporal, nginx, the blue and green demo backends and a worker (idempotent)."""
+    from rollback.dev.stack import DevStack
+
+    async def action() -> int:
+        await asyncio.to_thread(DevStack().up)
+        return 0
+
+    run(action)
+
+
+@dev_app.command("down")
+def dev_down() -> None:
+    """Stop everything `dev up` started."""
+    from rollback.dev.stack import DevStack
+
+    async def action() -> int:
+        await asyncio.to_thread(DevStack().down)
+        return 0
+
+    run(action)
+
+
+@dev_app.command("deploy")
+def dev_deploy(target: str = typer.Option(..., "--target"), version: str = typer.Option(..., "--version"),
+               fault: str = typer.Option("none", "--fault", help="none, errors or latency")) -> None:
+    """Deploy a release to the demo stack the way a pipeline would (records it, switches traffic)."""
+    from rollback.dev.stack import DevStack
+
+    async def action() -> int:
+        await asyncio.to_thread(DevStack().deploy, target, version, fault)
+        return 0
+
+    run(action)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except SystemExit as done:
+        _exit(done.code if isinstance(done.code, int) else 1)
+    except Exception as err:  # click usage errors and anything unexpected: one line, no traceback
+        from click.exceptions import ClickException, Abort
+        if isinstance(err, ClickException):
+            err.show()
+            _exit(err.exit_code)
+        if isinstance(err, Abort):
+            _exit(130)
+        _fail(f"{type(err).__name__}: {err}")
+    _exit(0)
+
+
+if __name__ == "__main__":
+    main()

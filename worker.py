@@ -1,0 +1,65 @@
+"""`python worker.py`: one worker for every workflow and activity, on task queue `rollback`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import httpx
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.backend import BackendRollback
+from activities.coordination import Coordination
+from activities.health import HttpHealth
+from activities.notify import Notifier
+from rollback.client import connect
+from rollback.config import ConfigError, ConfigSource
+from rollback.settings import TemporalSettings, config_path
+from workflows.rollback import RollbackWorkflow
+
+
+def build_worker(client: Client, *, task_queue: str, config: ConfigSource, http: httpx.AsyncClient) -> Worker:
+    health = HttpHealth(http)
+    backend = BackendRollback(config, health)
+    coordination = Coordination(config, backend, client)
+    notifier = Notifier(config)
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[RollbackWorkflow],
+        activities=[
+            coordination.plan, coordination.acquire_lock, coordination.release_lock, coordination.record_restored,
+            backend.check_standby, backend.switch_traffic, backend.roll_batch, backend.validate,
+            health.check_http, notifier.send,
+        ],
+    )
+
+
+async def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = TemporalSettings.from_env()
+    config = ConfigSource(config_path())
+    try:
+        config.get()  # fail fast on a bad config, before polling for work
+    except ConfigError as err:
+        print(f"worker: {err}", file=sys.stderr)
+        return 2
+    client = await connect(settings)
+    async with httpx.AsyncClient(limits=httpx.Limits(max_connections=50)) as http:
+        worker = build_worker(client, task_queue=settings.task_queue, config=config, http=http)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        logging.getLogger("rollback.worker").info(
+            "worker polling %s on %s (config %s)", settings.task_queue, settings.address, config.path)
+        async with worker:
+            await stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

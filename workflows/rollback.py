@@ -1,0 +1,363 @@
+"""RollbackWorkflow: assessment -> coordination -> execution -> validation.
+
+Deterministic: no I/O, time from workflow.now(); activities are called by name
+with payload models from rollback.payloads, so this module never imports the
+activity implementations (httpx, subprocess, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any, Awaitable, Callable
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.workflow import ActivityCancellationType
+from temporalio.exceptions import ActivityError, ApplicationError, FailureError, is_cancelled_exception
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import BaseModel, ValidationError
+
+    from rollback.models import (
+        Approval, ApprovalRecord, HealthReport, Phase, RollbackPlan, RollbackRequest, RollbackResult,
+        RollbackStatus, StepRecord, TargetPlan,
+    )
+    from rollback.payloads import (
+        BatchInput, BatchResult, LockInput, Notification, NotifyResult, PlanInput, RecordInput,
+        SwitchInput, SwitchResult, ValidateInput,
+    )
+    from rollback.settings import SA_ENVIRONMENT, SA_PHASE, SA_STATE, SA_TARGETS, SA_TRIGGER
+
+# Errors that retrying cannot fix; activities also mark them non-retryable themselves.
+NON_RETRYABLE = ["InvalidRequest", "AssessmentRefused", "EnvironmentLocked", "UnhealthyAfterDeploy"]
+HEARTBEAT = timedelta(seconds=10)
+
+
+def retry(attempts: int) -> RetryPolicy:
+    return RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+                       maximum_interval=timedelta(seconds=20), maximum_attempts=attempts,
+                       non_retryable_error_types=NON_RETRYABLE)
+
+
+class Rejected(Exception):
+    """The rollback was not approved (rejected, or the approval timed out)."""
+
+
+def describe_failure(err: BaseException) -> str:
+    """The innermost message of a Temporal failure chain: what actually went wrong."""
+    while isinstance(err, FailureError) and err.cause is not None:
+        err = err.cause
+    return str(err) or type(err).__name__
+
+
+def decode_request(raw: Any) -> RollbackRequest:
+    """Turn whatever arrived (JSON from the UI, a model from our client) into a request.
+
+    A typed argument that fails to decode would fail the workflow *task*, which
+    Temporal retries forever; decoding here fails the workflow instead, at once.
+    """
+    try:
+        return RollbackRequest.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in err.errors()[:5]
+        )
+        raise ApplicationError(f"invalid RollbackRequest: {problems}", type="InvalidRequest", non_retryable=True) from None
+
+
+@workflow.defn(name="RollbackWorkflow")
+class RollbackWorkflow:
+    def __init__(self) -> None:
+        self._status: RollbackStatus | None = None
+        self._decision: tuple[str, Approval] | None = None
+        self._lock_held = False
+        self._undo: list[tuple[str, str, Callable[[], Awaitable[Any]]]] = []
+
+    # -- interface ------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, raw: Any) -> RollbackResult:
+        info = workflow.info()
+        request = decode_request(raw)
+        self._status = RollbackStatus(
+            workflow_id=info.workflow_id, environment=request.environment,
+            targets=[t.value for t in request.targets], trigger=request.trigger.value,
+            initiated_by=request.initiated_by, reason=request.reason,
+            phase=Phase.PENDING, state=Phase.PENDING, started_at=workflow.now(), dry_run=request.dry_run,
+        )
+        workflow.upsert_search_attributes([
+            SA_ENVIRONMENT.value_set(request.environment), SA_TRIGGER.value_set(request.trigger.value),
+            SA_TARGETS.value_set([t.value for t in request.targets]),
+        ])
+        try:
+            plan = await self._assessment(request)
+            await self._coordination(request, plan)
+            if request.dry_run:
+                return await self._finish(Phase.SUCCEEDED, plan, None)
+            await self._execution(request, plan)
+            await self._validation(request, plan)
+            return await self._finish(Phase.SUCCEEDED, plan, None)
+        except Rejected as why:
+            return await self._finish(Phase.REJECTED, self._status.plan, str(why))
+        except (asyncio.CancelledError, ActivityError, ApplicationError) as err:
+            if is_cancelled_exception(err):
+                # Cancelled from the UI or CLI: undo what was done, then end as cancelled.
+                await self._compensate()
+                await self._finish(Phase.CANCELLED, self._status.plan, "cancelled by request")
+                raise
+            message = describe_failure(err)
+            plan = self._status.plan
+            if self._undo and plan is not None and plan.on_failure == "halt":
+                await self._finish(Phase.FAILED, plan, f"{message} (halted by policy: completed steps left in place; page the on-call)")
+            else:
+                state = Phase.COMPENSATED if self._undo and await self._compensate() else Phase.FAILED
+                await self._finish(state, plan, message)
+            raise ApplicationError(f"rollback {self._status.state.value}: {message}", type="RollbackFailed",
+                                   non_retryable=True) from None
+
+    @workflow.signal
+    def approve(self, payload: Any) -> None:
+        self._decide("approved", payload)
+
+    @workflow.signal
+    def reject(self, payload: Any) -> None:
+        self._decide("rejected", payload)
+
+    @workflow.query
+    def status(self) -> RollbackStatus:
+        if self._status is None:
+            raise ApplicationError("the rollback has not started yet")
+        return self._status
+
+    def _decide(self, decision: str, payload: Any) -> None:
+        try:
+            approval = Approval.model_validate(payload if payload is not None else {})
+        except ValidationError as err:
+            # A signal cannot fail back to its sender; record and ignore a malformed one.
+            workflow.logger.warning("ignoring %s signal with invalid payload: %s", decision, err.errors()[:1])
+            return
+        if self._decision is None:
+            self._decision = (decision, approval)
+
+    # -- phases ---------------------------------------------------------------
+
+    def _enter(self, phase: Phase) -> None:
+        assert self._status is not None
+        self._status.phase = phase
+        self._status.state = phase
+        self._status.phase_started[phase.value] = workflow.now()
+        workflow.upsert_search_attributes([SA_PHASE.value_set(phase.value), SA_STATE.value_set(phase.value)])
+
+    async def _assessment(self, request: RollbackRequest) -> RollbackPlan:
+        self._enter(Phase.ASSESSMENT)
+        plan = await self._step("assess", "all", lambda: workflow.execute_activity(
+            "coordination.plan", PlanInput(workflow_id=workflow.info().workflow_id, request=request),
+            result_type=RollbackPlan, start_to_close_timeout=timedelta(minutes=2), retry_policy=retry(3)))
+        assert self._status is not None
+        self._status.plan = plan
+        for target in plan.targets:
+            self._status.steps += [StepRecord(name=name, target=target.target.value) for name in target.steps]
+        return plan
+
+    async def _coordination(self, request: RollbackRequest, plan: RollbackPlan) -> None:
+        self._enter(Phase.COORDINATION)
+        await self._step("acquire deployment lock", "all", lambda: self._activity(
+            "coordination.acquire_lock", self._lock_input(), None, attempts=5))
+        self._lock_held = True
+        targets = ", ".join(f"{t.target.value} {t.from_version} -> {t.to_version}" for t in plan.targets)
+        await self._notify("started", f"rollback of {request.environment} started by {request.initiated_by} "
+                                      f"({request.trigger.value}): {targets}. Reason: {request.reason or 'n/a'}")
+        if plan.require_approval:
+            await self._await_approval(plan)
+
+    async def _await_approval(self, plan: RollbackPlan) -> None:
+        assert self._status is not None
+        timeout = timedelta(seconds=plan.approval_timeout_seconds)
+        record = ApprovalRecord(required=True, reason=plan.approval_reason, decision="pending",
+                                deadline=workflow.now() + timeout)
+        self._status.approval = record
+        await self._notify("approval_requested", f"rollback {workflow.info().workflow_id} waits for approval "
+                                                 f"until {record.deadline:%Y-%m-%d %H:%M:%S} UTC")
+        try:
+            await workflow.wait_condition(lambda: self._decision is not None, timeout=timeout)
+        except asyncio.TimeoutError:
+            record.decided_at = workflow.now()
+            record.decision = "timed_out"
+            if plan.on_approval_timeout == "proceed":
+                return
+            raise Rejected(f"no approval within {plan.approval_timeout_seconds}s")
+        assert self._decision is not None
+        decision, approval = self._decision
+        record.decision, record.by, record.comment, record.decided_at = decision, approval.by, approval.comment, workflow.now()  # type: ignore[assignment]
+        if decision == "rejected":
+            raise Rejected(f"rejected by {approval.by}" + (f": {approval.comment}" if approval.comment else ""))
+
+    async def _execution(self, request: RollbackRequest, plan: RollbackPlan) -> None:
+        self._enter(Phase.EXECUTION)
+        # Renew the lock lease: approval may have taken a while.
+        await self._activity("coordination.acquire_lock", self._lock_input(), None, attempts=5)
+        for target in plan.targets:
+            if target.target.value == "backend":
+                await self._execute_backend(request.environment, target, plan.max_attempts)
+
+    async def _execute_backend(self, environment: str, target: TargetPlan, attempts: int) -> None:
+        to, back = target.to_version, target.from_version or target.to_version
+        if target.strategy == "blue_green":
+            colour, previous = target.params["colour"], target.params.get("previous_colour")
+            switch = SwitchInput(environment=environment, colour=colour, expect_version=to)
+            await self._step(f"verify standby {colour}", "backend", lambda: self._healthy(
+                "backend.check_standby", switch, attempts))
+            await self._step(f"switch traffic to {colour}", "backend", lambda: self._activity(
+                "backend.switch_traffic", switch, SwitchResult, attempts=attempts, long=True))
+            if previous:
+                undo = SwitchInput(environment=environment, colour=previous, expect_version=back)
+                self._undo.append((f"switch traffic back to {previous}", "backend", lambda: self._activity(
+                    "backend.switch_traffic", undo, SwitchResult, attempts=attempts, long=True)))
+        else:
+            batches: list[list[str]] = target.params["batches"]
+            for number, batch in enumerate(batches, 1):
+                names = ", ".join(batch)
+                # Register the undo first: a batch that fails half-way must be reverted too.
+                undo_batch = BatchInput(environment=environment, instances=batch, version=back, require_healthy=False)
+                self._undo.append((f"revert batch {number}/{len(batches)}: {names}", "backend",
+                                   lambda b=undo_batch: self._activity("backend.roll_batch", b, BatchResult, attempts=attempts, long=True)))
+                batch_input = BatchInput(environment=environment, instances=batch, version=to)
+                await self._step(f"roll batch {number}/{len(batches)}: {names}", "backend", lambda b=batch_input: self._activity(
+                    "backend.roll_batch", b, BatchResult, attempts=attempts, long=True))
+        await self._step("validate backend", "backend", lambda: self._healthy(
+            "backend.validate", ValidateInput(environment=environment, expect_version=to), attempts))
+
+    async def _validation(self, request: RollbackRequest, plan: RollbackPlan) -> None:
+        self._enter(Phase.VALIDATION)
+        wf_id = workflow.info().workflow_id
+        for target in plan.targets:
+            if target.target.value == "backend":
+                await self._step("full health check: backend", "backend", lambda: self._healthy(
+                    "backend.validate", ValidateInput(environment=request.environment, expect_version=target.to_version),
+                    plan.max_attempts))
+        for target in plan.targets:
+            record = RecordInput(environment=request.environment, target=target.target.value,
+                                 version=target.to_version, key=f"{wf_id}:record:{target.target.value}")
+            await self._step(f"record {target.target.value} {target.to_version} as current and known-good",
+                             target.target.value, lambda r=record: self._activity("coordination.record_restored", r, None, attempts=10))
+        # The steps are done; nothing left to undo if a later notification fails.
+        self._undo.clear()
+
+    # -- compensation and the end ----------------------------------------------
+
+    async def _compensate(self) -> bool:
+        """Undo completed steps in reverse order. True if every undo step succeeded."""
+        assert self._status is not None
+        ok = True
+        while self._undo:
+            name, target, undo = self._undo.pop()
+            try:
+                await self._step(name, target, undo, planned=False)
+            except (ActivityError, ApplicationError):
+                ok = False  # keep undoing the rest; the step record says what failed
+        return ok
+
+    async def _finish(self, state: Phase, plan: RollbackPlan | None, error: str | None) -> RollbackResult:
+        assert self._status is not None
+        self._status.error = error
+        if self._lock_held:
+            await self._activity("coordination.release_lock", self._lock_input(), None, attempts=20)
+            self._lock_held = False
+        if plan is not None:
+            await self._notify(state.value, f"rollback {workflow.info().workflow_id} of {self._status.environment} "
+                                            f"ended {state.value}" + (f": {error}" if error else ""))
+        self._status.state = state
+        self._status.finished_at = workflow.now()
+        workflow.upsert_search_attributes([SA_STATE.value_set(state.value), SA_PHASE.value_set(state.value)])
+        self._status.phase = state
+        restored = {t.target.value: t.to_version for t in plan.targets} if plan and state == Phase.SUCCEEDED else {}
+        return RollbackResult(
+            execution_id=workflow.info().workflow_id, environment=self._status.environment, state=state,
+            restored=restored, phase_seconds=self._phase_seconds(), started_at=self._status.started_at,
+            finished_at=self._status.finished_at, error=error,
+        )
+
+    def _phase_seconds(self) -> dict[str, float]:
+        assert self._status is not None
+        marks = sorted(self._status.phase_started.items(), key=lambda kv: kv[1])
+        end = self._status.finished_at or workflow.now()
+        return {name: round(((marks[i + 1][1] if i + 1 < len(marks) else end) - at).total_seconds(), 3)
+                for i, (name, at) in enumerate(marks)}
+
+    # -- helpers ----------------------------------------------------------------
+
+    def _lock_input(self) -> LockInput:
+        assert self._status is not None
+        return LockInput(environment=self._status.environment, holder=workflow.info().workflow_id)
+
+    async def _notify(self, event: str, message: str) -> None:
+        assert self._status is not None
+        note = Notification(environment=self._status.environment, event=event, message=message,
+                            key=f"{workflow.info().workflow_id}:{event}",
+                            fields={"workflow_id": workflow.info().workflow_id, "state": self._status.state.value})
+        try:
+            await self._activity("notify.send", note, NotifyResult, attempts=5)
+        except ActivityError as err:
+            # A notification failure must never stop or fail a rollback.
+            workflow.logger.warning("notification %s failed: %s", event, describe_failure(err))
+
+    def _activity(self, name: str, arg: BaseModel, result_type: type | None, *, attempts: int, long: bool = False) -> Awaitable[Any]:
+        return workflow.execute_activity(
+            name, arg, result_type=result_type,
+            start_to_close_timeout=timedelta(minutes=10 if long else 2),
+            heartbeat_timeout=HEARTBEAT if long else None, retry_policy=retry(attempts),
+            # On cancellation, wait until a running step has really stopped before
+            # compensating, or the undo could race the step it undoes.
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+
+    async def _healthy(self, name: str, arg: BaseModel, attempts: int) -> HealthReport:
+        report: HealthReport = await self._activity(name, arg, HealthReport, attempts=attempts, long=True)
+        if not report.healthy:
+            raise ApplicationError(f"{report.url}: {report.successes}/{report.samples} healthy samples "
+                                   f"(need {report.required_ratio:.0%}): {report.detail}", type="Unhealthy", non_retryable=True)
+        return report
+
+    async def _step(self, name: str, target: str, run: Callable[[], Awaitable[Any]], *, planned: bool = True) -> Any:
+        """Run one step, keeping its record in `status` current."""
+        assert self._status is not None
+        record = next((s for s in self._status.steps if s.name == name and s.state == "pending"), None) if planned else None
+        if record is None:
+            record = StepRecord(name=name, target=target)
+            self._status.steps.append(record)
+        record.state, record.started, record.attempts = "running", workflow.now(), record.attempts + 1
+        try:
+            result = await run()
+        except (ActivityError, ApplicationError, asyncio.CancelledError) as err:
+            record.state, record.finished = "failed", workflow.now()
+            record.detail = "cancelled" if isinstance(err, asyncio.CancelledError) else describe_failure(err)
+            raise
+        record.state, record.finished = ("compensated" if not planned else "succeeded"), workflow.now()
+        record.attempts = getattr(result, "attempt", record.attempts)
+        record.detail = _summary(result)
+        if planned and _cancel_requested():
+            raise asyncio.CancelledError("cancel requested while this step ran to completion")
+        return result
+
+
+def _cancel_requested() -> bool:
+    """True once the workflow was asked to cancel, even if the step it interrupted finished.
+
+    A step awaited with WAIT_CANCELLATION_COMPLETED may complete instead of
+    stopping; asyncio then hands back its result and the cancellation would be lost.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _summary(result: Any) -> str:
+    if isinstance(result, HealthReport):
+        return f"{result.successes}/{result.samples} healthy, p95 {result.p95_latency_ms} ms, versions {result.versions}"
+    if isinstance(result, SwitchResult):
+        return f"{'reloaded nginx' if result.reloaded else 'already live'}; front door {result.front_door_versions}"
+    if isinstance(result, BatchResult):
+        return f"restarted {result.restarted or 'none (already on version)'}; {result.reloads} nginx reloads"
+    if isinstance(result, RollbackPlan):
+        return "; ".join(f"{t.target.value}: {t.strategy} {t.from_version} -> {t.to_version}" for t in result.targets)
+    return ""
