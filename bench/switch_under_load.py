@@ -1,0 +1,239 @@
+"""Does a rollback drop requests? wrk loads the front door while a real rollback runs.
+
+For each strategy (blue_green: blue+green; rolling: 3 instances, max_unavailable 1):
+a BackendStack on free loopback ports, a broken v2 deployed (`fault="errors"`: /health
+and /api answer 500, /version stays 200, so the load targets /version and any non-2xx
+is the rollback's doing), an in-process worker, then
+
+  1. a baseline: the same wrk load for a few seconds with nothing happening
+     (the ratio against it is what to compare; absolute figures depend on the machine);
+  2. the measured run: wrk for a fixed duration, the rollback started ~1 s in,
+     timed from start to result. The duration must cover the whole rollback;
+     `load_covered_rollback` says whether it did.
+
+Target: 0 non-2xx and 0 socket errors at >= 500 requests/s. The script exits 0 either
+way and says "target met" or "target missed" in the JSON (stdout and
+bench/results/switch_under_load.json).
+
+    .venv/bin/python bench/switch_under_load.py [--strategies blue_green,rolling]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from _harness import backend_stack, emit, exit_now, in_process_worker, log, machine, temporal_server
+
+from rollback.client import RollbackOrchestrator
+from rollback.models import RollbackTarget
+from rollback.settings import TemporalSettings
+
+LUA = Path(__file__).resolve().parent / "status_classes.lua"
+WRK = "/usr/bin/wrk"
+TARGET_RPS = 500
+START_DELAY_SECONDS = 1.0
+ROLLBACK_DEADLINE_SECONDS = 180.0
+STRATEGIES = {
+    "blue_green": ["blue", "green"],
+    "rolling": ["app-1", "app-2", "app-3"],
+}
+
+
+def wrk_binary() -> str:
+    import shutil
+
+    found = WRK if Path(WRK).exists() else shutil.which("wrk")
+    if found is None:
+        raise SystemExit("bench: wrk is not installed (Debian package wrk; `make bootstrap` installs it)")
+    return found
+
+
+async def run_wrk(url: str, seconds: int, *, threads: int, connections: int) -> dict[str, Any]:
+    """Run wrk with the status-class script; its JSON line plus when it started (epoch seconds)."""
+    argv = [wrk_binary(), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(LUA), url]
+    started = time.time()
+    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=seconds + 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = stdout.decode(errors="replace")
+    line = next((ln for ln in text.splitlines() if ln.startswith("WRK_JSON ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (exit {proc.returncode}): {stderr.decode(errors='replace')[-500:]} {text[-500:]}")
+    data = json.loads(line.removeprefix("WRK_JSON "))
+    data["started_epoch"] = started
+    return data
+
+
+def load_figures(w: dict[str, Any]) -> dict[str, Any]:
+    classes = w["classes"]
+    errors = w["errors"]
+    # errors.status is wrk's count of status > 399; the classes say the same more precisely.
+    socket_errors = errors["connect"] + errors["read"] + errors["write"] + errors["timeout"]
+    seconds = w["duration_us"] / 1e6
+    return {
+        "requests": w["requests"],
+        "non_2xx": sum(v for k, v in classes.items() if k != "2xx"),
+        "socket_errors": socket_errors,
+        "rps": round(w["requests"] / seconds, 1) if seconds else 0.0,
+        "p99_ms": round(w["latency_us"]["p99"] / 1000, 2),
+        "status_classes": {k: v for k, v in sorted(classes.items()) if v},
+        "socket_error_kinds": {k: v for k, v in errors.items() if k != "status"},
+        "p50_ms": round(w["latency_us"]["p50"] / 1000, 2),
+        "max_ms": round(w["latency_us"]["max"] / 1000, 2),
+        "load_seconds": round(seconds, 2),
+    }
+
+
+def offset(at: datetime | None, origin_epoch: float) -> float | None:
+    return None if at is None else round(at.replace(tzinfo=at.tzinfo or timezone.utc).timestamp() - origin_epoch, 2)
+
+
+async def scenario(client, strategy: str, base: Path, *, seconds: int, baseline_seconds: int,
+                   threads: int, connections: int) -> dict[str, Any]:
+    with backend_stack(base / strategy, strategy, STRATEGIES[strategy]) as stack:
+        deployed = stack.deploy("v2", "errors")
+        log(f"{strategy}: broken v2 deployed, live {deployed.live}, front door serves {stack.serving()}")
+        config_path = base / strategy / "rollback.yaml"
+        stack.write_config(config_path, policy={"require_approval": False})
+        url = stack.front_url + "/version"
+        async with in_process_worker(client, config_path) as task_queue:
+            orch = RollbackOrchestrator(client=client, environment="demo",
+                                        settings=TemporalSettings("unused", client.namespace, task_queue))
+            baseline = None
+            if baseline_seconds > 0:
+                log(f"{strategy}: baseline load {baseline_seconds}s (no rollback)")
+                baseline = load_figures(await run_wrk(url, baseline_seconds, threads=threads, connections=connections))
+
+            log(f"{strategy}: load {seconds}s, rollback starts after {START_DELAY_SECONDS}s")
+            wrk_task = asyncio.create_task(run_wrk(url, seconds, threads=threads, connections=connections))
+            load_t0 = time.monotonic()
+            try:
+                await asyncio.sleep(START_DELAY_SECONDS)
+                t0 = time.monotonic()
+                started = await orch.initiate_rollback(targets=[RollbackTarget.BACKEND], initiated_by="bench",
+                                                       reason=f"bench: switch under load ({strategy})")
+                result = await asyncio.wait_for(orch.wait(started.execution_id), timeout=ROLLBACK_DEADLINE_SECONDS)
+                t1 = time.monotonic()
+                load = await wrk_task
+            finally:
+                if not wrk_task.done():
+                    wrk_task.cancel()
+                    with contextlib.suppress(BaseException):
+                        await wrk_task
+            status = await orch.get_rollback_status(started.execution_id)
+
+    origin = load["started_epoch"]
+    figures = load_figures(load)
+    rollback_seconds = round(t1 - t0, 3)
+    finished_offset = t1 - load_t0
+    out: dict[str, Any] = {
+        "requests": figures["requests"],
+        "non_2xx": figures["non_2xx"],
+        "socket_errors": figures["socket_errors"],
+        "rps": figures["rps"],
+        "p99_ms": figures["p99_ms"],
+        "rollback_seconds": rollback_seconds,
+        "rollback_state": (result.state.value if result else status.state.value),
+        "load_covered_rollback": finished_offset <= figures["load_seconds"],
+        "detail": {
+            "execution_id": started.execution_id,
+            "instances": STRATEGIES[strategy],
+            "wrk": f"-t{threads} -c{connections} -d{seconds}s {url}",
+            "load": {k: v for k, v in figures.items() if k not in ("requests", "non_2xx", "socket_errors", "rps", "p99_ms")},
+            "rollback_window_s": [round(t0 - load_t0, 2), round(finished_offset, 2)],
+            "non_2xx_by_second": {str(int(k) - int(origin)): v for k, v in sorted(load["bad_seconds"].items(), key=lambda kv: int(kv[0]))},
+            "steps": [{"name": s.name, "state": s.state, "at_s": offset(s.started, origin),
+                       "seconds": round((s.finished - s.started).total_seconds(), 3) if s.started and s.finished else None}
+                      for s in status.steps],
+            "phase_seconds": result.phase_seconds if result else None,
+            "error": status.error,
+            "baseline": baseline,
+            "ratio_vs_baseline": None if not baseline else {
+                "rps": round(figures["rps"] / baseline["rps"], 3) if baseline["rps"] else None,
+                "p99": round(figures["p99_ms"] / baseline["p99_ms"], 3) if baseline["p99_ms"] else None,
+            },
+        },
+    }
+    return out
+
+
+def verdict(strategies: dict[str, dict[str, Any]]) -> tuple[bool, list[str]]:
+    misses = []
+    for name, r in strategies.items():
+        if r.get("error"):
+            misses.append(f"{name}: did not run ({r['error']})")
+            continue
+        if r["non_2xx"]:
+            misses.append(f"{name}: {r['non_2xx']} non-2xx responses")
+        if r["socket_errors"]:
+            misses.append(f"{name}: {r['socket_errors']} socket errors {r['detail']['load']['socket_error_kinds']}")
+        if r["rps"] < TARGET_RPS:
+            misses.append(f"{name}: {r['rps']} requests/s < {TARGET_RPS}")
+        if r["rollback_state"] != "succeeded":
+            misses.append(f"{name}: rollback ended {r['rollback_state']}")
+        if not r["load_covered_rollback"]:
+            misses.append(f"{name}: the rollback outlasted the load ({r['rollback_seconds']}s); raise its duration")
+    return not misses, misses
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    durations = {"blue_green": args.blue_green_seconds, "rolling": args.rolling_seconds}
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="rollback-bench-") as tmp:
+        async with temporal_server() as env:
+            for strategy in args.strategies:
+                try:
+                    results[strategy] = await scenario(env.client, strategy, Path(tmp), seconds=durations[strategy],
+                                                       baseline_seconds=args.baseline_seconds,
+                                                       threads=args.threads, connections=args.connections)
+                except Exception as err:  # noqa: BLE001 - report it and carry on with the next strategy
+                    log(f"{strategy}: failed: {type(err).__name__}: {err}")
+                    results[strategy] = {"error": f"{type(err).__name__}: {err}"}
+    met, misses = verdict(results)
+    return {
+        "benchmark": "switch_under_load",
+        "target": f"0 non-2xx at >= {TARGET_RPS} rps",
+        "result": "target met" if met else "target missed",
+        "misses": misses,
+        "strategies": results,
+        "machine": machine(),
+    }
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--strategies", default="blue_green,rolling",
+                        type=lambda s: [x for x in s.split(",") if x], help="comma-separated: blue_green,rolling")
+    parser.add_argument("--blue-green-seconds", type=int, default=15)
+    parser.add_argument("--rolling-seconds", type=int, default=25)
+    parser.add_argument("--baseline-seconds", type=int, default=5, help="0 skips the baseline")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=16)
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.strategies if s not in STRATEGIES]
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; choose from {', '.join(STRATEGIES)}")
+    return args
+
+
+if __name__ == "__main__":
+    arguments = parse_args(sys.argv[1:])
+    try:
+        report = asyncio.run(main(arguments))
+    except KeyboardInterrupt:
+        exit_now(130)
+    emit("switch_under_load", report)
+    exit_now(0)

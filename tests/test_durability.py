@@ -1,0 +1,65 @@
+"""The worker process is killed (SIGKILL) mid-rollback and restarted: the rollback completes,
+and each external effect happened exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from rollback.models import Phase, RollbackTarget
+from rollback.state import StateStore
+from tests.conftest import write_config
+from tests.helpers import front_version, orchestrator, status_when
+from tests.test_rollback_workflow import notifications, restarts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_worker(client, task_queue: str, config: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "TEMPORAL_ADDRESS": client.service_client.config.target_host,
+           "TEMPORAL_NAMESPACE": client.namespace, "ROLLBACK_TASK_QUEUE": task_queue, "ROLLBACK_CONFIG": str(config)}
+    return subprocess.Popen([sys.executable, str(ROOT / "worker.py")], cwd=ROOT, env=env,
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+async def test_worker_killed_during_execution_resumes_and_each_effect_happens_once(rolling, tmp_path, client, task_queue):
+    rolling.deploy("v2", "errors")
+    config = write_config(rolling, tmp_path).path
+    before = len(restarts(rolling))
+    log = tmp_path / "worker.log"
+    worker = start_worker(client, task_queue, config, log)
+    replacement = None
+    try:
+        orch = orchestrator(client, task_queue)
+        started = await orch.initiate_rollback(targets=[RollbackTarget.BACKEND], initiated_by="tester")
+        await status_when(orch, started.execution_id,
+                          lambda s: any(x.name.startswith("roll batch 2/3") and x.state == "running" for x in s.steps),
+                          what="batch 2 running")
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+
+        replacement = start_worker(client, task_queue, config, log)
+        result = await orch.wait(started.execution_id)
+        status = await orch.get_rollback_status(started.execution_id)  # queries need a live worker
+    finally:
+        for proc in (worker, replacement):
+            if proc and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=15)
+
+    assert result is not None and result.state == Phase.SUCCEEDED, log.read_text()[-2000:]
+    assert await front_version(rolling.front_url) == "v1"
+    # Each instance was restarted on v1 exactly once, although batch 2 ran on two workers.
+    again = Counter((r["instance"], r["version"]) for r in restarts(rolling)[before:])
+    assert again == {("app-1", "v1"): 1, ("app-2", "v1"): 1, ("app-3", "v1"): 1}
+    events = Counter(n["event"] for n in notifications(rolling))
+    assert events == {"started": 1, "succeeded": 1}
+    history = StateStore(rolling.base_dir / "state").versions("demo", "backend").history
+    assert [h["event"] for h in history].count("restored") == 1
+    assert all(s.state == "succeeded" for s in status.steps)
+    # The kill landed inside batch 2: its activity ran again on the new worker.
+    assert next(s for s in status.steps if s.name.startswith("roll batch 2/3")).attempts == 2
