@@ -109,12 +109,29 @@ def machine() -> dict[str, Any]:
             "python": sys.version.split()[0]}
 
 
+_real_stdout: int | None = None
+
+
+def keep_stdout_for_json() -> None:
+    """Send everything written to fd 1 (the Temporal dev server's banner, stray prints
+    of child processes) to stderr, so stdout carries only the JSON that `emit` writes."""
+    global _real_stdout
+    if _real_stdout is None:
+        sys.stdout.flush()
+        _real_stdout = os.dup(1)
+        os.dup2(2, 1)
+
+
 def emit(name: str, result: dict[str, Any]) -> None:
     """Print the JSON result on stdout and keep a copy in bench/results/<name>.json."""
     text = json.dumps(result, indent=2, default=str)
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"{name}.json").write_text(text + "\n")
-    print(text, flush=True)
+    sys.stdout.flush()
+    data = (text + "\n").encode()
+    fd = _real_stdout if _real_stdout is not None else 1
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def exit_now(code: int) -> None:

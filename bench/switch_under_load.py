@@ -31,7 +31,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from _harness import backend_stack, emit, exit_now, in_process_worker, log, machine, temporal_server
+from _harness import (backend_stack, emit, exit_now, in_process_worker, keep_stdout_for_json, log, machine,
+                      temporal_server)
 
 from rollback.client import RollbackOrchestrator
 from rollback.models import RollbackTarget
@@ -231,6 +232,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 if __name__ == "__main__":
     arguments = parse_args(sys.argv[1:])
+    keep_stdout_for_json()
     try:
         report = asyncio.run(main(arguments))
     except KeyboardInterrupt:

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import json
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
-from typing import Any, Optional
+from datetime import datetime
+from typing import Optional
 
 import typer
 from pydantic import ValidationError
@@ -32,7 +31,8 @@ from rollback.state import StateStore
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Durable rollbacks of database, backend and frontend.")
 dev_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The local demo stack.")
 app.add_typer(dev_app, name="dev")
-out = Console(highlight=False)
+# Piped output (logs, CI) gets room for whole step names instead of rich's 80 columns.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 def _exit(code: int) -> None:
@@ -175,16 +175,22 @@ async def _watch(orchestrator: RollbackOrchestrator, execution_id: str, *, quiet
 
 
 def _events(current: RollbackStatus) -> list[str]:
-    """Stable one-line events for a non-interactive watch (logs, CI, the demo)."""
-    lines = [f"phase {phase}" for phase in current.phase_started]
-    if current.approval.decision == "pending":
-        lines.append(f"waiting for approval until {current.approval.deadline:%H:%M:%S} UTC")
+    """Stable one-line events in the order they happened (for logs, CI, the demo)."""
+    timed: list[tuple[datetime, int, str]] = [(at, 0, f"phase {phase}") for phase, at in current.phase_started.items()]
     for step in current.steps:
-        if step.state in ("running", "succeeded", "failed", "compensated"):
-            lines.append(f"  [{step.target}] {step.name}: {step.state}" + (f" ({step.detail})" if step.state != "running" and step.detail else ""))
-    if current.state in TERMINAL_STATES:
-        lines.append(f"{current.state.value}" + (f": {current.error}" if current.error else ""))
-    return lines
+        if step.started:
+            timed.append((step.started, 1, f"  [{step.target}] {step.name}: running"))
+        if step.finished:
+            detail = f" ({step.detail})" if step.detail else ""
+            timed.append((step.finished, 2, f"  [{step.target}] {step.name}: {step.state}{detail}"))
+    if current.approval.decision == "pending" and current.approval.deadline:
+        timed.append((current.approval.deadline, 3, f"  waiting for approval until {current.approval.deadline:%H:%M:%S} UTC"))
+    if current.approval.decided_at:
+        timed.append((current.approval.decided_at, 3, f"  approval: {current.approval.decision}"
+                       + (f" by {current.approval.by}" if current.approval.by else "")))
+    if current.finished_at:
+        timed.append((current.finished_at, 4, current.state.value + (f": {current.error}" if current.error else "")))
+    return [line for _, _, line in sorted(timed, key=lambda t: (t[0], t[1]))]
 
 
 def render(current: RollbackStatus) -> Table:

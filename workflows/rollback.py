@@ -156,6 +156,7 @@ class RollbackWorkflow:
             result_type=RollbackPlan, start_to_close_timeout=timedelta(minutes=2), retry_policy=retry(3)))
         assert self._status is not None
         self._status.plan = plan
+        self._status.steps.append(StepRecord(name="acquire deployment lock", target="all"))
         for target in plan.targets:
             self._status.steps += [StepRecord(name=name, target=target.target.value) for name in target.steps]
         return plan

@@ -1,0 +1,98 @@
+"""The `rollback` CLI: exit codes, one-line errors, and the commands over real workflows."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rollback.models import Phase
+from tests.conftest import write_config
+from tests.helpers import front_version, orchestrator, status_when
+
+ROLLBACK = str(Path(sys.executable).parent / "rollback")
+
+
+async def cli(client, task_queue: str, *args: str, config: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TEMPORAL_ADDRESS": client.service_client.config.target_host,
+           "TEMPORAL_NAMESPACE": client.namespace, "ROLLBACK_TASK_QUEUE": task_queue}
+    if config:
+        env["ROLLBACK_CONFIG"] = str(config)
+    return await asyncio.to_thread(subprocess.run, [ROLLBACK, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    return lines[0]
+
+
+async def test_start_wait_status_list(blue_green, tmp_path, client, task_queue, run_worker):
+    blue_green.deploy("v2", "errors")
+    await run_worker(write_config(blue_green, tmp_path))
+
+    started = await cli(client, task_queue, "start", "-e", "demo", "-t", "backend", "--by", "cli-user",
+                        "--reason", "bad v2", "--wait")
+
+    assert started.returncode == 0, started.stderr
+    workflow_id = started.stdout.splitlines()[0]
+    assert workflow_id.startswith("rollback-demo-")
+    assert started.stdout.strip().splitlines()[-1] == "succeeded"
+    assert await front_version(blue_green.front_url) == "v1"
+    shown = await cli(client, task_queue, "status", workflow_id)
+    assert shown.returncode == 0 and "switch traffic to blue" in shown.stdout and "succeeded" in shown.stdout
+    listed = await status_when_listed(client, task_queue, workflow_id)
+    assert "succeeded" in listed
+
+
+async def status_when_listed(client, task_queue: str, workflow_id: str) -> str:
+    # Visibility is eventually consistent: poll the list until the rollback shows up.
+    for _ in range(50):
+        done = await cli(client, task_queue, "list", "-e", "demo")
+        if workflow_id in done.stdout:
+            return done.stdout
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{workflow_id} never listed")
+
+
+async def test_approve_reject_cancel_through_the_cli(blue_green, tmp_path, client, task_queue, run_worker):
+    blue_green.deploy("v2", "errors")
+    await run_worker(write_config(blue_green, tmp_path, policy={"require_approval": True}))
+    orch = orchestrator(client, task_queue)
+
+    first = (await cli(client, task_queue, "start", "-e", "demo", "-t", "backend")).stdout.strip()
+    await status_when(orch, first, lambda s: s.approval.decision == "pending")
+    refused = await cli(client, task_queue, "start", "-e", "demo", "-t", "backend")
+    assert first in one_line_error(refused)
+    cancelled = await cli(client, task_queue, "cancel", first)
+    assert cancelled.returncode == 0, cancelled.stderr
+    final = await status_when(orch, first, lambda s: s.state == Phase.CANCELLED, what="cancelled")
+    assert final.error == "cancelled by request"
+
+    second = (await cli(client, task_queue, "start", "-e", "demo", "-t", "backend")).stdout.strip()
+    await status_when(orch, second, lambda s: s.approval.decision == "pending")
+    rejected = await cli(client, task_queue, "reject", second, "--by", "dave", "--comment", "not now")
+    assert rejected.returncode == 0, rejected.stderr
+    final = await status_when(orch, second, lambda s: s.state == Phase.REJECTED)
+    assert final.approval.by == "dave"
+    again = await cli(client, task_queue, "approve", second)
+    assert "not waiting for approval" in one_line_error(again)
+    assert await front_version(blue_green.front_url) == "v2"
+
+
+async def test_bad_input_gives_one_line_and_exit_code(client, task_queue, tmp_path):
+    bad_target = await cli(client, task_queue, "start", "-e", "demo", "-t", "backnd")
+    assert "targets" in one_line_error(bad_target)
+    bad_version = await cli(client, task_queue, "start", "-e", "demo", "-t", "backend", "--to-version", "v1")
+    assert "TARGET=VERSION" in one_line_error(bad_version)
+    unknown = await cli(client, task_queue, "status", "rollback-demo-nope")
+    assert one_line_error(unknown).startswith("error: ")
+    missing = await cli(client, task_queue, "unlock", "-e", "demo", "--force", config=tmp_path / "nope.yaml")
+    assert "nope.yaml: file not found" in one_line_error(missing)
+    nowhere = subprocess.run([ROLLBACK, "list"], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "TEMPORAL_ADDRESS": "127.0.0.1:1"})
+    assert "cannot reach Temporal at 127.0.0.1:1" in one_line_error(nowhere)

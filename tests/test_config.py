@@ -1,0 +1,65 @@
+"""rollback.yaml validation: one clear error naming the file and the field; and no secret in history."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rollback.client import RollbackOrchestrator
+from rollback.config import ConfigError, load_config
+from rollback.models import RollbackTarget
+from rollback.settings import TemporalSettings
+from tests.conftest import write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c["environments"]["demo"]["targets"]["backend"].update(strategy="canary"), "environments.demo.targets.backend.strategy"),
+    (lambda c: c["environments"]["demo"]["targets"]["backend"].update(colours={"blue": c["environments"]["demo"]["targets"]["backend"]["colours"]["blue"]}),
+     "blue_green needs at least two entries under 'colours'"),
+    (lambda c: c["environments"]["demo"]["policy"].update(on_approval_timeout="maybe"), "environments.demo.policy.on_approval_timeout"),
+    (lambda c: c["environments"]["demo"]["targets"]["backend"]["health"].update(samples=0), "health.samples"),
+    (lambda c: c["rollback"].update(max_rollback_attempts="three"), "rollback.max_rollback_attempts"),
+    (lambda c: c["environments"]["demo"].update(colour="blue"), "environments.demo.colour: Extra inputs are not permitted"),
+    (lambda c: c.pop("environments"), "environments: Field required"),
+])
+def test_config_errors_name_file_and_field(blue_green, tmp_path, mutate, expected):
+    config = blue_green.config_dict()
+    config.setdefault("rollback", {})
+    config["environments"]["demo"].setdefault("policy", {})
+    mutate(config)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: ") and expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_not_yaml_and_worker_refuses_to_start(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("environments: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    done = subprocess.run([sys.executable, str(ROOT / "worker.py")], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "ROLLBACK_CONFIG": str(path)})
+    assert done.returncode == 2 and "broken.yaml: not valid YAML" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_no_secret_reaches_the_workflow_history(blue_green, tmp_path, client, task_queue, run_worker):
+    planted = "ghp_PLANTEDsecretVALUE0123456789"
+    blue_green.deploy("v2", "errors")
+    await run_worker(write_config(blue_green, tmp_path))
+    orch = RollbackOrchestrator(github_token=planted, client=client, environment="demo",
+                                settings=TemporalSettings(address="unused", namespace=client.namespace, task_queue=task_queue))
+    started = await orch.initiate_rollback(targets=[RollbackTarget.BACKEND], initiated_by="tester")
+    await orch.wait(started.execution_id)
+    history = await client.get_workflow_handle(started.execution_id).fetch_history()
+    assert planted not in history.to_json()
+    assert planted not in (tmp_path / "bg" / "state" / "demo.json").read_text()
