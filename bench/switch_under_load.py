@@ -98,6 +98,23 @@ def load_figures(w: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def nginx_problems(path: Path, keep: int = 8) -> dict[str, Any]:
+    """nginx's own account of trouble (upstream errors, worker shutdowns): counts by level
+    plus the last lines, so a miss can be explained without re-running."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return {"counts": {}, "last": []}
+    counts: dict[str, int] = {}
+    problems = []
+    for line in lines:
+        level = line.split("[", 1)[1].split("]", 1)[0] if "[" in line else "?"
+        counts[level] = counts.get(level, 0) + 1
+        if level in ("error", "crit", "alert", "emerg", "warn"):
+            problems.append(line[:300])
+    return {"counts": counts, "last": problems[-keep:]}
+
+
 def offset(at: datetime | None, origin_epoch: float) -> float | None:
     return None if at is None else round(at.replace(tzinfo=at.tzinfo or timezone.utc).timestamp() - origin_epoch, 2)
 
@@ -135,6 +152,7 @@ async def scenario(client, strategy: str, base: Path, *, seconds: int, baseline_
                     with contextlib.suppress(BaseException):
                         await wrk_task
             status = await orch.get_rollback_status(started.execution_id)
+        nginx_log = nginx_problems(stack.nginx_dir / "error.log")
 
     origin = load["started_epoch"]
     figures = load_figures(load)
@@ -158,8 +176,9 @@ async def scenario(client, strategy: str, base: Path, *, seconds: int, baseline_
             "non_2xx_by_second": {str(int(k) - int(origin)): v for k, v in sorted(load["bad_seconds"].items(), key=lambda kv: int(kv[0]))},
             "steps": [{"name": s.name, "state": s.state, "at_s": offset(s.started, origin),
                        "seconds": round((s.finished - s.started).total_seconds(), 3) if s.started and s.finished else None}
-                      for s in status.steps],
+                      for s in sorted(status.steps, key=lambda s: (s.started is None, s.started))],
             "phase_seconds": result.phase_seconds if result else None,
+            "nginx_error_log": nginx_log,
             "error": status.error,
             "baseline": baseline,
             "ratio_vs_baseline": None if not baseline else {

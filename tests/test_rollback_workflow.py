@@ -9,6 +9,7 @@ import pytest
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 
 from rollback.client import RollbackError
+from rollback.dev import instances
 from rollback.dev.stack import BackendStack
 from rollback.models import Phase, RollbackRequest, RollbackResult, RollbackTarget
 from rollback.settings import SA_PHASE, SA_STATE
@@ -246,3 +247,43 @@ async def test_bad_input_fails_fast_naming_the_field(blue_green, tmp_path, clien
     with pytest.raises(WorkflowFailureError) as failure:
         await handle.result()
     assert field in str(failure.value.cause)
+
+
+async def test_rolling_stops_at_a_failing_batch_and_reverts_it(rolling, tmp_path, client, task_queue, run_worker):
+    rolling.deploy("v2", "errors")
+    # The known-good release itself has gone bad (say, a dependency it needs is gone).
+    instances.register_release(rolling.instances_state_dir, "v1", "errors")
+    await run_worker(write_config(rolling, tmp_path))
+    orch = orchestrator(client, task_queue)
+    started = await orch.initiate_rollback(targets=BACKEND, initiated_by="tester")
+
+    assert await orch.wait(started.execution_id) is None
+    status = await orch.get_rollback_status(started.execution_id)
+    assert status.state == Phase.COMPENSATED
+    by_name = {s.name: s for s in status.steps}
+    assert by_name["roll batch 1/3: app-1"].state == "failed"
+    assert "instance app-1 unhealthy on v1" in by_name["roll batch 1/3: app-1"].detail
+    assert by_name["roll batch 2/3: app-2"].state == "pending", "no batch after a failing one"
+    assert by_name["revert batch 1/3: app-1"].state == "compensated"
+    for name in ["app-1", "app-2", "app-3"]:
+        assert await front_version(rolling.instance_url(name)) == "v2"
+    assert all(not s.down for s in rolling.router().current()), "every instance takes traffic again"
+
+
+async def test_dry_run_and_explicit_to_version(blue_green, tmp_path, client, task_queue, run_worker):
+    blue_green.deploy("v2", "errors")
+    await run_worker(write_config(blue_green, tmp_path))
+    orch = orchestrator(client, task_queue)
+
+    dry = await orch.initiate_rollback(targets=BACKEND, initiated_by="tester", dry_run=True,
+                                       to_version={RollbackTarget.BACKEND: "v1"})
+    result = await orch.wait(dry.execution_id)
+    assert result is not None and result.state == Phase.SUCCEEDED and result.restored == {}
+    status = await orch.get_rollback_status(dry.execution_id)
+    assert status.plan is not None and status.plan.targets[0].to_version == "v1"
+    assert await front_version(blue_green.front_url) == "v2", "a dry run changes nothing"
+
+    missing = await orch.initiate_rollback(targets=BACKEND, initiated_by="tester", to_version={RollbackTarget.BACKEND: "v9"})
+    assert await orch.wait(missing.execution_id) is None
+    refused = await orch.get_rollback_status(missing.execution_id)
+    assert refused.state == Phase.FAILED and "no standby colour serves v9" in (refused.error or "")

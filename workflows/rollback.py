@@ -272,7 +272,8 @@ class RollbackWorkflow:
         self._status.finished_at = workflow.now()
         workflow.upsert_search_attributes([SA_STATE.value_set(state.value), SA_PHASE.value_set(state.value)])
         self._status.phase = state
-        restored = {t.target.value: t.to_version for t in plan.targets} if plan and state == Phase.SUCCEEDED else {}
+        done = plan is not None and state == Phase.SUCCEEDED and not self._status.dry_run
+        restored = {t.target.value: t.to_version for t in plan.targets} if done and plan else {}
         return RollbackResult(
             execution_id=workflow.info().workflow_id, environment=self._status.environment, state=state,
             restored=restored, phase_seconds=self._phase_seconds(), started_at=self._status.started_at,
