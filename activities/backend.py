@@ -232,7 +232,7 @@ class BackendRollback:
 
 
 async def _run(command: list[str], values: dict[str, str]) -> str:
-    """Run a configured deployment hook with {placeholders} filled; stdout on success."""
+    """Run a configured deployment hook with its {instance}/{version} fields filled; stdout on success."""
     argv = [part.format(**values) for part in command]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     finished = asyncio.ensure_future(proc.communicate())

@@ -40,6 +40,8 @@ class EnvironmentState(BaseModel):
 
 
 HISTORY_LIMIT = 50
+# Effects are looked up by the retries of one rollback, so old keys can go.
+EFFECTS_LIMIT = 2000
 
 
 def _now() -> datetime:
@@ -105,6 +107,7 @@ class StateStore:
             entry.history = (entry.history + [{"event": "restored", "version": version, "at": _now().isoformat(), "by": key}])[-HISTORY_LIMIT:]
             state.versions[target] = entry
             state.effects[key] = {"effect": "record_restored", "target": target, "version": version}
+            _trim(state)
             return True
 
     # -- the deployment lock -------------------------------------------------
@@ -158,4 +161,10 @@ class StateStore:
             if key in state.effects:
                 return False
             state.effects[key] = detail
+            _trim(state)
             return True
+
+
+def _trim(state: EnvironmentState) -> None:
+    for stale in list(state.effects)[:-EFFECTS_LIMIT]:
+        del state.effects[stale]

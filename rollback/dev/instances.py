@@ -103,7 +103,7 @@ def _flock(path: Path) -> Iterator[None]:
 
 
 def register_release(state_dir: Path, version: str, fault: str = "none") -> None:
-    """Make `version` deployable; its fault is what the app will simulate."""
+    """Make `version` deployable; its fault is what the app will inject."""
     try:
         parse_fault(fault)
     except ValueError as err:
@@ -345,7 +345,7 @@ def _parser() -> argparse.ArgumentParser:
     deploy.add_argument("--port", type=int, help="needed the first time an instance is deployed")
     listing = sub.add_parser("releases", help="print the JSON list of registered releases")
     listing.add_argument("--state-dir", type=Path, required=True)
-    register = sub.add_parser("register", help="register a release and its simulated fault")
+    register = sub.add_parser("register", help="register a release and the fault it injects")
     register.add_argument("--state-dir", type=Path, required=True)
     register.add_argument("--version", required=True)
     register.add_argument("--fault", default="none", help=", ".join(FAULTS))

@@ -349,7 +349,7 @@ http {{
     # -- deploying a release (what a CI pipeline would do) ------------------------------
 
     def deploy(self, version: str, fault: str = "none") -> BackendDeploy:
-        """Ship `version` (simulating `fault`), switch traffic to it, record it as current."""
+        """Ship `version` (with `fault` injected), switch traffic to it, record it as current."""
         inst.register_release(self.instances_state_dir, version, fault)
         if self.strategy == "blue_green":
             restarted = self._deploy_blue_green(version)
