@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 
@@ -15,7 +16,7 @@ from activities.backend import BackendRollback
 from activities.coordination import Coordination
 from activities.health import HttpHealth
 from activities.notify import Notifier
-from rollback.client import connect
+from rollback.client import RollbackError, connect
 from rollback.config import ConfigError, ConfigSource
 from rollback.settings import TemporalSettings, config_path
 from workflows.rollback import RollbackWorkflow
@@ -47,7 +48,11 @@ async def main() -> int:
     except ConfigError as err:
         print(f"worker: {err}", file=sys.stderr)
         return 2
-    client = await connect(settings)
+    try:
+        client = await connect(settings)
+    except RollbackError as err:
+        print(f"worker: {err}", file=sys.stderr)
+        return 1
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=50)) as http:
         worker = build_worker(client, task_queue=settings.task_queue, config=config, http=http)
         stop = asyncio.Event()
@@ -62,4 +67,7 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    code = asyncio.run(main())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # temporalio can abort at interpreter exit (sdk-python issue 300)

@@ -15,6 +15,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.health import HttpCheckInput, HttpHealth
+from activities.heartbeat import heartbeating
 from rollback.config import BackendTarget, ConfigSource, Instance
 from rollback.models import HealthReport, RollbackTarget, TargetPlan
 from rollback.payloads import BatchInput, BatchResult, SwitchInput, SwitchResult, ValidateInput
@@ -35,11 +36,6 @@ def router_of(target: BackendTarget) -> NginxRouter:
         upstream_file=r.upstream_file, upstream_name=r.upstream_name,
         reload_command=tuple(r.reload_command), test_command=tuple(r.test_command),
     )
-
-
-def _heartbeat(detail: str) -> None:
-    if activity.in_activity():
-        activity.heartbeat(detail)
 
 
 def _attempt() -> int:
@@ -77,6 +73,9 @@ class BackendRollback:
     async def _assess_blue_green(self, environment: str, target: BackendTarget, from_version: str | None, to: str,
                                  evidence: dict, checks: list[str]) -> TargetPlan:
         live = self._live_colour(target)
+        if live is None:
+            raise _refuse(f"backend of {environment!r}: no colour is live in {target.router.upstream_file}; "
+                          "fix the router before rolling back (nothing to return to on failure)")
         standby: dict[str, HealthReport] = {}
         for colour, instance in target.colours.items():
             if colour != live:
@@ -96,7 +95,11 @@ class BackendRollback:
     async def _assess_rolling(self, environment: str, target: BackendTarget, from_version: str | None, to: str,
                               evidence: dict, checks: list[str]) -> TargetPlan:
         if target.releases_command:
-            available = json.loads(await _run(target.releases_command, {}))
+            output = await _run(target.releases_command, {})
+            try:
+                available = json.loads(output)
+            except ValueError:
+                raise _refuse(f"releases_command printed no JSON list: {output[:200]!r}", "InvalidConfig") from None
             if to not in available:
                 raise _refuse(f"backend of {environment!r}: release {to} does not exist (available: {', '.join(available)})")
         names = [i.name for i in target.instances]
@@ -121,7 +124,8 @@ class BackendRollback:
     async def check_standby(self, inp: SwitchInput) -> HealthReport:
         """Health of the colour we are about to send traffic to, checked directly (not through nginx)."""
         target = self.target(inp.environment)
-        return await self._check(target, f"http://{self._colour(target, inp.colour).address}", inp.expect_version)
+        async with heartbeating(f"check {inp.colour}"):
+            return await self._check(target, f"http://{self._colour(target, inp.colour).address}", inp.expect_version)
 
     def _colour(self, target: BackendTarget, colour: str) -> Instance:
         instance = target.colours.get(colour)
@@ -138,13 +142,11 @@ class BackendRollback:
         """
         target = self.target(inp.environment)
         self._colour(target, inp.colour)  # unknown colour: a clear, non-retryable error
-        try:
-            # Declarative: every colour stays listed, only the chosen one is live.
-            servers = [UpstreamServer(i.address, down=name != inp.colour) for name, i in target.colours.items()]
-            reloaded = await asyncio.to_thread(router_of(target).apply, servers)
-        except RouterError as err:
-            raise ApplicationError(str(err), type="RouterError") from err
-        versions = await self._await_front_door(target, inp.expect_version)
+        # Declarative: every colour stays listed, only the chosen one is live.
+        servers = [UpstreamServer(i.address, down=name != inp.colour) for name, i in target.colours.items()]
+        async with heartbeating(f"switch to {inp.colour}"):
+            reloaded = await _apply(router_of(target), servers)
+            versions = await self._await_front_door(target, inp.expect_version)
         return SwitchResult(colour=inp.colour, reloaded=reloaded, front_door_versions=versions, attempt=_attempt())
 
     async def _await_front_door(self, target: BackendTarget, version: str) -> dict[str, int]:
@@ -167,7 +169,6 @@ class BackendRollback:
             streak = streak + 1 if got == version else 0
             if streak >= target.health.samples:
                 return seen
-            _heartbeat(f"front door {seen}")
             await asyncio.sleep(0.05)
         raise ApplicationError(f"front door {url} did not settle on {version} within {FRONT_DOOR_DEADLINE_SECONDS}s: saw {seen}",
                                type="FrontDoorMismatch")
@@ -190,25 +191,21 @@ class BackendRollback:
         def upstream(drained: set[str]) -> list[UpstreamServer]:
             return [UpstreamServer(i.address, down=i.address in drained) for i in target.instances]
 
-        if await self._batch_done(target, inp, router):
-            return BatchResult(instances=inp.instances, restarted=[], reloads=0, attempt=_attempt())
-        try:
-            reloads += await asyncio.to_thread(router.apply, upstream(batch))
-            _heartbeat("drained")
+        async with heartbeating(f"batch {', '.join(inp.instances)} -> {inp.version}"):
+            if await self._batch_done(target, inp, router):
+                return BatchResult(instances=inp.instances, restarted=[], reloads=0, attempt=_attempt())
+            reloads += await _apply(router, upstream(batch))
             for name in inp.instances:
                 output = await _run(target.deploy_command, {"instance": name, "version": inp.version})
                 if "unchanged" not in output:
                     restarted.append(name)
-                _heartbeat(f"deployed {name}")
                 if inp.require_healthy:
                     report = await self._check(target, f"http://{by_name[name].address}", inp.version)
                     if not report.healthy:
                         # Leave the batch drained: compensation decides what it serves next.
                         raise ApplicationError(f"instance {name} unhealthy on {inp.version}: {report.detail}",
                                                type="UnhealthyAfterDeploy", non_retryable=True)
-            reloads += await asyncio.to_thread(router.apply, upstream(set()))
-        except RouterError as err:
-            raise ApplicationError(str(err), type="RouterError") from err
+            reloads += await _apply(router, upstream(set()))
         return BatchResult(instances=inp.instances, restarted=restarted, reloads=reloads, attempt=_attempt())
 
     async def _batch_done(self, target: BackendTarget, inp: BatchInput, router: NginxRouter) -> bool:
@@ -228,7 +225,15 @@ class BackendRollback:
     @activity.defn(name="backend.validate")
     async def validate(self, inp: ValidateInput) -> HealthReport:
         target = self.target(inp.environment)
-        return await self._check(target, target.router.front_url, inp.expect_version)
+        async with heartbeating("front door health"):
+            return await self._check(target, target.router.front_url, inp.expect_version)
+
+
+async def _apply(router: NginxRouter, servers: list[UpstreamServer]) -> bool:
+    try:
+        return await asyncio.to_thread(router.apply, servers)
+    except RouterError as err:
+        raise ApplicationError(str(err), type="RouterError") from err
 
 
 async def _run(command: list[str], values: dict[str, str]) -> str:
@@ -238,13 +243,10 @@ async def _run(command: list[str], values: dict[str, str]) -> str:
     finished = asyncio.ensure_future(proc.communicate())
     deadline = time.monotonic() + COMMAND_TIMEOUT_SECONDS
     try:
-        # Heartbeat while the hook runs, so a dead worker is noticed within the
-        # heartbeat timeout rather than after the whole command timeout.
         while not finished.done():
             if time.monotonic() > deadline:
                 raise ApplicationError(f"{argv[0]} did not finish within {COMMAND_TIMEOUT_SECONDS}s", type="DeployHookTimeout")
             await asyncio.wait({finished}, timeout=1)
-            _heartbeat(f"running {' '.join(argv[:3])}")
     except BaseException:
         if proc.returncode is None:
             proc.kill()

@@ -55,8 +55,9 @@ class Coordination:
                 versions = store.versions(request.environment, "backend", seed=backend.versions)
                 plans.append(await self.backend.assess(request.environment, backend, versions, to_version.get("backend")))
         policy = env.policy
-        require = policy.require_approval if request.require_approval is None else request.require_approval
-        why = ("requested by the caller" if request.require_approval else "environment policy") if require else ""
+        # The request may add an approval, never waive one the environment's policy requires.
+        require = policy.require_approval or bool(request.require_approval)
+        why = "environment policy" if policy.require_approval else ("requested by the caller" if require else "")
         return RollbackPlan(
             environment=request.environment, targets=plans, require_approval=require, approval_reason=why,
             approval_timeout_seconds=policy.approval_timeout_seconds, on_approval_timeout=policy.on_approval_timeout,

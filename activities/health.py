@@ -9,6 +9,7 @@ import httpx
 from pydantic import BaseModel
 from temporalio import activity
 
+from activities.heartbeat import heartbeating
 from rollback.config import HealthCheck
 from rollback.models import HealthReport, HealthSample
 
@@ -76,8 +77,6 @@ class HttpHealth:
             if index:
                 await asyncio.sleep(inp.check.interval_ms / 1000)
             samples.append(await self.sample(inp))
-            if activity.in_activity():
-                activity.heartbeat(index)
         successes = sum(s.ok for s in samples)
         ratio = successes / len(samples)
         versions: dict[str, int] = {}
@@ -99,4 +98,5 @@ class HttpHealth:
 
     @activity.defn(name="health.check_http")
     async def check_http(self, inp: HttpCheckInput) -> HealthReport:
-        return await self.validate(inp)
+        async with heartbeating(f"check {inp.base_url}"):
+            return await self.validate(inp)

@@ -12,7 +12,7 @@ import getpass
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Optional
 
 import typer
@@ -95,10 +95,16 @@ def start(
         })
         orchestrator = RollbackOrchestrator()
         started = await orchestrator.start(request)
-        print(started.execution_id)
-        if not wait:
-            return 0
-        return await _watch(orchestrator, started.execution_id, quiet=True)
+        print(started.execution_id, flush=True)
+        if wait:
+            return await _watch(orchestrator, started.execution_id, quiet=True)
+        # Return once the plan is accepted, so a refused request (unknown environment,
+        # no known-good version) fails here, with its reason, not silently later.
+        current = await _poll_until(orchestrator, started.execution_id,
+                                    lambda s: s.phase not in (Phase.PENDING, Phase.ASSESSMENT))
+        if current.state in TERMINAL_STATES and current.state != Phase.SUCCEEDED:
+            raise RollbackError(f"{started.execution_id} {current.state.value}: {current.error}")
+        return 0
 
     run(action)
 
@@ -147,6 +153,21 @@ def watch(execution_id: str) -> None:
     run(lambda: _watch(RollbackOrchestrator(), execution_id))
 
 
+async def _poll_until(orchestrator: RollbackOrchestrator, execution_id: str,
+                      accept: Callable[[RollbackStatus], bool], timeout: float = 120) -> RollbackStatus:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            current = await orchestrator.get_rollback_status(execution_id)
+            if accept(current):
+                return current
+        except RPCError:
+            pass  # the first workflow task may not have run yet
+        if asyncio.get_running_loop().time() > deadline:
+            raise RollbackError(f"{execution_id} did not get past assessment within {timeout:.0f}s; is a worker running?")
+        await asyncio.sleep(0.2)
+
+
 async def _watch(orchestrator: RollbackOrchestrator, execution_id: str, *, quiet: bool = False) -> int:
     from rich.live import Live
 
@@ -174,23 +195,35 @@ async def _watch(orchestrator: RollbackOrchestrator, execution_id: str, *, quiet
     return 0 if current.state == Phase.SUCCEEDED else 1
 
 
+NEVER = datetime.max.replace(tzinfo=timezone.utc)
+
+
 def _events(current: RollbackStatus) -> list[str]:
-    """Stable one-line events in the order they happened (for logs, CI, the demo)."""
-    timed: list[tuple[datetime, int, str]] = [(at, 0, f"phase {phase}") for phase, at in current.phase_started.items()]
-    for step in current.steps:
-        if step.started:
-            timed.append((step.started, 1, f"  [{step.target}] {step.name}: running"))
+    """Stable one-line events in the order they happened (for logs, CI, the demo).
+
+    Steps of one workflow task share a timestamp, so order by step start, and put
+    each phase and the approval decision before the first step that came after it.
+    """
+    steps = sorted(enumerate(current.steps), key=lambda pair: (pair[1].started or NEVER, pair[0]))
+    marks = sorted([(at, f"phase {phase}") for phase, at in current.phase_started.items()]
+                   + ([(current.approval.decided_at, f"  approval: {current.approval.decision}"
+                        + (f" by {current.approval.by}" if current.approval.by else ""))]
+                      if current.approval.decided_at else []), key=lambda m: m[0])
+    lines: list[str] = []
+    for _, step in steps:
+        if step.started is None:
+            continue
+        while marks and marks[0][0] <= step.started:
+            lines.append(marks.pop(0)[1])
+        lines.append(f"  [{step.target}] {step.name}: running")
         if step.finished:
-            detail = f" ({step.detail})" if step.detail else ""
-            timed.append((step.finished, 2, f"  [{step.target}] {step.name}: {step.state}{detail}"))
+            lines.append(f"  [{step.target}] {step.name}: {step.state}" + (f" ({step.detail})" if step.detail else ""))
+    lines += [text for _, text in marks]
     if current.approval.decision == "pending" and current.approval.deadline:
-        timed.append((current.approval.deadline, 3, f"  waiting for approval until {current.approval.deadline:%H:%M:%S} UTC"))
-    if current.approval.decided_at:
-        timed.append((current.approval.decided_at, 3, f"  approval: {current.approval.decision}"
-                       + (f" by {current.approval.by}" if current.approval.by else "")))
+        lines.append(f"  waiting for approval until {current.approval.deadline:%H:%M:%S} UTC")
     if current.finished_at:
-        timed.append((current.finished_at, 4, current.state.value + (f": {current.error}" if current.error else "")))
-    return [line for _, _, line in sorted(timed, key=lambda t: (t[0], t[1]))]
+        lines.append(current.state.value + (f": {current.error}" if current.error else ""))
+    return lines
 
 
 def render(current: RollbackStatus) -> Table:
@@ -268,6 +301,27 @@ def unlock(environment: str = typer.Option(..., "--environment", "-e"),
     run(action)
 
 
+@app.command("record-deploy")
+def record_deploy(environment: str = typer.Option(..., "--environment", "-e"), target: str = typer.Option(..., "--target", "-t"),
+                  version: str = typer.Option(..., "--version")) -> None:
+    """Record a release your pipeline deployed: it becomes current, the previous one known-good."""
+
+    async def action() -> int:
+        config = load_config(config_path())
+        if environment not in config.environments:
+            raise RollbackError(f"unknown environment {environment!r}; configured: {', '.join(sorted(config.environments))}")
+        configured = config.environment(environment).targets.configured()
+        if target not in configured:
+            raise RollbackError(f"target {target!r} is not configured for {environment} (configured: {', '.join(configured)})")
+        backend = config.environment(environment).targets.backend
+        seed = backend.versions if target == "backend" and backend else None
+        entry = StateStore(config.state_dir).record_deploy(environment, target, version, seed=seed)
+        print(f"{environment}/{target}: current {entry.current}, known-good {entry.known_good}")
+        return 0
+
+    run(action)
+
+
 # -- the local demo stack ------------------------------------------------------
 
 @dev_app.command("up")
@@ -308,17 +362,13 @@ def dev_deploy(target: str = typer.Option(..., "--target"), version: str = typer
 
 
 def main() -> None:
+    # Typer's standalone mode prints usage errors as one short block and exits 2;
+    # commands themselves leave through _exit (see the module docstring).
     try:
-        app(standalone_mode=False)
+        app()
     except SystemExit as done:
         _exit(done.code if isinstance(done.code, int) else 1)
-    except Exception as err:  # click usage errors and anything unexpected: one line, no traceback
-        from click.exceptions import ClickException, Abort
-        if isinstance(err, ClickException):
-            err.show()
-            _exit(err.exit_code)
-        if isinstance(err, Abort):
-            _exit(130)
+    except Exception as err:  # anything unexpected: one line, no traceback
         _fail(f"{type(err).__name__}: {err}")
     _exit(0)
 

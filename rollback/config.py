@@ -6,6 +6,8 @@ what is wrong, in one line, so a typo never surfaces half-way through a rollback
 
 from __future__ import annotations
 
+import re
+import string
 from pathlib import Path
 from typing import Literal
 
@@ -13,6 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rollback.state import TargetVersions
+
+
+ENVIRONMENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
 class _Strict(BaseModel):
@@ -65,8 +70,8 @@ class Router(_Strict):
 
 
 class Instance(_Strict):
-    name: str
-    address: str = Field(description="host:port nginx proxies to")
+    name: str = Field(default="", description="for rolling instances; colours are named by their key")
+    address: str = Field(pattern=r"^[^\s:/]+:\d{1,5}$", description="host:port nginx proxies to")
 
 
 class BackendTarget(_Strict):
@@ -83,6 +88,16 @@ class BackendTarget(_Strict):
     deploy_command: list[str] = Field(default_factory=list, description="sets {instance} to release {version} and restarts it")
     releases_command: list[str] = Field(default_factory=list, description="prints the JSON list of available releases")
 
+    @field_validator("deploy_command", "releases_command")
+    @classmethod
+    def _known_fields(cls, command: list[str]) -> list[str]:
+        # Only {instance} and {version} are filled in; anything else would fail at run time.
+        for part in command:
+            for _, field, _, _ in string.Formatter().parse(part):
+                if field not in (None, "instance", "version"):
+                    raise ValueError(f"unknown field {{{field}}} in {part!r}; use {{instance}} and {{version}}")
+        return command
+
     @model_validator(mode="after")
     def _strategy_fields(self) -> "BackendTarget":
         if self.strategy == "blue_green" and len(self.colours) < 2:
@@ -93,6 +108,8 @@ class BackendTarget(_Strict):
             if not self.deploy_command:
                 raise ValueError("rolling needs 'deploy_command'")
             names = [i.name for i in self.instances]
+            if not all(names):
+                raise ValueError("every rolling instance needs a 'name'")
             if len(set(names)) != len(names):
                 raise ValueError("instance names must be unique")
         return self
@@ -114,6 +131,15 @@ class AppConfig(_Strict):
     state_dir: Path
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     environments: dict[str, Environment]
+
+    @field_validator("environments")
+    @classmethod
+    def _environment_names(cls, environments: dict[str, Environment]) -> dict[str, Environment]:
+        # The same rule as RollbackRequest.environment, or no request could ever name it.
+        for name in environments:
+            if not ENVIRONMENT_NAME.match(name):
+                raise ValueError(f"environment name {name!r} must match {ENVIRONMENT_NAME.pattern}")
+        return environments
 
     def environment(self, name: str) -> Environment:
         return self.environments[name]
@@ -141,10 +167,18 @@ def load_config(path: Path) -> AppConfig:
     except ValidationError as err:
         first = err.errors()[0]
         raise ConfigError(f"{path}: {_location(first['loc'])}: {first['msg']}") from None
-    if not config.state_dir.is_absolute():
-        # Relative paths are relative to the config file, not to wherever the worker started.
-        config = config.model_copy(update={"state_dir": (path.parent / config.state_dir).resolve()})
-    return config
+    return _resolve_paths(config, path.parent.resolve())
+
+
+def _resolve_paths(config: AppConfig, base: Path) -> AppConfig:
+    """Relative paths are relative to the config file, not to wherever the worker started."""
+    raw = config.model_dump()
+    raw["state_dir"] = base / config.state_dir
+    for env in raw["environments"].values():
+        backend = env["targets"].get("backend")
+        if backend:
+            backend["router"]["upstream_file"] = base / backend["router"]["upstream_file"]
+    return AppConfig.model_validate(raw)
 
 
 class ConfigSource:

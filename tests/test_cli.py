@@ -47,6 +47,8 @@ async def test_start_wait_status_list(blue_green, tmp_path, client, task_queue, 
     assert shown.returncode == 0 and "switch traffic to blue" in shown.stdout and "succeeded" in shown.stdout
     listed = await status_when_listed(client, task_queue, workflow_id)
     assert "succeeded" in listed
+    refused = await cli(client, task_queue, "start", "-e", "atlantis", "-t", "backend")
+    assert "environment: unknown environment 'atlantis'" in one_line_error(refused)
 
 
 async def status_when_listed(client, task_queue: str, workflow_id: str) -> str:

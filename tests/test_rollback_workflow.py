@@ -83,7 +83,8 @@ async def test_approval_then_approve(blue_green, tmp_path, client, task_queue, r
     blue_green.deploy("v2", "errors")
     await run_worker(write_config(blue_green, tmp_path, policy={"require_approval": True}))
     orch = orchestrator(client, task_queue)
-    started = await orch.initiate_rollback(targets=BACKEND, initiated_by="tester")
+    # The request cannot waive an approval the environment's policy requires.
+    started = await orch.initiate_rollback(targets=BACKEND, initiated_by="tester", require_approval=False)
 
     waiting = await status_when(orch, started.execution_id, lambda s: s.approval.decision == "pending", what="approval wait")
     assert waiting.phase == Phase.COORDINATION and waiting.approval.reason == "environment policy"

@@ -72,6 +72,7 @@ class RollbackWorkflow:
         self._status: RollbackStatus | None = None
         self._decision: tuple[str, Approval] | None = None
         self._lock_held = False
+        self._health_timeout: timedelta | None = None
         self._undo: list[tuple[str, str, Callable[[], Awaitable[Any]]]] = []
 
     # -- interface ------------------------------------------------------------
@@ -103,8 +104,9 @@ class RollbackWorkflow:
         except (asyncio.CancelledError, ActivityError, ApplicationError) as err:
             if is_cancelled_exception(err):
                 # Cancelled from the UI or CLI: undo what was done, then end as cancelled.
-                await self._compensate()
-                await self._finish(Phase.CANCELLED, self._status.plan, "cancelled by request")
+                undone = await self._compensate()
+                await self._finish(Phase.CANCELLED, self._status.plan, "cancelled by request" if undone else
+                                   "cancelled by request; some undo steps failed, see steps")
                 raise
             message = describe_failure(err)
             plan = self._status.plan
@@ -137,6 +139,11 @@ class RollbackWorkflow:
             # A signal cannot fail back to its sender; record and ignore a malformed one.
             workflow.logger.warning("ignoring %s signal with invalid payload: %s", decision, err.errors()[:1])
             return
+        if self._status is None or self._status.approval.decision != "pending":
+            # Nobody can approve a plan before it is shown to them: early or late
+            # decisions are logged and ignored.
+            workflow.logger.warning("ignoring %s by %s: no approval is pending", decision, approval.by)
+            return
         if self._decision is None:
             self._decision = (decision, approval)
 
@@ -156,6 +163,7 @@ class RollbackWorkflow:
             result_type=RollbackPlan, start_to_close_timeout=timedelta(minutes=2), retry_policy=retry(3)))
         assert self._status is not None
         self._status.plan = plan
+        self._health_timeout = timedelta(seconds=plan.health_check_timeout_seconds)
         self._status.steps.append(StepRecord(name="acquire deployment lock", target="all"))
         for target in plan.targets:
             self._status.steps += [StepRecord(name=name, target=target.target.value) for name in target.steps]
@@ -196,8 +204,9 @@ class RollbackWorkflow:
 
     async def _execution(self, request: RollbackRequest, plan: RollbackPlan) -> None:
         self._enter(Phase.EXECUTION)
-        # Renew the lock lease: approval may have taken a while.
-        await self._activity("coordination.acquire_lock", self._lock_input(), None, attempts=5)
+        if plan.require_approval:
+            # Renew the lock's lease: the approval may have taken a while.
+            await self._activity("coordination.acquire_lock", self._lock_input(), None, attempts=5)
         for target in plan.targets:
             if target.target.value == "backend":
                 await self._execute_backend(request.environment, target, plan.max_attempts)
@@ -209,12 +218,14 @@ class RollbackWorkflow:
             switch = SwitchInput(environment=environment, colour=colour, expect_version=to)
             await self._step(f"verify standby {colour}", "backend", lambda: self._healthy(
                 "backend.check_standby", switch, attempts))
-            await self._step(f"switch traffic to {colour}", "backend", lambda: self._activity(
-                "backend.switch_traffic", switch, SwitchResult, attempts=attempts, long=True))
             if previous:
+                # Registered before the switch: a switch that reloaded nginx but then
+                # failed to settle must be undone too (switching back is declarative).
                 undo = SwitchInput(environment=environment, colour=previous, expect_version=back)
                 self._undo.append((f"switch traffic back to {previous}", "backend", lambda: self._activity(
                     "backend.switch_traffic", undo, SwitchResult, attempts=attempts, long=True)))
+            await self._step(f"switch traffic to {colour}", "backend", lambda: self._activity(
+                "backend.switch_traffic", switch, SwitchResult, attempts=attempts, long=True))
         else:
             batches: list[list[str]] = target.params["batches"]
             for number, batch in enumerate(batches, 1):
@@ -265,9 +276,8 @@ class RollbackWorkflow:
         if self._lock_held:
             await self._activity("coordination.release_lock", self._lock_input(), None, attempts=20)
             self._lock_held = False
-        if plan is not None:
-            await self._notify(state.value, f"rollback {workflow.info().workflow_id} of {self._status.environment} "
-                                            f"ended {state.value}" + (f": {error}" if error else ""))
+        await self._notify(state.value, f"rollback {workflow.info().workflow_id} of {self._status.environment} "
+                                        f"ended {state.value}" + (f": {error}" if error else ""))
         self._status.state = state
         self._status.finished_at = workflow.now()
         workflow.upsert_search_attributes([SA_STATE.value_set(state.value), SA_PHASE.value_set(state.value)])
@@ -304,9 +314,10 @@ class RollbackWorkflow:
             # A notification failure must never stop or fail a rollback.
             workflow.logger.warning("notification %s failed: %s", event, describe_failure(err))
 
-    def _activity(self, name: str, arg: BaseModel, result_type: type | None, *, attempts: int, long: bool = False) -> Awaitable[Any]:
+    def _activity(self, name: str, arg: BaseModel, result_type: type | None, *, attempts: int, long: bool = False,
+                  deadline: timedelta | None = None) -> Awaitable[Any]:
         return workflow.execute_activity(
-            name, arg, result_type=result_type,
+            name, arg, result_type=result_type, schedule_to_close_timeout=deadline,
             start_to_close_timeout=timedelta(minutes=10 if long else 2),
             heartbeat_timeout=HEARTBEAT if long else None, retry_policy=retry(attempts),
             # On cancellation, wait until a running step has really stopped before
@@ -315,7 +326,8 @@ class RollbackWorkflow:
         )
 
     async def _healthy(self, name: str, arg: BaseModel, attempts: int) -> HealthReport:
-        report: HealthReport = await self._activity(name, arg, HealthReport, attempts=attempts, long=True)
+        report: HealthReport = await self._activity(name, arg, HealthReport, attempts=attempts, long=True,
+                                                     deadline=self._health_timeout)
         if not report.healthy:
             raise ApplicationError(f"{report.url}: {report.successes}/{report.samples} healthy samples "
                                    f"(need {report.required_ratio:.0%}): {report.detail}", type="Unhealthy", non_retryable=True)
