@@ -33,7 +33,7 @@ def build_worker(client: Client, *, task_queue: str, config: ConfigSource, http:
         workflows=[RollbackWorkflow],
         activities=[
             coordination.plan, coordination.acquire_lock, coordination.release_lock, coordination.record_restored,
-            backend.check_standby, backend.switch_traffic, backend.roll_batch, backend.validate,
+            backend.check_standby, backend.switch_traffic, backend.roll_batch, backend.validate, backend.smoke,
             health.check_http, notifier.send,
         ],
     )

@@ -228,6 +228,29 @@ class BackendRollback:
         async with heartbeating("front door health"):
             return await self._check(target, target.router.front_url, inp.expect_version)
 
+    @activity.defn(name="backend.smoke")
+    async def smoke(self, inp: ValidateInput) -> HealthReport:
+        """End-to-end smoke and performance check through the front door, one report for all paths."""
+        target = self.target(inp.environment)
+        smoke = target.smoke
+        reports: list[HealthReport] = []
+        async with heartbeating("smoke checks"):
+            for path in smoke.paths or [target.health.path]:
+                check = target.health.model_copy(update={
+                    "path": path, "samples": smoke.samples, "success_ratio": smoke.success_ratio,
+                    "expected_body": None, "interval_ms": 0, "max_latency_ms": max(target.health.max_latency_ms, smoke.max_p95_ms)})
+                reports.append(await self.health.validate(HttpCheckInput(base_url=target.router.front_url, check=check)))
+        problems = [f"{r.url}: {r.successes}/{r.samples} ok ({r.detail})" for r in reports if not r.healthy]
+        problems += [f"{r.url}: p95 {r.p95_latency_ms} ms > {smoke.max_p95_ms} ms" for r in reports
+                     if r.p95_latency_ms is not None and r.p95_latency_ms > smoke.max_p95_ms]
+        samples = sum(r.samples for r in reports)
+        successes = sum(r.successes for r in reports)
+        return HealthReport(
+            url=", ".join(r.url for r in reports), healthy=not problems, samples=samples, successes=successes,
+            success_ratio=round(successes / samples, 4), required_ratio=smoke.success_ratio,
+            p95_latency_ms=max((r.p95_latency_ms or 0) for r in reports), detail="; ".join(problems)[:500],
+        )
+
 
 async def _apply(router: NginxRouter, servers: list[UpstreamServer]) -> bool:
     try:

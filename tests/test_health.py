@@ -32,3 +32,22 @@ async def test_health_validation_judges_status_body_latency_and_version(blue_gre
 
     gone = await health.validate(HttpCheckInput(base_url="http://127.0.0.1:1", check=HealthCheck(samples=1)))
     assert not gone.healthy and "ConnectError" in gone.detail
+
+
+async def test_smoke_check_covers_every_path_through_the_front_door(blue_green, tmp_path, http):
+    from temporalio.testing import ActivityEnvironment
+
+    from activities.backend import BackendRollback
+    from rollback.payloads import ValidateInput
+    from tests.conftest import write_config
+
+    good = BackendRollback(write_config(blue_green, tmp_path), HttpHealth(http))
+    report = await ActivityEnvironment().run(good.smoke, ValidateInput(environment="demo", expect_version="v1"))
+    assert report.healthy and report.samples == 40 and report.successes == 40
+    assert report.p95_latency_ms is not None and report.p95_latency_ms < 500
+
+    broken = BackendRollback(write_config(blue_green, tmp_path, extra={"environments": {"demo": {"targets": {"backend": {
+        "smoke": {"paths": ["/api/items", "/missing"], "samples": 3}}}}}}), HttpHealth(http))
+    report = await ActivityEnvironment().run(broken.smoke, ValidateInput(environment="demo", expect_version="v1"))
+    assert not report.healthy and report.successes == 3
+    assert "/missing: 0/3 ok (status 404 != 200)" in report.detail

@@ -50,6 +50,8 @@ async def test_blue_green_rollback_restores_v1_phase_by_phase(blue_green, tmp_pa
     assert status.plan.targets[0].params == {"colour": "blue", "previous_colour": "green"}
     assert [s.state for s in status.steps] == ["succeeded"] * len(status.steps)
     assert {"switch traffic to blue", "validate backend"} <= {s.name for s in status.steps}
+    smoke = next(s for s in status.steps if s.name == "smoke and performance check: backend")
+    assert smoke.detail.startswith("40/40 healthy")
     versions = StateStore(blue_green.base_dir / "state").versions("demo", "backend")
     assert (versions.current, versions.known_good) == ("v1", "v1")
     assert StateStore(blue_green.base_dir / "state").lock_holder("demo") is None

@@ -245,8 +245,10 @@ class RollbackWorkflow:
         wf_id = workflow.info().workflow_id
         for target in plan.targets:
             if target.target.value == "backend":
-                await self._step("full health check: backend", "backend", lambda: self._healthy(
-                    "backend.validate", ValidateInput(environment=request.environment, expect_version=target.to_version),
+                # Execution already checked health after each step; this is the end-to-end
+                # view: every smoke path through the front door, with a p95 latency bound.
+                await self._step("smoke and performance check: backend", "backend", lambda: self._healthy(
+                    "backend.smoke", ValidateInput(environment=request.environment, expect_version=target.to_version),
                     plan.max_attempts))
         for target in plan.targets:
             record = RecordInput(environment=request.environment, target=target.target.value,

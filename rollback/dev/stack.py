@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -116,6 +117,11 @@ class BackendStack:
     strategy: Strategy
     instances: Mapping[str, int]
     environment: str = "demo"
+    # Seconds nginx keeps an idle client connection open. 0 by default: every reload
+    # closes idle keep-alive connections at once, and a client that sent its next
+    # request at that moment gets EOF (bench/README.md measures it). Clients that retry
+    # idempotent requests on a closed connection, as HTTP/1.1 allows, can turn it on.
+    client_keepalive_seconds: int = 0
     log: Log = field(default=print, compare=False, repr=False)
 
     # -- paths ---------------------------------------------------------------
@@ -192,6 +198,7 @@ http {{
     include {self.upstream_path};
     server {{
         listen 127.0.0.1:{self.nginx_port};
+        keepalive_timeout {self.client_keepalive_seconds};
         location / {{
             proxy_pass http://backend;
             proxy_http_version 1.1;
@@ -430,6 +437,7 @@ http {{
             },
             "versions": {"current": initial_version, "known_good": initial_version},
             "health": {"path": "/health", "samples": 5, "success_ratio": 1.0, "max_latency_ms": 1000, **(health or {})},
+            "smoke": {"paths": ["/api/items", "/health"], "samples": 20, "max_p95_ms": 500},
             "deploy_command": [*instances_cli, "deploy", *state, "--instance", "{instance}", "--version", "{version}"],
             "releases_command": [*instances_cli, "releases", *state],
         }
@@ -483,6 +491,13 @@ class DevPorts:
             temporal=port("ROLLBACK_DEV_TEMPORAL_PORT", 7233),
             ui=port("ROLLBACK_DEV_UI_PORT", 8233),
         )
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the OS picks it; we release it at once)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def temporal_binary() -> str:
