@@ -12,7 +12,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.backend import BackendRollback
 from rollback.config import ConfigSource
 from rollback.models import EXECUTION_ORDER, RollbackPlan, RollbackRequest, RollbackTarget, TargetPlan
-from rollback.payloads import LockInput, PlanInput, RecordInput
+from rollback.payloads import LockInput, RecordInput
 from rollback.state import StateStore
 
 
@@ -30,10 +30,9 @@ class Coordination:
         return StateStore(self.config.get().state_dir)
 
     @activity.defn(name="coordination.plan")
-    async def plan(self, inp: PlanInput) -> RollbackPlan:
+    async def plan(self, request: RollbackRequest) -> RollbackPlan:
         """Validate the request against the config and assess each target from fresh evidence."""
         config = self.config.get()
-        request = inp.request
         if request.environment not in config.environments:
             raise _invalid("environment", f"unknown environment {request.environment!r}; configured: {', '.join(sorted(config.environments))}")
         env = config.environment(request.environment)

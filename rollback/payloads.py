@@ -10,12 +10,6 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from rollback.models import RollbackRequest
-
-
-class PlanInput(BaseModel):
-    workflow_id: str
-    request: RollbackRequest
 
 
 class LockInput(BaseModel):

@@ -24,7 +24,7 @@ with workflow.unsafe.imports_passed_through():
         RollbackStatus, StepRecord, TargetPlan,
     )
     from rollback.payloads import (
-        BatchInput, BatchResult, LockInput, Notification, NotifyResult, PlanInput, RecordInput,
+        BatchInput, BatchResult, LockInput, Notification, NotifyResult, RecordInput,
         SwitchInput, SwitchResult, ValidateInput,
     )
     from rollback.settings import SA_ENVIRONMENT, SA_PHASE, SA_STATE, SA_TARGETS, SA_TRIGGER
@@ -159,7 +159,7 @@ class RollbackWorkflow:
     async def _assessment(self, request: RollbackRequest) -> RollbackPlan:
         self._enter(Phase.ASSESSMENT)
         plan = await self._step("assess", "all", lambda: workflow.execute_activity(
-            "coordination.plan", PlanInput(workflow_id=workflow.info().workflow_id, request=request),
+            "coordination.plan", request,
             result_type=RollbackPlan, start_to_close_timeout=timedelta(minutes=2), retry_policy=retry(3)))
         assert self._status is not None
         self._status.plan = plan
@@ -369,7 +369,8 @@ def _cancel_requested() -> bool:
 
 def _summary(result: Any) -> str:
     if isinstance(result, HealthReport):
-        return f"{result.successes}/{result.samples} healthy, p95 {result.p95_latency_ms} ms, versions {result.versions}"
+        versions = f", versions {result.versions}" if result.versions else ""
+        return f"{result.successes}/{result.samples} healthy, p95 {result.p95_latency_ms} ms{versions}"
     if isinstance(result, SwitchResult):
         return f"{'reloaded nginx' if result.reloaded else 'already live'}; front door {result.front_door_versions}"
     if isinstance(result, BatchResult):
