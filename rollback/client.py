@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -108,7 +108,13 @@ class RollbackOrchestrator:
         return client.get_workflow_handle(execution_id)
 
     async def get_rollback_status(self, execution_id: str) -> RollbackStatus:
+        """The live status of a running rollback (a query); a finished one's final record (its memo)."""
         handle = self._handle(await self.client(), execution_id)
+        described = await handle.describe()
+        if described.status != WorkflowExecutionStatus.RUNNING:
+            final = await described.memo_value("status", None, type_hint=RollbackStatus)
+            if final is not None:
+                return final
         return await handle.query("status", result_type=RollbackStatus)
 
     async def approve(self, execution_id: str, *, by: str, comment: str | None = None) -> None:

@@ -284,6 +284,9 @@ class RollbackWorkflow:
         self._status.finished_at = workflow.now()
         workflow.upsert_search_attributes([SA_STATE.value_set(state.value), SA_PHASE.value_set(state.value)])
         self._status.phase = state
+        # The final record, readable from the execution itself: no worker needed to
+        # inspect a finished rollback (queries need one).
+        workflow.upsert_memo({"status": self._status})
         done = plan is not None and state == Phase.SUCCEEDED and not self._status.dry_run
         restored = {t.target.value: t.to_version for t in plan.targets} if done and plan else {}
         return RollbackResult(
