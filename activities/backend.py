@@ -23,6 +23,7 @@ from rollback.nginx import NginxRouter, RouterError, UpstreamServer
 from rollback.state import TargetVersions
 
 COMMAND_TIMEOUT_SECONDS = 120
+SMOKE_STEP = "smoke and performance check: backend"
 FRONT_DOOR_DEADLINE_SECONDS = 30
 
 
@@ -64,8 +65,10 @@ class BackendRollback:
             raise _refuse(f"backend of {environment!r} already runs {to}: nothing to roll back")
         front = await self._check(target, target.router.front_url, None)
         evidence = {"front_door": front.model_dump(mode="json")}
+        smoke = target.smoke
         checks = [f"{target.health.path} x{target.health.samples} >= {target.health.success_ratio:.0%} under {target.health.max_latency_ms} ms",
-                  f"front door {target.router.front_url} answers {to}"]
+                  f"front door {target.router.front_url} answers {to}",
+                  f"smoke: {', '.join(smoke.paths or [target.health.path])} x{smoke.samples} >= {smoke.success_ratio:.0%}, p95 <= {smoke.max_p95_ms} ms"]
         if target.strategy == "blue_green":
             return await self._assess_blue_green(environment, target, from_version, to, evidence, checks)
         return await self._assess_rolling(environment, target, from_version, to, evidence, checks)
@@ -88,7 +91,7 @@ class BackendRollback:
         colour = ready[0]
         return TargetPlan(
             target=RollbackTarget.BACKEND, strategy="blue_green", from_version=from_version, to_version=to,
-            steps=[f"verify standby {colour}", f"switch traffic to {colour}", "validate backend"],
+            steps=[f"verify standby {colour}", f"switch traffic to {colour}", "validate backend", SMOKE_STEP],
             checks=checks, params={"colour": colour, "previous_colour": live}, evidence=evidence,
         )
 
@@ -104,7 +107,7 @@ class BackendRollback:
                 raise _refuse(f"backend of {environment!r}: release {to} does not exist (available: {', '.join(available)})")
         names = [i.name for i in target.instances]
         batches = [names[i:i + target.max_unavailable] for i in range(0, len(names), target.max_unavailable)]
-        steps = [f"roll batch {n}/{len(batches)}: {', '.join(b)}" for n, b in enumerate(batches, 1)] + ["validate backend"]
+        steps = [f"roll batch {n}/{len(batches)}: {', '.join(b)}" for n, b in enumerate(batches, 1)] + ["validate backend", SMOKE_STEP]
         return TargetPlan(
             target=RollbackTarget.BACKEND, strategy="rolling", from_version=from_version, to_version=to,
             steps=steps, checks=checks, params={"batches": batches}, evidence=evidence,

@@ -58,6 +58,10 @@ class Notifier:
     @activity.defn(name="notify.send")
     async def send(self, note: Notification) -> NotifyResult:
         config = self.config.get()
+        if note.environment not in config.environments:
+            # A request for an unknown environment: say so in the log, create no state for it.
+            log.warning("[%s] %s: %s", note.environment, note.event, note.message)
+            return NotifyResult(delivered=[], skipped={"all": f"unknown environment {note.environment!r}"})
         store = StateStore(config.state_dir)
         available = self.channels()
         delivered: list[str] = []

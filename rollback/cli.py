@@ -100,8 +100,7 @@ def start(
             return await _watch(orchestrator, started.execution_id, quiet=True)
         # Return once the plan is accepted, so a refused request (unknown environment,
         # no known-good version) fails here, with its reason, not silently later.
-        current = await _poll_until(orchestrator, started.execution_id,
-                                    lambda s: s.phase not in (Phase.PENDING, Phase.ASSESSMENT))
+        current = await _poll_until(orchestrator, started.execution_id, _plan_accepted)
         if current.state in TERMINAL_STATES and current.state != Phase.SUCCEEDED:
             raise RollbackError(f"{started.execution_id} {current.state.value}: {current.error}")
         return 0
@@ -153,6 +152,12 @@ def watch(execution_id: str) -> None:
     run(lambda: _watch(RollbackOrchestrator(), execution_id))
 
 
+def _plan_accepted(current: RollbackStatus) -> bool:
+    """Assessment passed and the environment's lock is ours (or it already ended)."""
+    locked = any(s.name == "acquire deployment lock" and s.state == "succeeded" for s in current.steps)
+    return locked or current.state in TERMINAL_STATES
+
+
 async def _poll_until(orchestrator: RollbackOrchestrator, execution_id: str,
                       accept: Callable[[RollbackStatus], bool], timeout: float = 120) -> RollbackStatus:
     deadline = asyncio.get_running_loop().time() + timeout
@@ -164,7 +169,7 @@ async def _poll_until(orchestrator: RollbackOrchestrator, execution_id: str,
         except RPCError:
             pass  # the first workflow task may not have run yet
         if asyncio.get_running_loop().time() > deadline:
-            raise RollbackError(f"{execution_id} did not get past assessment within {timeout:.0f}s; is a worker running?")
+            raise RollbackError(f"{execution_id} did not get past assessment and the lock within {timeout:.0f}s; is a worker running?")
         await asyncio.sleep(0.2)
 
 

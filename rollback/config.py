@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from rollback.state import TargetVersions
 
@@ -57,7 +57,7 @@ class HealthCheck(_Strict):
 class SmokeCheck(_Strict):
     """End-to-end and performance check through the front door, run in the validation phase."""
 
-    paths: list[str] = Field(default_factory=list, description="GET paths that must answer 2xx; default: the health path")
+    paths: list[str] = Field(default_factory=list, description="GET paths that must answer the health check's expected status; default: the health path")
     samples: int = Field(default=20, ge=1, le=10000, description="requests per path")
     success_ratio: float = Field(default=1.0, gt=0, le=1)
     max_p95_ms: int = Field(default=1000, ge=1, description="performance check: p95 latency per path")
@@ -100,12 +100,15 @@ class BackendTarget(_Strict):
 
     @field_validator("deploy_command", "releases_command")
     @classmethod
-    def _known_fields(cls, command: list[str]) -> list[str]:
-        # Only {instance} and {version} are filled in; anything else would fail at run time.
+    def _known_fields(cls, command: list[str], info: ValidationInfo) -> list[str]:
+        # deploy_command gets {instance} and {version}; releases_command nothing. Anything
+        # else would fail at run time, in the middle of a rollback.
+        allowed = {None, "instance", "version"} if info.field_name == "deploy_command" else {None}
         for part in command:
             for _, field, _, _ in string.Formatter().parse(part):
-                if field not in (None, "instance", "version"):
-                    raise ValueError(f"unknown field {{{field}}} in {part!r}; use {{instance}} and {{version}}")
+                if field not in allowed:
+                    raise ValueError(f"unexpected field {{{field}}} in {part!r}"
+                                     + ("; use {instance} and {version}" if info.field_name == "deploy_command" else ""))
         return command
 
     @model_validator(mode="after")
@@ -147,8 +150,8 @@ class AppConfig(_Strict):
     def _environment_names(cls, environments: dict[str, Environment]) -> dict[str, Environment]:
         # The same rule as RollbackRequest.environment, or no request could ever name it.
         for name in environments:
-            if not ENVIRONMENT_NAME.match(name):
-                raise ValueError(f"environment name {name!r} must match {ENVIRONMENT_NAME.pattern}")
+            if not ENVIRONMENT_NAME.match(name) or len(name) > 63:
+                raise ValueError(f"environment name {name!r} must match {ENVIRONMENT_NAME.pattern}, at most 63 characters")
         return environments
 
     def environment(self, name: str) -> Environment:

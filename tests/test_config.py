@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
     (lambda c: c["rollback"].update(max_rollback_attempts="three"), "rollback.max_rollback_attempts"),
     (lambda c: c["environments"]["demo"].update(colour="blue"), "environments.demo.colour: Extra inputs are not permitted"),
     (lambda c: c.pop("environments"), "environments: Field required"),
+    (lambda c: c["environments"].update({"x" * 64: c["environments"]["demo"]}), "at most 63 characters"),
+    (lambda c: c["environments"]["demo"]["targets"]["backend"].update(releases_command=["list", "{version}"]),
+     "releases_command: Value error, unexpected field {version}"),
 ])
 def test_config_errors_name_file_and_field(blue_green, tmp_path, mutate, expected):
     config = blue_green.config_dict()
