@@ -1,0 +1,55 @@
+"""`rollback dev up|deploy|down` end to end, on free ports under a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from rollback.dev.stack import free_port
+
+ROLLBACK = str(Path(sys.executable).parent / "rollback")
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_dev_up_deploy_rollback_down(tmp_path):
+    ports = {name: free_port() for name in ("NGINX", "BLUE", "GREEN", "TEMPORAL", "UI")}
+    env = {**os.environ, "ROLLBACK_DEV_DIR": str(tmp_path / "dev"),
+           "TEMPORAL_ADDRESS": f"127.0.0.1:{ports['TEMPORAL']}",
+           **{f"ROLLBACK_DEV_{name}_PORT": str(port) for name, port in ports.items()}}
+
+    def rollback(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([ROLLBACK, *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    front = f"http://127.0.0.1:{ports['NGINX']}/version"
+    try:
+        up = rollback("dev", "up")
+        assert up.returncode == 0, up.stderr
+        assert httpx.get(front, timeout=5).json() == {"version": "v1"}
+        pids = sorted((tmp_path / "dev").glob("*.pid"))
+        before = {p.name: p.read_text() for p in pids}
+        again = rollback("dev", "up")
+        assert again.returncode == 0, again.stderr
+        assert {p.name: p.read_text() for p in pids} == before, "a second `dev up` restarts nothing"
+
+        deployed = rollback("dev", "deploy", "--target", "backend", "--version", "v2", "--fault", "errors")
+        assert deployed.returncode == 0, deployed.stderr
+        assert httpx.get(front, timeout=5).json() == {"version": "v2"}
+
+        started = rollback("start", "-e", "demo", "-t", "backend", "--wait")
+        assert started.returncode == 0, started.stdout + started.stderr
+        assert started.stdout.strip().splitlines()[-1] == "succeeded"
+        assert httpx.get(front, timeout=5).json() == {"version": "v1"}
+    finally:
+        down = rollback("dev", "down")
+    assert down.returncode == 0, down.stderr
+    assert not any(listening(port) for port in ports.values())
