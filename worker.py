@@ -15,10 +15,13 @@ from temporalio.worker import Worker
 from activities.backend import BackendRollback
 from activities.coordination import Coordination
 from activities.health import HttpHealth
+from activities.incidents import Incidents
+from activities.monitor import HealthMonitor
 from activities.notify import Notifier
 from rollback.client import RollbackError, connect
 from rollback.config import ConfigError, ConfigSource
 from rollback.settings import TemporalSettings, config_path
+from workflows.monitor import HealthMonitorWorkflow
 from workflows.rollback import RollbackWorkflow
 
 
@@ -27,14 +30,16 @@ def build_worker(client: Client, *, task_queue: str, config: ConfigSource, http:
     backend = BackendRollback(config, health)
     coordination = Coordination(config, backend, client)
     notifier = Notifier(config)
+    monitor = HealthMonitor(config, http)
+    incidents = Incidents(config, client, task_queue)
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[RollbackWorkflow],
+        workflows=[RollbackWorkflow, HealthMonitorWorkflow],
         activities=[
             coordination.plan, coordination.acquire_lock, coordination.release_lock, coordination.record_restored,
             backend.check_standby, backend.switch_traffic, backend.roll_batch, backend.validate, backend.smoke,
-            health.check_http, notifier.send,
+            health.check_http, notifier.send, monitor.settings, monitor.collect, incidents.start_rollback,
         ],
     )
 

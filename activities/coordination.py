@@ -62,7 +62,7 @@ class Coordination:
             approval_timeout_seconds=policy.approval_timeout_seconds, on_approval_timeout=policy.on_approval_timeout,
             on_failure=policy.on_failure, max_attempts=config.rollback.max_rollback_attempts,
             health_check_timeout_seconds=config.rollback.health_check_timeout,
-            notification_channels=config.rollback.notification_channels,
+            notification_channels=config.rollback.notification_channels, trigger_evidence=request.evidence,
         )
 
     async def _is_running(self, workflow_id: str) -> bool | None:

@@ -31,6 +31,8 @@ from rollback.state import StateStore
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Durable rollbacks of database, backend and frontend.")
 dev_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The local demo stack.")
 app.add_typer(dev_app, name="dev")
+monitor_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous health monitoring.")
+app.add_typer(monitor_app, name="monitor")
 # Piped output (logs, CI) gets room for whole step names instead of rich's 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
@@ -327,6 +329,85 @@ def record_deploy(environment: str = typer.Option(..., "--environment", "-e"), t
     run(action)
 
 
+# -- the health monitor ----------------------------------------------------------
+
+@monitor_app.command("start")
+def monitor_start(environment: str = typer.Option(..., "--environment", "-e")) -> None:
+    """Start continuous health monitoring of an environment (idempotent)."""
+
+    async def action() -> int:
+        started = await RollbackOrchestrator().start_monitor(environment)
+        print(f"monitor-{environment} {'started' if started else 'already running'}")
+        return 0
+
+    run(action)
+
+
+@monitor_app.command("stop")
+def monitor_stop(environment: str = typer.Option(..., "--environment", "-e")) -> None:
+    """Stop monitoring an environment (running rollbacks are not affected)."""
+
+    async def action() -> int:
+        await RollbackOrchestrator().stop_monitor(environment)
+        print(f"monitor-{environment} stopping")
+        return 0
+
+    run(action)
+
+
+@monitor_app.command("pause")
+def monitor_pause(environment: str = typer.Option(..., "--environment", "-e"), reason: str = typer.Option("", "--reason"),
+                  by: str = typer.Option(None, "--by")) -> None:
+    """Keep evaluating but start no rollback (incidents are recorded and alerted)."""
+
+    async def action() -> int:
+        await RollbackOrchestrator().pause_monitor(environment, by=by or getpass.getuser(), reason=reason)
+        print(f"monitor-{environment} paused")
+        return 0
+
+    run(action)
+
+
+@monitor_app.command("resume")
+def monitor_resume(environment: str = typer.Option(..., "--environment", "-e"), by: str = typer.Option(None, "--by")) -> None:
+    """Let the monitor start rollbacks again."""
+
+    async def action() -> int:
+        await RollbackOrchestrator().resume_monitor(environment, by=by or getpass.getuser())
+        print(f"monitor-{environment} resumed")
+        return 0
+
+    run(action)
+
+
+@monitor_app.command("status")
+def monitor_status(environment: str = typer.Option(..., "--environment", "-e"),
+                   as_json: bool = typer.Option(False, "--json")) -> None:
+    """Each rule's state, last value and window fill, and recent incidents."""
+
+    async def action() -> int:
+        current = await RollbackOrchestrator().monitor_status(environment)
+        if as_json:
+            print(current.model_dump_json(indent=2))
+            return 0
+        table = Table("rule", "metric", "threshold", "window", "state", "last outcome", "value", "samples", "fill",
+                      title=f"monitor-{environment}: {current.evaluations} evaluations every {current.interval_seconds:g}s"
+                      + (f", PAUSED by {current.paused.by}" if current.paused else ""), title_justify="left")
+        for view in current.rules:
+            last = view.state.last
+            table.add_row(view.rule.name, view.rule.metric_name, f"{view.rule.comparison} {view.rule.threshold:g}",
+                          f"{view.rule.window.total_seconds():g}s", "FIRING" if view.state.firing else "ok",
+                          last.outcome.value if last else "-", f"{last.value:g}" if last and last.value is not None else "-",
+                          str(last.samples) if last else "-", f"{last.window_fill:.0%}" if last else "-")
+        out.print(table)
+        for incident in current.incidents[-5:]:
+            print(f"{incident.at:%Y-%m-%d %H:%M:%S} {incident.outcome}: {incident.reason}"
+                  + (f" -> {incident.rollback_id}" if incident.rollback_id else ""))
+        return 0
+
+    run(action)
+
+
 # -- the local demo stack ------------------------------------------------------
 
 @dev_app.command("up")
@@ -362,6 +443,26 @@ def dev_deploy(target: str = typer.Option(..., "--target"), version: str = typer
     async def action() -> int:
         await asyncio.to_thread(DevStack().deploy, target, version, fault)
         return 0
+
+    run(action)
+
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", "--host", envvar="ROLLBACK_API_HOST"),
+          port: int = typer.Option(8400, "--port", min=1, max=65535, envvar="ROLLBACK_API_PORT")) -> None:
+    """Serve the inbound HTTP API (Alertmanager and pipeline triggers, /v1/rollbacks); secrets from ROLLBACK_API_*."""
+    import uvicorn
+
+    from rollback.api import ApiSettings, create_app, endpoint_summary
+
+    async def action() -> int:
+        settings = ApiSettings()
+        application = create_app(settings=settings)  # a bad config or weak secret fails here, in one line
+        print(f"rollback API on http://{host}:{port} (config {settings.config}): {endpoint_summary(settings)}",
+              file=sys.stderr, flush=True)
+        server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="info", lifespan="off"))
+        await server.serve()
+        return 0 if server.started else 1
 
     run(action)
 

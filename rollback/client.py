@@ -12,10 +12,12 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from rollback.config import RollbackConfig
+from rollback.monitoring import MonitorInput, MonitorStatus, PauseRequest, Rule
 from rollback.models import Approval, RollbackRequest, RollbackResult, RollbackStatus, RollbackTarget, RollbackTrigger
 from rollback.settings import SA_ENVIRONMENT, SA_PHASE, SA_STATE, SA_TARGETS, SA_TRIGGER, TemporalSettings
 
 WORKFLOW_TYPE = "RollbackWorkflow"
+MONITOR_TYPE = "HealthMonitorWorkflow"
 
 
 class RollbackError(RuntimeError):
@@ -28,6 +30,16 @@ async def connect(settings: TemporalSettings | None = None) -> Client:
         return await Client.connect(settings.address, namespace=settings.namespace, data_converter=pydantic_data_converter)
     except RuntimeError as err:
         raise RollbackError(f"cannot reach Temporal at {settings.address}: {err}") from None
+
+
+def search_attributes_for(request: RollbackRequest) -> TypedSearchAttributes:
+    """Set at start, so a rollback is findable by environment before its first workflow task."""
+    return TypedSearchAttributes([
+        SearchAttributePair(SA_ENVIRONMENT, request.environment),
+        SearchAttributePair(SA_TRIGGER, request.trigger.value),
+        SearchAttributePair(SA_TARGETS, [t.value for t in request.targets]),
+        SearchAttributePair(SA_PHASE, "pending"), SearchAttributePair(SA_STATE, "pending"),
+    ])
 
 
 def workflow_id_for(environment: str, now: datetime | None = None) -> str:
@@ -93,12 +105,7 @@ class RollbackOrchestrator:
         try:
             handle = await client.start_workflow(
                 WORKFLOW_TYPE, request, id=workflow_id, task_queue=self.settings.task_queue,
-                search_attributes=TypedSearchAttributes([
-                    SearchAttributePair(SA_ENVIRONMENT, request.environment),
-                    SearchAttributePair(SA_TRIGGER, request.trigger.value),
-                    SearchAttributePair(SA_TARGETS, [t.value for t in request.targets]),
-                    SearchAttributePair(SA_PHASE, "pending"), SearchAttributePair(SA_STATE, "pending"),
-                ]),
+                search_attributes=search_attributes_for(request),
             )
         except WorkflowAlreadyStartedError:
             raise RollbackError(f"a rollback is already running for {request.environment}: {workflow_id}") from None
@@ -157,6 +164,43 @@ class RollbackOrchestrator:
     async def running_rollback(self, environment: str) -> str | None:
         running = await self.list_rollbacks(environment=environment, running_only=True, limit=1)
         return running[0].execution_id if running else None
+
+
+    # -- the health monitor ----------------------------------------------------------
+
+    async def start_monitor(self, environment: str) -> bool:
+        """Start `monitor-<environment>`; False if it was already running (idempotent)."""
+        client = await self.client()
+        try:
+            await client.start_workflow(MONITOR_TYPE, MonitorInput(environment=environment), id=monitor_id(environment),
+                                        task_queue=self.settings.task_queue)
+        except WorkflowAlreadyStartedError:
+            return False
+        return True
+
+    async def stop_monitor(self, environment: str) -> None:
+        await (await self.client()).get_workflow_handle(monitor_id(environment)).cancel()
+
+    async def monitor_status(self, environment: str) -> MonitorStatus:
+        handle = (await self.client()).get_workflow_handle(monitor_id(environment))
+        return await handle.query("status", result_type=MonitorStatus)
+
+    async def pause_monitor(self, environment: str, *, by: str, reason: str = "") -> None:
+        handle = (await self.client()).get_workflow_handle(monitor_id(environment))
+        await handle.signal("pause", PauseRequest(by=by, reason=reason))
+
+    async def resume_monitor(self, environment: str, *, by: str) -> None:
+        handle = (await self.client()).get_workflow_handle(monitor_id(environment))
+        await handle.signal("resume", PauseRequest(by=by))
+
+    async def update_rules(self, environment: str, rules: list[Rule]) -> list[Rule]:
+        handle = (await self.client()).get_workflow_handle(monitor_id(environment))
+        return await handle.execute_update("update_rules", [r.model_dump(mode="json", exclude_none=True) for r in rules],
+                                           result_type=list[Rule])
+
+
+def monitor_id(environment: str) -> str:
+    return f"monitor-{environment}"
 
 
 def _quote(value: str) -> str:

@@ -9,11 +9,14 @@ from __future__ import annotations
 import re
 import string
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from rollback.models import RollbackTarget
+from rollback.monitoring import DEFAULT_RULES, MetricSpec, MonitorSettings, Rule
 from rollback.state import TargetVersions
 
 
@@ -128,6 +131,195 @@ class BackendTarget(_Strict):
         return self
 
 
+# -- monitoring (HealthMonitorWorkflow) -------------------------------------------------
+
+_SOURCE_NAME = r"^[A-Za-z0-9_-]+$"  # no dots: names become parts of gauge keys
+_METRIC_NAME = r"^[A-Za-z0-9_:-]+$"  # no dots: dotted names are gauge keys
+DEFAULT_PROMETHEUS_WINDOW_SECONDS = 300.0
+
+
+def _http_url(url: str) -> str:
+    """An absolute http(s) URL with a host and a valid port; a typo fails at load time, not at 3 a.m."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as err:
+        raise ValueError(f"{url!r} is not a valid URL: {err}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        raise ValueError(f"{url!r} must be an absolute http:// or https:// URL with a host")
+    return url
+
+
+HttpUrl = Annotated[str, AfterValidator(_http_url)]
+
+
+class Probe(_Strict):
+    """A synthetic HTTP probe: `requests` GETs at every collection, judged by status."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=_SOURCE_NAME)
+    url: HttpUrl = Field(description="absolute http(s) URL")
+    requests: int = Field(default=5, ge=1, le=100, description="requests per collection, sent concurrently")
+    timeout_seconds: float = Field(default=2.0, gt=0, le=60, description="per request; a slower answer counts as a failure")
+    expected_status: int = Field(default=200, ge=100, le=599)
+
+
+class PrometheusSource(_Strict):
+    url: HttpUrl = Field(description="base URL; queries go to <url>/api/v1/query")
+    timeout_seconds: float = Field(default=5.0, gt=0, le=60)
+
+
+class PostgresSource(_Strict):
+    dsn_env: str = Field(default="MONITOR_DATABASE_URL", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                         description="NAME of the environment variable holding the DSN (never the DSN itself)")
+    timeout_seconds: float = Field(default=3.0, gt=0, le=60)
+    long_query_seconds: float = Field(default=30.0, gt=0, description="an active query older than this counts as long-running")
+
+
+class Dependency(_Strict):
+    """A named external dependency checked with one GET per collection."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=_SOURCE_NAME)
+    url: HttpUrl
+    timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    expected_status: int = Field(default=200, ge=100, le=599)
+
+
+class MetricDefinition(_Strict):
+    """How a named metric is measured: from a probe's samples, or a PromQL query."""
+
+    source: Literal["probe", "prometheus"]
+    probe: str | None = Field(default=None, description="probe metrics: the probe's name")
+    stat: Literal["error_ratio", "latency_p95_ms", "latency_p99_ms"] | None = Field(default=None, description="probe metrics")
+    query: str | None = Field(default=None, min_length=1,
+                              description="prometheus metrics: PromQL; `{window}` is replaced by the rule's window, e.g. 300s")
+
+    @model_validator(mode="after")
+    def _fields_of_source(self) -> "MetricDefinition":
+        if self.source == "probe":
+            if not self.probe or not self.stat:
+                raise ValueError("a probe metric needs 'probe' and 'stat' (error_ratio, latency_p95_ms or latency_p99_ms)")
+            if self.query is not None:
+                raise ValueError("'query' is for prometheus metrics only")
+        else:
+            if not self.query:
+                raise ValueError("a prometheus metric needs 'query'")
+            if self.probe is not None or self.stat is not None:
+                raise ValueError("'probe' and 'stat' are for probe metrics only")
+        return self
+
+
+HOST_GAUGES = ("host.cpu_percent", "host.memory_percent")
+POSTGRES_GAUGES = ("postgres.connections_used_ratio", "postgres.probe_latency_ms",
+                   "postgres.long_running_queries", "postgres.blocked_queries")
+
+
+def dependency_gauges(name: str) -> tuple[str, str]:
+    return f"dependency.{name}.up", f"dependency.{name}.latency_ms"
+
+
+class Monitoring(_Strict):
+    """The `monitoring` block of an environment: sources, metrics and rules of its HealthMonitorWorkflow."""
+
+    interval_seconds: float = Field(default=15, gt=0, le=3600)
+    cooldown_minutes: float = Field(default=15, ge=0)
+    consecutive_error_limit: int = Field(default=4, ge=1)
+    targets: list[RollbackTarget] = Field(default_factory=lambda: [RollbackTarget.BACKEND], min_length=1,
+                                          description="what a firing rule rolls back unless the rule says otherwise")
+    rules: list[Rule] = Field(default_factory=lambda: list(DEFAULT_RULES))
+    probes: list[Probe] = Field(default_factory=list)
+    prometheus: PrometheusSource | None = None
+    postgres: PostgresSource | None = None
+    host: bool = Field(default=False, description="CPU and memory of the worker's host, from /proc")
+    dependencies: list[Dependency] = Field(default_factory=list)
+    metrics: dict[str, MetricDefinition] = Field(default_factory=dict)
+
+    @field_validator("metrics")
+    @classmethod
+    def _metric_names(cls, metrics: dict[str, MetricDefinition]) -> dict[str, MetricDefinition]:
+        for name in metrics:
+            if not re.match(_METRIC_NAME, name) or len(name) > 100:
+                raise ValueError(f"metric name {name!r} must match {_METRIC_NAME} (dotted names are reserved for "
+                                 "gauges such as host.cpu_percent), at most 100 characters")
+        return metrics
+
+    @model_validator(mode="after")
+    def _references(self) -> "Monitoring":
+        for field, items in (("probes", self.probes), ("dependencies", self.dependencies), ("rules", self.rules)):
+            names = [item.name for item in items]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"{field}: duplicate name(s) {', '.join(duplicates)}")
+        probes = [p.name for p in self.probes]
+        for name, metric in self.metrics.items():
+            if metric.source == "probe" and metric.probe not in probes:
+                raise ValueError(f"metrics.{name}.probe: probe {metric.probe!r} is not configured "
+                                 f"(probes: {', '.join(probes) or 'none'})")
+            if metric.source == "prometheus" and self.prometheus is None:
+                raise ValueError(f"metrics.{name}: a prometheus metric needs the 'prometheus' source configured")
+        known = set(self.all_metrics()) | set(self.gauge_keys())
+        for index, rule in enumerate(self.rules):
+            metric = rule.metric_name
+            if metric in known:
+                continue
+            where = f"rules.{index} ({rule.name!r})" if "rules" in self.model_fields_set else f"default rule {rule.name!r}"
+            raise ValueError(f"{where}: unknown metric {metric!r}; {_metric_hint(metric)}; "
+                             f"known: {', '.join(sorted(known)) or 'none'}")
+        return self
+
+    def all_metrics(self) -> dict[str, MetricDefinition]:
+        """The defined metrics plus the defaults the first probe provides (api_error_rate, response_time_p95)."""
+        metrics = dict(self.metrics)
+        if self.probes:
+            first = self.probes[0].name
+            metrics.setdefault("api_error_rate", MetricDefinition(source="probe", probe=first, stat="error_ratio"))
+            metrics.setdefault("response_time_p95", MetricDefinition(source="probe", probe=first, stat="latency_p95_ms"))
+        return metrics
+
+    def gauge_keys(self) -> list[str]:
+        """Every reading key the configured gauge sources produce at each collection."""
+        keys: list[str] = []
+        if self.postgres is not None:
+            keys += POSTGRES_GAUGES
+        if self.host:
+            keys += HOST_GAUGES
+        for dependency in self.dependencies:
+            keys += dependency_gauges(dependency.name)
+        return keys
+
+    def settings(self, environment: str, auto_rollback_enabled: bool) -> MonitorSettings:
+        """The monitor workflow's view: plain data, no URLs or credentials."""
+        specs: list[MetricSpec] = []
+        windows: dict[str, float] = {}
+        for name, metric in self.all_metrics().items():
+            if metric.source == "probe":
+                specs.append(MetricSpec(name=name, source="probe", probe=metric.probe, stat=metric.stat))
+            else:
+                specs.append(MetricSpec(name=name, source="prometheus", stat="last"))
+                # One query per metric and collection: the widest window any rule needs.
+                used = [r.window.total_seconds() for r in self.rules if r.metric_name == name]
+                if used:
+                    windows[name] = max(used)
+        specs += [MetricSpec(name=key, source="gauge", stat="last") for key in self.gauge_keys()]
+        return MonitorSettings(
+            environment=environment, interval_seconds=self.interval_seconds, cooldown_minutes=self.cooldown_minutes,
+            consecutive_error_limit=self.consecutive_error_limit, targets=list(self.targets),
+            auto_rollback_enabled=auto_rollback_enabled, rules=list(self.rules), metrics=specs,
+            prometheus_windows=windows,
+        )
+
+
+def _metric_hint(metric: str) -> str:
+    if metric.startswith("postgres."):
+        return f"postgres gauges need the 'postgres' source ({', '.join(POSTGRES_GAUGES)})"
+    if metric.startswith("host."):
+        return f"host gauges need 'host: true' ({', '.join(HOST_GAUGES)})"
+    if metric.startswith("dependency."):
+        return "dependency gauges are dependency.<name>.up and dependency.<name>.latency_ms of a configured dependency"
+    if metric in ("api_error_rate", "response_time_p95"):
+        return "define it under 'metrics' or configure a probe (the first probe provides it by default)"
+    return "define it under 'metrics'"
+
+
 class Targets(_Strict):
     backend: BackendTarget | None = None
 
@@ -138,6 +330,21 @@ class Targets(_Strict):
 class Environment(_Strict):
     policy: Policy = Field(default_factory=Policy)
     targets: Targets
+    monitoring: Monitoring | None = None
+
+    @model_validator(mode="after")
+    def _monitored_targets_exist(self) -> "Environment":
+        # A monitor that fires a rollback of an unconfigured target would only fail later, mid-incident.
+        if self.monitoring is None:
+            return self
+        configured = set(self.targets.configured()) | {RollbackTarget.FULL.value}
+        wanted = [("monitoring.targets", t) for t in self.monitoring.targets]
+        wanted += [(f"monitoring.rules ({r.name!r}).targets", t) for r in self.monitoring.rules for t in r.targets or []]
+        for where, target in wanted:
+            if target.value not in configured:
+                raise ValueError(f"{where}: target {target.value!r} is not configured in this environment "
+                                 f"(configured: {', '.join(sorted(configured - {'full'})) or 'none'})")
+        return self
 
 
 class AppConfig(_Strict):

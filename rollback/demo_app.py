@@ -20,8 +20,13 @@ from typing import Any, Literal
 
 import uvicorn
 
-Fault = Literal["none", "errors", "latency", "errors_after"]
-FAULTS: tuple[str, ...] = ("none", "errors", "latency", "errors_after:N")
+Fault = Literal["none", "errors", "latency", "errors_after", "noisy"]
+FAULTS: tuple[str, ...] = ("none", "errors", "latency", "errors_after:N", "noisy")
+# `noisy`: healthy but imperfect, the kind of service that trips naive alerting:
+# every 100th /api or /health answer is a 500 (1% errors) and every 40th is slow
+# (brief latency spikes, 2.5% of requests: far below a p95).
+NOISY_ERROR_EVERY = 100
+NOISY_SLOW_EVERY = 40
 # Well above the health check's default max latency (1000 ms), well below its 10 s proxy timeout.
 LATENCY_SECONDS = 2.5
 
@@ -34,8 +39,8 @@ ITEMS = [
 
 
 def parse_fault(text: str) -> tuple[Fault, int]:
-    """'none' | 'errors' | 'latency' | 'errors_after:N' → (kind, N). Raises ValueError."""
-    if text in ("none", "errors", "latency"):
+    """'none' | 'errors' | 'latency' | 'noisy' | 'errors_after:N' → (kind, N). Raises ValueError."""
+    if text in ("none", "errors", "latency", "noisy"):
         return text, 0  # type: ignore[return-value]
     kind, _, count = text.partition(":")
     if kind == "errors_after" and count.isdigit():
@@ -52,6 +57,7 @@ class DemoApp:
     def __init__(self, version: str, fault: str) -> None:
         self.version = version
         self.fault, self.good_requests_left = parse_fault(fault)
+        self.requests = 0
         # Pre-encoded: /version is the hot path of load tests.
         self._version_body = json.dumps({"version": version}).encode()
 
@@ -83,6 +89,13 @@ class DemoApp:
         if self.fault in ("errors", "errors_after"):
             await _respond(send, 500, {"status": "error", "version": self.version, "error": "injected fault"})
             return
+        if self.fault == "noisy":
+            self.requests += 1
+            if self.requests % NOISY_ERROR_EVERY == 0:
+                await _respond(send, 500, {"status": "error", "version": self.version, "error": "injected noise"})
+                return
+            if self.requests % NOISY_SLOW_EVERY == 0:
+                await asyncio.sleep(LATENCY_SECONDS)
         if self.fault == "latency":
             await asyncio.sleep(LATENCY_SECONDS)
         await _respond(send, 200, payload)

@@ -59,6 +59,8 @@ class RollbackRequest(BaseModel):
     to_version: dict[RollbackTarget, str] | None = None
     require_approval: bool | None = None
     dry_run: bool = False
+    # What a monitor or an external trigger saw (rule, value, samples); shown in the plan.
+    evidence: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("targets")
     @classmethod
@@ -135,6 +137,7 @@ class RollbackPlan(BaseModel):
     max_attempts: int
     health_check_timeout_seconds: int
     notification_channels: list[str]
+    trigger_evidence: dict[str, Any] = Field(default_factory=dict)
 
 
 class StepRecord(BaseModel):
@@ -166,6 +169,8 @@ class RollbackStatus(BaseModel):
     phase_started: dict[str, datetime] = Field(default_factory=dict)
     error: str | None = None
     dry_run: bool = False
+    # Incidents that happened while this rollback ran (attached by the monitor).
+    incidents: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class RollbackResult(BaseModel):

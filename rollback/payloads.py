@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from rollback.models import RollbackRequest
+
 
 
 class LockInput(BaseModel):
@@ -67,3 +69,21 @@ class Notification(BaseModel):
 class NotifyResult(BaseModel):
     delivered: list[str]
     skipped: dict[str, str]
+
+
+class CollectInput(BaseModel):
+    environment: str
+    # Prometheus metric name -> the window (seconds) substituted for {window} in its query.
+    prometheus_windows: dict[str, float] = Field(default_factory=dict)
+
+
+class StartRollbackInput(BaseModel):
+    workflow_id: str = Field(description="derived from the incident: a retried start finds its own rollback")
+    request: RollbackRequest
+    known_rollback: str | None = Field(default=None, description="the last rollback this monitor started")
+    incident_key: str
+
+
+class StartRollbackResult(BaseModel):
+    workflow_id: str
+    started: bool = Field(description="False: attached to a rollback already running")

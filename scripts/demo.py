@@ -43,6 +43,45 @@ def status(rollback: str, workflow_id: str) -> dict:
     return json.loads(done.stdout)
 
 
+def monitor(rollback: str) -> dict:
+    return json.loads(subprocess.run([rollback, "monitor", "status", "-e", "demo", "--json"], cwd=ROOT, text=True,
+                                     capture_output=True, timeout=60, check=True).stdout)
+
+
+def automatic(rollback: str) -> bool:
+    """Deploy a broken release, let the monitor notice and roll back; print detection and recovery times."""
+    # Start from a clean slate: every rule judged OK on a window without the v2 errors.
+    deadline = time.monotonic() + 90
+    while not all(r["state"]["last"] and r["state"]["last"]["outcome"] == "ok" and not r["state"]["firing"]
+                  and r["state"]["oks"] >= 2 for r in monitor(rollback)["rules"]):
+        if time.monotonic() > deadline:
+            print("the monitor never saw the restored service as healthy")
+            return False
+        time.sleep(1)
+    print("the monitor sees a healthy service; every rule is OK")
+    known = {i["key"] for i in monitor(rollback)["incidents"]}
+    sh(rollback, "dev", "deploy", "--target", "backend", "--version", "v3", "--fault", "errors")
+    deployed = time.monotonic()
+    deadline = deployed + 120
+    incident = None
+    while incident is None:
+        if time.monotonic() > deadline:
+            print("the monitor did not start a rollback within 120 s")
+            return False
+        time.sleep(0.5)
+        incident = next((i for i in monitor(rollback)["incidents"] if i["key"] not in known and i["outcome"] == "started"), None)
+    detected = time.monotonic()
+    print(f"monitor: {incident['reason']}")
+    print(f"rollback started automatically: {incident['rollback_id']}")
+    watched = sh(rollback, "watch", incident["rollback_id"], check=False)
+    while json.loads(front("/version")[1]).get("version") != "v1" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    restored = time.monotonic()
+    print(f"\n  time to detect  (deploy -> rollback started) {detected - deployed:6.1f} s")
+    print(f"  time to recover (deploy -> v1 serves again)   {restored - deployed:6.1f} s")
+    return watched.returncode == 0 and json.loads(front("/version")[1]).get("version") == "v1"
+
+
 def main() -> int:
     rollback = str(BIN / "rollback")
     temporal = str(BIN / "temporal")
@@ -54,6 +93,9 @@ def main() -> int:
         sh(rollback, "dev", "up")
         print("Temporal UI: http://127.0.0.1:%s" % os.environ.get("ROLLBACK_DEV_UI_PORT", "8233"))
         print("front door /version:", front("/version"))
+
+        say("The monitor (started by dev up) is paused for the manual part, so it does not act first")
+        sh(rollback, "monitor", "pause", "-e", "demo", "--by", "demo", "--reason", "manual rollback demo")
 
         say("A pipeline deploys a broken v2 (every API call fails)")
         sh(rollback, "dev", "deploy", "--target", "backend", "--version", "v2", "--fault", "errors")
@@ -94,7 +136,12 @@ def main() -> int:
 
         version = front("/version")
         print("front door /version:", version)
-        ok = watched.returncode == 0 and final["state"] == "succeeded" and json.loads(version[1]).get("version") == "v1"
+        manual_ok = watched.returncode == 0 and final["state"] == "succeeded" and json.loads(version[1]).get("version") == "v1"
+
+        say("The automatic path: the monitor resumes, a pipeline deploys a broken v3")
+        sh(rollback, "monitor", "resume", "-e", "demo", "--by", "demo")
+        auto_ok = automatic(rollback)
+        ok = manual_ok and auto_ok
     finally:
         say("Stopping the local stack")
         sh(rollback, "dev", "down", check=False)

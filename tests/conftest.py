@@ -12,6 +12,7 @@ import pytest_asyncio
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
 
 from rollback.config import ConfigSource
 from rollback.dev.stack import BackendStack, free_port, temporal_binary
@@ -25,6 +26,8 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
         dev_server_existing_path=temporal_binary(),
         search_attributes=SEARCH_ATTRIBUTES,
         data_converter=pydantic_data_converter,
+        # Small histories, so the monitor's continue-as-new happens within a test.
+        dev_server_extra_args=["--dynamic-config-value", "limit.historyCount.suggestContinueAsNew=60"],
     )
     try:
         yield environment
@@ -80,17 +83,26 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-@pytest_asyncio.fixture
-async def run_worker(client: Client, task_queue: str, http: httpx.AsyncClient):
-    """Start an in-process worker for a config; stopped at the end of the test."""
-    workers = []
+class WorkerRunner:
+    """Starts in-process workers for a config; `workers` lists the live ones."""
 
-    async def start(config: ConfigSource):
-        worker = build_worker(client, task_queue=task_queue, config=config, http=http)
+    def __init__(self, client: Client, task_queue: str, http: httpx.AsyncClient) -> None:
+        self.client, self.task_queue, self.http = client, task_queue, http
+        self.workers: list[Worker] = []
+
+    async def __call__(self, config: ConfigSource) -> Worker:
+        worker = build_worker(self.client, task_queue=self.task_queue, config=config, http=self.http)
         await worker.__aenter__()
-        workers.append(worker)
+        self.workers.append(worker)
         return worker
 
-    yield start
-    for worker in workers:
-        await worker.__aexit__(None, None, None)
+    async def stop_all(self) -> None:
+        while self.workers:
+            await self.workers.pop().__aexit__(None, None, None)
+
+
+@pytest_asyncio.fixture
+async def run_worker(client: Client, task_queue: str, http: httpx.AsyncClient):
+    runner = WorkerRunner(client, task_queue, http)
+    yield runner
+    await runner.stop_all()

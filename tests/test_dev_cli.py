@@ -40,6 +40,11 @@ def test_dev_up_deploy_rollback_down(tmp_path):
         again = rollback("dev", "up")
         assert again.returncode == 0, again.stderr
         assert {p.name: p.read_text() for p in pids} == before, "a second `dev up` restarts nothing"
+        # `dev up` started the demo's monitor; pause it so the manual rollback below is ours.
+        watched = rollback("monitor", "status", "-e", "demo")
+        assert watched.returncode == 0 and "api_error_rate" in watched.stdout, watched.stderr
+        paused = rollback("monitor", "pause", "-e", "demo", "--reason", "test")
+        assert paused.returncode == 0, paused.stderr
 
         deployed = rollback("dev", "deploy", "--target", "backend", "--version", "v2", "--fault", "errors")
         assert deployed.returncode == 0, deployed.stderr

@@ -126,6 +126,12 @@ class RollbackWorkflow:
     def reject(self, payload: Any) -> None:
         self._decide("rejected", payload)
 
+    @workflow.signal
+    def attach_incident(self, incident: dict[str, Any]) -> None:
+        """A monitor saw another incident while this rollback runs: keep it on the record."""
+        if self._status is not None and isinstance(incident, dict):
+            self._status.incidents = (self._status.incidents + [incident])[-50:]
+
     @workflow.query
     def status(self) -> RollbackStatus:
         if self._status is None:

@@ -572,11 +572,36 @@ class DevStack:
         self._start_temporal()
         backend = self.backend
         backend.start("v1", {"v1": "none"})
-        backend.write_config(self.config_path, policy={"require_approval": False})
+        backend.write_config(self.config_path, policy={"require_approval": False},
+                             extra={"environments": {self.environment: {"monitoring": self.monitoring()}}})
         self.log(f"config written to {self.config_path}")
         if start_worker:
             self._start_worker()
+            self._start_monitor()
         return self.status()
+
+    def monitoring(self) -> dict[str, Any]:
+        """The demo's monitor: the default rules with compressed windows, so a demo takes
+        seconds, not minutes (5 s interval, 30 s windows; production defaults are 15 s, 5-10 min)."""
+        return {
+            "interval_seconds": 5,
+            "cooldown_minutes": 2,
+            "probes": [{"name": "api", "url": f"{self.backend.front_url}/api/items", "requests": 5, "timeout_seconds": 3}],
+            "rules": [
+                {"name": "api_error_rate", "threshold": 0.05, "window_seconds": 30, "severity": "high", "min_samples": 10},
+                {"name": "response_time_p95", "threshold": 2000, "window_seconds": 30, "severity": "medium", "min_samples": 10},
+            ],
+        }
+
+    def _start_monitor(self) -> None:
+        from rollback.client import RollbackOrchestrator
+
+        async def start() -> bool:
+            settings = TemporalSettings(address=self.temporal_address, namespace="default", task_queue="rollback")
+            return await RollbackOrchestrator(settings=settings).start_monitor(self.environment)
+
+        started = _run_async(start, timeout=30)
+        self.log(f"monitor-{self.environment} {'started' if started else 'already running'}")
 
     def _start_temporal(self) -> None:
         pid = self._temporal_pid()

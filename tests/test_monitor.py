@@ -1,0 +1,188 @@
+"""HealthMonitorWorkflow against real probes, a real nginx + demo app, and the real RollbackWorkflow."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
+from temporalio.service import RPCError
+
+from rollback.client import RollbackOrchestrator
+from rollback.models import Phase
+from rollback.monitoring import Rule, TriggerRequest
+from tests.conftest import write_config
+from tests.helpers import eventually, front_version, orchestrator
+from tests.test_rollback_workflow import notifications
+
+
+async def _terminate_monitor(client) -> None:
+    handle = client.get_workflow_handle("monitor-demo")
+    try:
+        if (await handle.describe()).status == WorkflowExecutionStatus.RUNNING:
+            await handle.terminate(reason="test isolation")
+    except RPCError:
+        pass  # never started
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def no_monitor_left(client):
+    """All tests share one dev server and the id monitor-demo: none may leak into the next."""
+    await _terminate_monitor(client)
+    yield
+    await _terminate_monitor(client)
+
+
+def monitoring(front_url: str, **overrides: Any) -> dict:
+    block = {
+        "interval_seconds": 1,
+        "cooldown_minutes": 10,
+        "consecutive_error_limit": 3,
+        "probes": [{"name": "api", "url": f"{front_url}/api/items", "requests": 5, "timeout_seconds": 3}],
+        "rules": [
+            {"name": "api_error_rate", "threshold": 0.05, "window_seconds": 10, "severity": "high", "min_samples": 5},
+            {"name": "response_time_p95", "threshold": 2000, "window_seconds": 10, "severity": "high", "min_samples": 5},
+        ],
+    }
+    block.update(overrides)
+    return {"environments": {"demo": {"monitoring": block}}}
+
+
+async def start_monitor(blue_green, tmp_path, client, task_queue, run_worker, **overrides) -> RollbackOrchestrator:
+    await run_worker(write_config(blue_green, tmp_path, extra=monitoring(blue_green.front_url, **overrides)))
+    orch = orchestrator(client, task_queue)
+    assert await orch.start_monitor("demo") is True
+    assert await orch.start_monitor("demo") is False, "starting twice is idempotent"
+    return orch
+
+
+async def status(orch: RollbackOrchestrator, accept, *, timeout: float = 60, what: str = "monitor status"):
+    return await eventually(lambda: orch.monitor_status("demo"), accept, timeout=timeout, what=what)
+
+
+def rule(current, name: str):
+    return next(v for v in current.rules if v.rule.name == name)
+
+
+async def test_fires_on_a_hard_failure_and_restores_traffic(blue_green, tmp_path, client, task_queue, run_worker):
+    orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker)
+    healthy = await status(orch, lambda s: s.evaluations >= 3, what="three evaluations")
+    assert all(not v.state.firing and v.state.last.outcome.value == "ok" for v in healthy.rules)
+
+    blue_green.deploy("v2", "errors")
+    fired = await status(orch, lambda s: any(i.outcome == "started" for i in s.incidents), what="a rollback")
+    incident = next(i for i in fired.incidents if i.outcome == "started")
+    assert incident.source == "api_error_rate"
+    assert re.search(r"api_error_rate = 0?\.\d+|1 > 0\.05 over 10s \(\d+ samples\)", incident.reason), incident.reason
+    result = await orch.wait(incident.rollback_id)
+    assert result is not None and result.state == Phase.SUCCEEDED
+    assert await front_version(blue_green.front_url) == "v1"
+    rollback = await orch.get_rollback_status(incident.rollback_id)
+    assert rollback.trigger == "automatic" and rollback.reason == incident.reason
+    assert rollback.plan.trigger_evidence["evaluation"]["outcome"] == "breach"
+    assert rollback.plan.trigger_evidence["window"]["points"], "the samples that decided it are on the plan"
+    # One incident, one rollback: the still-firing rule does not start another.
+    later = await status(orch, lambda s: s.evaluations >= fired.evaluations + 3)
+    assert [i.outcome for i in later.incidents].count("started") == 1
+
+
+async def test_noisy_but_healthy_service_never_rolls_back(blue_green, tmp_path, client, task_queue, run_worker):
+    blue_green.deploy("v2", "noisy")  # 1% errors, 2.5% slow requests
+    orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker)
+    final = await status(orch, lambda s: s.evaluations >= 20, timeout=90, what="20 evaluations")
+    assert final.incidents == []
+    assert all(not v.state.firing for v in final.rules)
+    assert rule(final, "api_error_rate").state.last.samples >= 40
+
+
+async def test_no_data_never_rolls_back_and_alerts(blue_green, tmp_path, client, task_queue, run_worker):
+    blue_green.deploy("v2", "errors")
+    # Too little traffic to judge: every evaluation is NO_DATA, although v2 fails.
+    orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker, rules=[
+        {"name": "api_error_rate", "threshold": 0.05, "window_seconds": 10, "severity": "high", "min_samples": 1000}])
+    final = await status(orch, lambda s: s.evaluations >= 6, what="six evaluations")
+    state = rule(final, "api_error_rate").state
+    assert state.last.outcome.value == "no_data" and not state.firing and state.error_alerted
+    assert final.incidents == []
+    alerts = [n for n in notifications(blue_green) if n["event"] == "monitor_alert"]
+    assert len(alerts) == 1 and "without usable data" in alerts[0]["message"]
+    assert await front_version(blue_green.front_url) == "v2"
+
+
+async def test_provider_down_never_rolls_back_and_alerts(blue_green, tmp_path, client, task_queue, run_worker):
+    blue_green.deploy("v2", "errors")
+    orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker,
+                               prometheus={"url": "http://127.0.0.1:1", "timeout_seconds": 1},
+                               metrics={"http_error_ratio": {"source": "prometheus", "query": "sum(rate(x[{window}]))"}},
+                               rules=[{"name": "http_error_ratio", "threshold": 0.05, "window_seconds": 10, "severity": "high"}])
+    final = await status(orch, lambda s: s.evaluations >= 5, what="five evaluations")
+    state = rule(final, "http_error_ratio").state
+    assert state.last.outcome.value == "provider_down" and not state.firing
+    assert final.incidents == []
+    assert any(n["event"] == "monitor_alert" and "provider_down" in n["message"] for n in notifications(blue_green))
+
+
+async def test_cooldown_pause_and_external_triggers(blue_green, tmp_path, client, task_queue, run_worker):
+    orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker)
+    handle = client.get_workflow_handle("monitor-demo")
+    blue_green.deploy("v2", "errors")
+    first = await status(orch, lambda s: any(i.outcome == "started" for i in s.incidents), what="first rollback")
+    rollback_id = next(i.rollback_id for i in first.incidents if i.outcome == "started")
+    assert (await orch.wait(rollback_id)).state == Phase.SUCCEEDED
+    await status(orch, lambda s: all(not v.state.firing for v in s.rules), what="the rule to clear")
+
+    blue_green.deploy("v3", "errors")  # broken again, inside the cooldown
+    again = await status(orch, lambda s: any(i.outcome == "suppressed_cooldown" for i in s.incidents), what="cooldown")
+    assert [i.outcome for i in again.incidents].count("started") == 1
+    assert await front_version(blue_green.front_url) == "v3"
+
+    await orch.pause_monitor("demo", by="sre", reason="maintenance")
+    trigger = TriggerRequest(reason="pipeline reports failed smoke tests", key="delivery-1", initiated_by="pipeline:ci")
+    await handle.signal("trigger_rollback", trigger)
+    paused = await status(orch, lambda s: any(i.key == "delivery-1" for i in s.incidents))
+    assert next(i for i in paused.incidents if i.key == "delivery-1").outcome == "suppressed_paused"
+
+    await orch.resume_monitor("demo", by="sre")
+    await handle.signal("trigger_rollback", trigger.model_copy(update={"key": "delivery-2"}))
+    started = await status(orch, lambda s: any(i.key == "delivery-2" for i in s.incidents))
+    external = next(i for i in started.incidents if i.key == "delivery-2")
+    assert external.outcome == "started", "external triggers are explicit decisions: no cooldown"
+    assert (await orch.wait(external.rollback_id)).state == Phase.SUCCEEDED
+    await handle.signal("trigger_rollback", trigger.model_copy(update={"key": "delivery-2"}))
+    replay = await status(orch, lambda s: [i.key for i in s.incidents].count("delivery-2") == 2)
+    assert replay.incidents[-1].outcome == "duplicate"
+
+
+async def test_update_rules_validates_before_recording(blue_green, tmp_path, client, task_queue, run_worker):
+    orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker)
+    with pytest.raises(WorkflowUpdateFailedError) as bad:
+        await orch.update_rules("demo", [Rule(name="nonsense_metric", threshold=1, window_seconds=5)])
+    assert "unknown metric 'nonsense_metric'" in str(bad.value.cause)
+    handle = client.get_workflow_handle("monitor-demo")
+    with pytest.raises(WorkflowUpdateFailedError) as malformed:
+        await handle.execute_update("update_rules", [{"name": "api_error_rate", "threshold": "high", "window_seconds": 5}])
+    assert "rules[0].threshold" in str(malformed.value.cause)
+
+    applied = await orch.update_rules("demo", [Rule(name="api_error_rate", threshold=0.5, window_seconds=5, severity="low")])
+    assert [r.threshold for r in applied] == [0.5]
+    current = await orch.monitor_status("demo")
+    assert [v.rule.name for v in current.rules] == ["api_error_rate"] and current.rules[0].rule.threshold == 0.5
+
+
+async def test_state_survives_continue_as_new_and_a_worker_restart(blue_green, tmp_path, client, task_queue, run_worker):
+    orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker)
+    await orch.pause_monitor("demo", by="sre", reason="kept across runs")
+    before = await status(orch, lambda s: s.runs >= 2, timeout=120, what="a continue-as-new")
+    assert before.paused is not None and before.paused.by == "sre"
+    assert rule(before, "api_error_rate").state.oks >= 1
+
+    await run_worker.stop_all()
+    await run_worker(write_config(blue_green, tmp_path, extra=monitoring(blue_green.front_url)))
+    after = await status(orch, lambda s: s.evaluations >= before.evaluations + 3, what="evaluations after restart")
+    assert after.paused is not None and after.paused.reason == "kept across runs"
+    assert after.runs >= before.runs
+    history_ok = json.dumps(after.model_dump(mode="json"))
+    assert "api_error_rate" in history_ok
