@@ -333,6 +333,8 @@ class MonitorState(BaseModel):
     evaluations: int = 0
     last_evaluated_at: datetime | None = None
     runs: int = 1
+    # Triggers signalled while the previous run was handing over: handled first in the next.
+    pending_triggers: list[TriggerRequest] = Field(default_factory=list)
 
 
 MonitorInput.model_rebuild()

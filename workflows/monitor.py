@@ -60,6 +60,7 @@ class HealthMonitorWorkflow:
         self._environment = inp.environment
         if inp.state is not None:
             self._state = inp.state
+            self._triggers, self._state.pending_triggers = self._state.pending_triggers, []
         await self._refresh_settings()
         next_due = workflow.now()
         while True:
@@ -76,6 +77,7 @@ class HealthMonitorWorkflow:
             if self._evaluations_this_run >= MAX_EVALUATIONS_PER_RUN or workflow.info().is_continue_as_new_suggested():
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 self._state.runs += 1
+                self._state.pending_triggers = list(self._triggers)
                 workflow.continue_as_new(MonitorInput(environment=self._environment, state=self._state))
 
     # -- interface ------------------------------------------------------------
