@@ -456,7 +456,11 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", envvar="ROLLBACK_API_H
     from rollback.api import ApiSettings, create_app, endpoint_summary
 
     async def action() -> int:
-        settings = ApiSettings()
+        try:
+            settings = ApiSettings()
+        except ValidationError as err:  # name the variable; the value is not echoed (it may be a secret)
+            first = err.errors()[0]
+            raise ValueError(f"ROLLBACK_API_{str(first['loc'][0]).upper()}: {first['msg']}") from None
         application = create_app(settings=settings)  # a bad config or weak secret fails here, in one line
         print(f"rollback API on http://{host}:{port} (config {settings.config}): {endpoint_summary(settings)}",
               file=sys.stderr, flush=True)
