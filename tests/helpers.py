@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
+from collections.abc import Iterable, Iterator
+from typing import Any
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -47,3 +51,24 @@ async def front_version(front_url: str) -> str:
 async def status_when(orch: RollbackOrchestrator, execution_id: str, accept: Callable[[RollbackStatus], bool],
                       *, timeout: float = 60, what: str = "status") -> RollbackStatus:
     return await eventually(lambda: orch.get_rollback_status(execution_id), accept, timeout=timeout, what=what)
+
+
+def _decoded_payloads(node: Any) -> Iterator[str]:
+    """History JSON keeps payload data base64-encoded: a plain substring check would miss a secret."""
+    if isinstance(node, dict):
+        if isinstance(node.get("metadata"), dict) and isinstance(node.get("data"), str):
+            yield base64.b64decode(node["data"]).decode("utf-8", "replace")
+        for value in node.values():
+            yield from _decoded_payloads(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _decoded_payloads(item)
+
+
+async def history_without(client: Client, workflow_id: str, secrets: Iterable[str]) -> str:
+    """The workflow's whole history, payloads decoded; fails if any secret appears in it."""
+    raw = (await client.get_workflow_handle(workflow_id).fetch_history()).to_json()
+    history = "\n".join([raw, *_decoded_payloads(json.loads(raw))])
+    for secret in secrets:
+        assert secret not in history, f"a secret is in the history of {workflow_id}"
+    return history

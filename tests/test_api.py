@@ -7,7 +7,6 @@ so the teardown can check that no response ever carried a secret.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import hmac
@@ -38,7 +37,7 @@ from rollback.settings import SA_TRIGGER
 from rollback.triggers import route_trigger
 from tests.alertmanager import Alertmanager
 from tests.conftest import make_stack, write_config
-from tests.helpers import eventually, front_version, orchestrator, status_when
+from tests.helpers import eventually, front_version, history_without, orchestrator, status_when
 
 API_TOKEN = f"api-token-{uuid.uuid4().hex}"
 AM_TOKEN = f"am-token-{uuid.uuid4().hex}"
@@ -172,24 +171,8 @@ async def rollback_ids(client: Client) -> set[str]:
     return {execution.id async for execution in client.list_workflows(query)}
 
 
-def _decoded_payloads(node: Any) -> Iterator[str]:
-    """History JSON keeps payload data base64-encoded: a plain substring check would miss a secret."""
-    if isinstance(node, dict):
-        if isinstance(node.get("metadata"), dict) and isinstance(node.get("data"), str):
-            yield base64.b64decode(node["data"]).decode("utf-8", "replace")
-        for value in node.values():
-            yield from _decoded_payloads(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _decoded_payloads(item)
-
-
 async def assert_no_secrets_in_history(client: Client, workflow_id: str) -> str:
-    raw = (await client.get_workflow_handle(workflow_id).fetch_history()).to_json()
-    history = "\n".join([raw, *_decoded_payloads(json.loads(raw))])
-    for secret in SECRETS:
-        assert secret not in history, f"a secret is in the history of {workflow_id}"
-    return history
+    return await history_without(client, workflow_id, SECRETS)
 
 
 async def post_pipeline(http: httpx.AsyncClient, api: RunningApi, body: bytes, *, delivery: str | None,

@@ -22,7 +22,7 @@ def listening(port: int) -> bool:
 
 
 def test_dev_up_deploy_rollback_down(tmp_path):
-    ports = {name: free_port() for name in ("NGINX", "BLUE", "GREEN", "TEMPORAL", "UI")}
+    ports = {name: free_port() for name in ("NGINX", "BLUE", "GREEN", "TEMPORAL", "UI", "API")}
     env = {**os.environ, "ROLLBACK_DEV_DIR": str(tmp_path / "dev"),
            "TEMPORAL_ADDRESS": f"127.0.0.1:{ports['TEMPORAL']}",
            **{f"ROLLBACK_DEV_{name}_PORT": str(port) for name, port in ports.items()}}
@@ -54,6 +54,15 @@ def test_dev_up_deploy_rollback_down(tmp_path):
         assert started.returncode == 0, started.stdout + started.stderr
         assert started.stdout.strip().splitlines()[-1] == "succeeded"
         assert httpx.get(front, timeout=5).json() == {"version": "v1"}
+
+        # The inbound API runs too, with secrets generated into a private file.
+        secrets_file = tmp_path / "dev" / "api.env"
+        assert secrets_file.stat().st_mode & 0o077 == 0
+        token = dict(line.split("=", 1) for line in secrets_file.read_text().split())["ROLLBACK_API_TOKEN"]
+        url = f"http://127.0.0.1:{ports['API']}/v1/rollbacks/{started.stdout.splitlines()[0]}"
+        assert httpx.get(url, timeout=10).status_code == 401
+        answer = httpx.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+        assert answer.status_code == 200 and answer.json()["state"] == "succeeded"
     finally:
         down = rollback("dev", "down")
     assert down.returncode == 0, down.stderr

@@ -18,6 +18,7 @@ import concurrent.futures
 import contextlib
 import os
 import shutil
+import secrets
 import signal
 import socket
 import subprocess
@@ -474,6 +475,7 @@ class DevPorts:
     green: int = 8082
     temporal: int = 7233
     ui: int = 8233
+    api: int = 8400
 
     @classmethod
     def from_env(cls) -> "DevPorts":
@@ -490,6 +492,7 @@ class DevPorts:
             green=port("ROLLBACK_DEV_GREEN_PORT", 8082),
             temporal=port("ROLLBACK_DEV_TEMPORAL_PORT", 7233),
             ui=port("ROLLBACK_DEV_UI_PORT", 8233),
+            api=port("ROLLBACK_DEV_API_PORT", 8400),
         )
 
 
@@ -578,7 +581,44 @@ class DevStack:
         if start_worker:
             self._start_worker()
             self._start_monitor()
+            self._start_api()
         return self.status()
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.api}"
+
+    def api_secrets(self) -> dict[str, str]:
+        """The demo API's secrets: generated once, kept in a 0600 file beside the stack."""
+        path = self.base_dir / "api.env"
+        if not path.exists():
+            names = ("ROLLBACK_API_TOKEN", "ROLLBACK_API_ALERTMANAGER_TOKEN", "ROLLBACK_API_PIPELINE_SECRET")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.writelines(f"{name}={secrets.token_urlsafe(24)}\n" for name in names)
+        return dict(line.split("=", 1) for line in path.read_text().split())
+
+    def _start_api(self) -> None:
+        pid = self._running("api", "serve", f"--port {self.ports.api}")
+        if pid is not None:
+            self.log(f"inbound API already running on {self.api_url} (pid {pid})")
+            return
+        env = inst.child_env({**self.api_secrets(), "ROLLBACK_CONFIG": str(self.config_path),
+                              "TEMPORAL_ADDRESS": self.temporal_address, "TEMPORAL_NAMESPACE": "default"})
+        rollback_cli = str(Path(sys.executable).parent / "rollback")
+        process = inst.spawn_detached([rollback_cli, "serve", "--host", "127.0.0.1", "--port", str(self.ports.api)],
+                                      self.base_dir / "api.log", env=env, cwd=self.base_dir)
+        self._pid_file("api").write_text(str(process.pid))
+
+        async def answers() -> bool:
+            async with httpx.AsyncClient() as http:
+                try:
+                    return (await http.get(f"{self.api_url}/openapi.json", timeout=HTTP_TIMEOUT_SECONDS)).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+        self._await_ready("inbound API", process.pid, process, answers, WORKER_READY_SECONDS, "api.log")
+        self.log(f"inbound API ready on {self.api_url} (secrets in {self.base_dir / 'api.env'})")
 
     def monitoring(self) -> dict[str, Any]:
         """The demo's monitor: the default rules with compressed windows, so a demo takes
@@ -721,6 +761,7 @@ class DevStack:
     def down(self) -> None:
         """Stop the worker, the backend stack and Temporal. Idempotent; keeps the data."""
         steps: list[tuple[str, Callable[[], None]]] = [
+            ("api", lambda: self._stop_pid_file("api", self._running("api", "serve", f"--port {self.ports.api}"))),
             ("worker", lambda: self._stop_pid_file("worker", self._worker_pid())),
             ("backend", self.backend.stop),
             ("temporal", lambda: self._stop_pid_file("temporal", self._temporal_pid())),
