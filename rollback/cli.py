@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
@@ -464,6 +465,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", envvar="ROLLBACK_API_H
         application = create_app(settings=settings)  # a bad config or weak secret fails here, in one line
         print(f"rollback API on http://{host}:{port} (config {settings.config}): {endpoint_summary(settings)}",
               file=sys.stderr, flush=True)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         server = uvicorn.Server(uvicorn.Config(application, host=host, port=port, log_level="info", lifespan="off"))
         await server.serve()
         return 0 if server.started else 1

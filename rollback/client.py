@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -10,6 +11,7 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
 
 from rollback.config import RollbackConfig
 from rollback.monitoring import MonitorInput, MonitorStatus, PauseRequest, Rule
@@ -168,15 +170,34 @@ class RollbackOrchestrator:
 
     # -- the health monitor ----------------------------------------------------------
 
-    async def start_monitor(self, environment: str) -> bool:
-        """Start `monitor-<environment>`; False if it was already running (idempotent)."""
+    async def start_monitor(self, environment: str, *, ready_within: float = 60) -> bool:
+        """Start `monitor-<environment>` and return once it evaluated once; False if it was already running.
+
+        A monitor that cannot start (unknown environment, no `monitoring` block) fails
+        here with its reason instead of looking started.
+        """
         client = await self.client()
         try:
-            await client.start_workflow(MONITOR_TYPE, MonitorInput(environment=environment), id=monitor_id(environment),
-                                        task_queue=self.settings.task_queue)
+            handle = await client.start_workflow(MONITOR_TYPE, MonitorInput(environment=environment),
+                                                 id=monitor_id(environment), task_queue=self.settings.task_queue)
         except WorkflowAlreadyStartedError:
             return False
-        return True
+        deadline = asyncio.get_running_loop().time() + ready_within
+        while asyncio.get_running_loop().time() < deadline:
+            described = await handle.describe()
+            if described.status != WorkflowExecutionStatus.RUNNING:
+                try:
+                    await handle.result()
+                except WorkflowFailureError as err:
+                    raise RollbackError(f"{monitor_id(environment)} failed: {_innermost(err)}") from None
+                raise RollbackError(f"{monitor_id(environment)} ended at once ({described.status.name if described.status else '?'})")
+            try:
+                if (await handle.query("status", result_type=MonitorStatus)).evaluations > 0:
+                    return True
+            except RPCError:
+                pass  # no workflow task has run yet
+            await asyncio.sleep(0.2)
+        raise RollbackError(f"{monitor_id(environment)} did not evaluate within {ready_within:.0f}s; is a worker running?")
 
     async def stop_monitor(self, environment: str) -> None:
         await (await self.client()).get_workflow_handle(monitor_id(environment)).cancel()
@@ -197,6 +218,12 @@ class RollbackOrchestrator:
         handle = (await self.client()).get_workflow_handle(monitor_id(environment))
         return await handle.execute_update("update_rules", [r.model_dump(mode="json", exclude_none=True) for r in rules],
                                            result_type=list[Rule])
+
+
+def _innermost(err: BaseException) -> str:
+    while getattr(err, "cause", None) is not None:
+        err = err.cause  # type: ignore[assignment]
+    return str(err)
 
 
 def monitor_id(environment: str) -> str:

@@ -134,6 +134,7 @@ class GaugePoint(BaseModel):
     at: datetime
     status: str
     value: float | None
+    detail: str = ""
 
 
 class Windows(BaseModel):
@@ -146,7 +147,8 @@ class Windows(BaseModel):
                                latencies=[round(s.latency_ms, 1) for s in samples])
             self.probes[name] = [p for p in self.probes.get(name, []) if at - p.at <= keep] + [point]
         for name, reading in collection.readings.items():
-            point = GaugePoint(at=at, status=reading.status, value=reading.value)
+            point = GaugePoint(at=at, status=reading.status, value=reading.value,
+                               detail=reading.detail[:200] if reading.status != "ok" else "")
             self.gauges[name] = [p for p in self.gauges.get(name, []) if at - p.at <= keep] + [point]
 
 
@@ -189,13 +191,17 @@ def evaluate(rule: Rule, spec: MetricSpec | None, windows: Windows, now: datetim
     points = [p for p in windows.gauges.get(spec.name, []) if now - p.at < window]
     latest = points[-1] if points else None
     if latest is not None and latest.status == "provider_down":
-        return Evaluation(rule=rule.name, outcome=Outcome.PROVIDER_DOWN, window_fill=_fill([p.at for p in points], window, now))
+        return Evaluation(rule=rule.name, outcome=Outcome.PROVIDER_DOWN, window_fill=_fill([p.at for p in points], window, now),
+                          detail=latest.detail)
     values = [p.value for p in points if p.status == "ok" and p.value is not None and math.isfinite(p.value)]
     fill = _fill([p.at for p in points if p.status == "ok"], window, now)
+    needed = rule.min_samples
     if spec.source == "prometheus":
-        # The query already aggregates over the window: judge the latest answer only.
+        # The query already aggregates over the window: judge the latest answer only
+        # (min_samples belongs in the query, e.g. a count guard, not here).
         values = values[-1:] if latest is not None and latest.status == "ok" else []
-    if len(values) < rule.min_samples or not values:
+        needed = 1
+    if len(values) < needed or not values:
         return Evaluation(rule=rule.name, outcome=Outcome.NO_DATA, samples=len(values), window_fill=fill,
                           detail="no values in the window")
     stat = spec.stat

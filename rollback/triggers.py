@@ -1,7 +1,7 @@
 """Where an external trigger goes: to the environment's monitor if one runs, else straight to a rollback.
 
-The monitor owns incident handling (dedupe by key, attaching to a running rollback,
-cooldown), so when it runs it gets every trigger. Without a monitor the trigger starts
+The monitor owns incident handling (dedupe by key, pause, attaching to a running
+rollback), so when it runs it gets every trigger. Without a monitor the trigger starts
 a RollbackWorkflow itself, but never a second one beside a running rollback.
 """
 
@@ -58,7 +58,7 @@ async def _signal_monitor(orchestrator: RollbackOrchestrator, environment: str, 
     await (await orchestrator.client()).get_workflow_handle(workflow_id).signal(MONITOR_SIGNAL, request)
     return TriggerOutcome(routed_to="monitor", workflow_id=workflow_id, started=False,
                           detail=f"handed to {workflow_id}, which starts a rollback or attaches to the running one "
-                                 "(it applies dedupe, pause and cooldown)")
+                                 "(it dedupes, honours a pause and attaches to a running rollback)")
 
 
 async def _start_rollback(orchestrator: RollbackOrchestrator, environment: str, request: TriggerRequest) -> TriggerOutcome:

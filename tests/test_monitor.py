@@ -11,7 +11,7 @@ import pytest_asyncio
 from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
-from rollback.client import RollbackOrchestrator
+from rollback.client import RollbackError, RollbackOrchestrator
 from rollback.models import Phase
 from rollback.monitoring import Rule, TriggerRequest
 from tests.conftest import write_config
@@ -170,6 +170,16 @@ async def test_update_rules_validates_before_recording(blue_green, tmp_path, cli
     assert [r.threshold for r in applied] == [0.5]
     current = await orch.monitor_status("demo")
     assert [v.rule.name for v in current.rules] == ["api_error_rate"] and current.rules[0].rule.threshold == 0.5
+
+    await orch.stop_monitor("demo")
+    stopped = await eventually(handle.describe, lambda d: d.status != WorkflowExecutionStatus.RUNNING, what="monitor stop")
+    assert stopped.status == WorkflowExecutionStatus.CANCELED
+
+
+async def test_a_monitor_that_cannot_start_says_why(blue_green, tmp_path, client, task_queue, run_worker):
+    await run_worker(write_config(blue_green, tmp_path))  # no monitoring block
+    with pytest.raises(RollbackError, match="monitor-demo failed: .*no 'monitoring'|monitor-demo failed: .*monitoring"):
+        await orchestrator(client, task_queue).start_monitor("demo")
 
 
 async def test_state_survives_continue_as_new_and_a_worker_restart(blue_green, tmp_path, client, task_queue, run_worker):

@@ -14,7 +14,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
@@ -165,7 +165,13 @@ class HealthMonitorWorkflow:
 
     async def _evaluate(self) -> None:
         if self._state.evaluations and self._state.evaluations % SETTINGS_REFRESH_EVALUATIONS == 0:
-            await self._refresh_settings()
+            try:
+                await self._refresh_settings()
+            except ActivityError as err:
+                _reraise_cancel(err)
+                # A config broken mid-flight must not stop monitoring: keep the last good settings.
+                await self._alert(f"could not reload monitoring settings, keeping the previous ones: {describe_failure(err)}",
+                                  key=f"settings:{self._state.evaluations}")
         settings = self.settings
         windows = self._prometheus_windows()
         try:
@@ -174,6 +180,7 @@ class HealthMonitorWorkflow:
                 result_type=Collection, start_to_close_timeout=timedelta(seconds=max(30, settings.interval_seconds * 2)),
                 heartbeat_timeout=timedelta(seconds=10), retry_policy=_retry(2))
         except ActivityError as err:
+            _reraise_cancel(err)
             # The collector itself failed: every rule sees PROVIDER_DOWN, never a breach.
             collection = Collection(probe_errors={m.probe or "": describe_failure(err) for m in settings.metrics if m.probe},
                                     readings={m.name: Reading(status="provider_down", detail=describe_failure(err)[:200])
@@ -268,6 +275,7 @@ class HealthMonitorWorkflow:
                     "monitor.start_rollback", start, result_type=StartRollbackResult,
                     start_to_close_timeout=timedelta(seconds=30), retry_policy=_retry(5))
             except ActivityError as err:
+                _reraise_cancel(err)
                 incident.outcome = "failed"
                 await self._alert(f"could not start a rollback for {trigger.reason}: {describe_failure(err)}", key=f"failed:{key}")
             else:
@@ -289,7 +297,14 @@ class HealthMonitorWorkflow:
             await workflow.execute_activity("notify.send", note, start_to_close_timeout=timedelta(seconds=30),
                                             retry_policy=_retry(3))
         except ActivityError as err:
+            _reraise_cancel(err)
             workflow.logger.warning("monitor alert failed: %s", describe_failure(err))
+
+
+def _reraise_cancel(err: BaseException) -> None:
+    """`rollback monitor stop` cancels the workflow: it must end the monitor, not count as a failed step."""
+    if is_cancelled_exception(err):
+        raise err
 
 
 def _human(window: timedelta) -> str:

@@ -640,7 +640,7 @@ class DevStack:
             settings = TemporalSettings(address=self.temporal_address, namespace="default", task_queue="rollback")
             return await RollbackOrchestrator(settings=settings).start_monitor(self.environment)
 
-        started = _run_async(start, timeout=30)
+        started = _run_async(start, timeout=75)
         self.log(f"monitor-{self.environment} {'started' if started else 'already running'}")
 
     def _start_temporal(self) -> None:
