@@ -16,6 +16,7 @@ from rollback.models import Phase
 from rollback.monitoring import Rule, TriggerRequest
 from tests.conftest import write_config
 from tests.helpers import eventually, front_version, orchestrator
+from tests.prometheus import metrics_target, prometheus  # noqa: F401 - fixtures
 from tests.test_rollback_workflow import notifications
 
 
@@ -196,3 +197,24 @@ async def test_state_survives_continue_as_new_and_a_worker_restart(blue_green, t
     assert after.runs >= before.runs
     history_ok = json.dumps(after.model_dump(mode="json"))
     assert "api_error_rate" in history_ok
+
+
+async def test_a_prometheus_rule_fires_a_rollback(blue_green, tmp_path, client, task_queue, run_worker,
+                                                  prometheus, metrics_target):  # noqa: F811 - fixtures
+    target = metrics_target(error_ratio=0.0)
+    server = prometheus([target.address])
+    server.wait_for_data("sum(rate(http_requests_total[5s]))", timeout=30)
+    query = 'sum(rate(http_requests_total{code="500"}[{window}])) / sum(rate(http_requests_total[{window}]))'
+    orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker,
+                               prometheus={"url": server.url, "timeout_seconds": 2},
+                               metrics={"http_error_ratio": {"source": "prometheus", "query": query}},
+                               rules=[{"name": "http_error_ratio", "threshold": 0.05, "window_seconds": 5, "severity": "critical"}])
+    await status(orch, lambda s: rule(s, "http_error_ratio").state.oks >= 2, what="healthy evaluations")
+
+    blue_green.deploy("v2", "errors")
+    target.error_ratio = 1.0  # what the application's own metrics now say
+    fired = await status(orch, lambda s: any(i.outcome == "started" for i in s.incidents), what="a rollback")
+    incident = next(i for i in fired.incidents if i.outcome == "started")
+    assert "rule http_error_ratio (critical)" in incident.reason and "over 5s" in incident.reason
+    assert (await orch.wait(incident.rollback_id)).state == Phase.SUCCEEDED
+    assert await front_version(blue_green.front_url) == "v1"
