@@ -13,6 +13,8 @@ test: bootstrap
 bench: bootstrap
 	.venv/bin/python bench/switch_under_load.py
 	.venv/bin/python bench/orchestration_overhead.py
+	.venv/bin/python bench/detection.py
+	.venv/bin/python bench/monitor_scale.py
 
 clean:
 	-.venv/bin/rollback dev down
