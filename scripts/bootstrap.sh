@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine, safe to re-run: Debian packages the tests and
-# the demo run (nginx, wrk, Prometheus, Alertmanager), then the virtual environment with the project installed.
+# the demo run (nginx, wrk, Prometheus, Alertmanager, PgBouncer), then the virtual environment with the project installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
+[[ -x /usr/sbin/pgbouncer ]] || need+=(pgbouncer)
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 [[ -x /usr/bin/prometheus ]] || need+=(prometheus)

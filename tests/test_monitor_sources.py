@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -22,6 +21,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.monitor import CollectInput, HealthMonitor
 from rollback.config import ConfigError, ConfigSource, load_config
 from rollback.dev.stack import free_port
+from rollback.pg import local_dsn, with_database
 from rollback.monitoring import Collection
 from tests.conftest import write_config
 from tests.helpers import eventually
@@ -256,22 +256,11 @@ async def test_prometheus_down_unreachable_slow_or_refusing(prometheus, scraped,
 # -- PostgreSQL -------------------------------------------------------------------------
 
 def base_dsn() -> str:
-    if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
-    user = os.environ.get("PGUSER", "postgres")
-    password = os.environ.get("PGPASSWORD")
-    auth = quote(user) + (f":{quote(password)}" if password else "")
-    host, port = os.environ.get("PGHOST", "127.0.0.1"), os.environ.get("PGPORT", "5432")
-    return f"postgresql://{auth}@{host}:{port}/{os.environ.get('PGDATABASE', 'postgres')}"
+    return local_dsn()
 
 
 def dsn_for(database: str, *, password: str | None = None) -> str:
-    parts = urlsplit(base_dsn())
-    netloc = parts.netloc
-    if password and parts.password is None:
-        user, _, host = netloc.rpartition("@")
-        netloc = f"{user or 'postgres'}:{password}@{host}"
-    return urlunsplit(parts._replace(netloc=netloc, path=f"/{database}"))
+    return with_database(base_dsn(), database, password=password)
 
 
 @pytest_asyncio.fixture

@@ -1,0 +1,63 @@
+"""PostgreSQL plumbing shared by the database target: DSNs, identifiers, connections.
+
+DSNs never travel through workflows: configs name an environment variable
+(`dsn_env`), and only activities resolve it with `dsn_from_env`.
+"""
+
+from __future__ import annotations
+
+import os
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import asyncpg
+
+
+class MissingDsn(RuntimeError):
+    """The environment variable that should hold a DSN is not set."""
+
+
+def local_dsn(database: str | None = None) -> str:
+    """The server this machine runs (DATABASE_URL, else PG* variables, else 127.0.0.1:5432 as postgres)."""
+    if os.environ.get("DATABASE_URL"):
+        dsn = os.environ["DATABASE_URL"]
+    else:
+        user = os.environ.get("PGUSER", "postgres")
+        password = os.environ.get("PGPASSWORD")
+        auth = quote(user) + (f":{quote(password)}" if password else "")
+        host, port = os.environ.get("PGHOST", "127.0.0.1"), os.environ.get("PGPORT", "5432")
+        dsn = f"postgresql://{auth}@{host}:{port}/{os.environ.get('PGDATABASE', 'postgres')}"
+    return with_database(dsn, database) if database else dsn
+
+
+def with_database(dsn: str, database: str, *, password: str | None = None) -> str:
+    """The same server and user, another database (and optionally a password to embed)."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if password and parts.password is None:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user or 'postgres'}:{quote(password)}@{host}"
+    return urlunsplit(parts._replace(netloc=netloc, path=f"/{database}"))
+
+
+def database_name(dsn: str) -> str:
+    return urlsplit(dsn).path.lstrip("/") or os.environ.get("PGDATABASE", "postgres")
+
+
+def dsn_from_env(variable: str) -> str:
+    value = os.environ.get(variable)
+    if not value:
+        raise MissingDsn(f"environment variable {variable} (the database DSN) is not set on the worker")
+    return value
+
+
+def ident(name: str) -> str:
+    """A quoted SQL identifier; names from catalogs and configs are never pasted raw."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def qualified(schema: str, table: str) -> str:
+    return f"{ident(schema)}.{ident(table)}"
+
+
+async def connect(dsn: str, *, timeout: float = 10, application_name: str = "rollback") -> asyncpg.Connection:
+    return await asyncpg.connect(dsn, timeout=timeout, server_settings={"application_name": application_name})
