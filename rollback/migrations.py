@@ -1,0 +1,181 @@
+"""The project's schema migrations, applied through the system.
+
+Plain SQL directories: `NNNN_name.up.sql` with an optional `NNNN_name.down.sql`; the
+revision is the number (`0003`). Every applied migration is recorded in
+`rollback_meta.migrations` in the same transaction as its DDL, with that transaction's
+id: a row whose xmin is still that id was last written by the migration itself, which
+is how a rollback tells rows a migration rewrote from rows the application changed since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+from pydantic import BaseModel
+
+FILE_NAME = re.compile(r"^(?P<revision>\d{1,12})_(?P<name>[A-Za-z0-9_-]+)\.(?P<direction>up|down)\.sql$")
+
+TRACKING_DDL = """
+CREATE SCHEMA IF NOT EXISTS rollback_meta;
+CREATE TABLE IF NOT EXISTS rollback_meta.migrations (
+    revision   text PRIMARY KEY,
+    name       text NOT NULL,
+    checksum   text NOT NULL,
+    xid        bigint NOT NULL,
+    backup_id  text,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+class MigrationError(RuntimeError):
+    """A migration could not be found, read or applied; the message says which and why."""
+
+
+class Migration(BaseModel):
+    revision: str
+    name: str
+    up_sql: str
+    down_sql: str | None = None
+    checksum: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.revision}_{self.name}"
+
+
+class AppliedMigration(BaseModel):
+    revision: str
+    name: str
+    xid: int
+    backup_id: str | None = None
+
+
+def revision_key(revision: str) -> int:
+    return int(revision)
+
+
+def load_migrations(directory: Path) -> list[Migration]:
+    """Every migration in the directory, in revision order; refuses gaps in pairing and duplicates."""
+    if not directory.is_dir():
+        raise MigrationError(f"{directory}: migrations directory not found")
+    found: dict[str, dict[str, Path]] = {}
+    names: dict[str, str] = {}
+    for path in sorted(directory.iterdir()):
+        if not path.name.endswith(".sql"):
+            continue
+        match = FILE_NAME.match(path.name)
+        if not match:
+            raise MigrationError(f"{path}: migration file names must look like 0001_create_users.up.sql or .down.sql")
+        revision = match["revision"]
+        if names.setdefault(revision, match["name"]) != match["name"]:
+            raise MigrationError(f"{directory}: revision {revision} is used by two migrations "
+                                 f"({names[revision]!r} and {match['name']!r})")
+        found.setdefault(revision, {})[match["direction"]] = path
+    if not found:
+        raise MigrationError(f"{directory}: no migrations (*.up.sql) found")
+    keys = [revision_key(r) for r in found]
+    if len(set(keys)) != len(keys):
+        raise MigrationError(f"{directory}: two revisions have the same number")
+    migrations = []
+    for revision in sorted(found, key=revision_key):
+        files = found[revision]
+        if "up" not in files:
+            raise MigrationError(f"{files['down']}: has no matching .up.sql")
+        up = files["up"].read_text()
+        down = files["down"].read_text() if "down" in files else None
+        checksum = hashlib.sha256(up.encode() + b"\0" + (down or "").encode()).hexdigest()
+        migrations.append(Migration(revision=revision, name=names[revision], up_sql=up, down_sql=down, checksum=checksum))
+    return migrations
+
+
+def find(migrations: list[Migration], revision: str) -> Migration:
+    for migration in migrations:
+        if revision_key(migration.revision) == revision_key(revision):
+            return migration
+    known = ", ".join(m.revision for m in migrations)
+    raise MigrationError(f"unknown revision {revision!r} (known: {known})")
+
+
+async def ensure_tracking(conn: asyncpg.Connection) -> None:
+    await conn.execute(TRACKING_DDL)
+
+
+async def applied(conn: asyncpg.Connection) -> list[AppliedMigration]:
+    """Applied migrations, oldest first (empty when nothing was ever applied through the system)."""
+    exists = await conn.fetchval("SELECT to_regclass('rollback_meta.migrations') IS NOT NULL")
+    if not exists:
+        return []
+    rows = await conn.fetch("SELECT revision, name, xid, backup_id FROM rollback_meta.migrations")
+    return sorted((AppliedMigration(**dict(r)) for r in rows), key=lambda m: revision_key(m.revision))
+
+
+async def current_revision(conn: asyncpg.Connection) -> str | None:
+    done = await applied(conn)
+    return done[-1].revision if done else None
+
+
+def plan_upgrade(migrations: list[Migration], current: str | None, to: str) -> list[Migration]:
+    target = find(migrations, to)
+    start = revision_key(current) if current is not None else -1
+    if revision_key(target.revision) < start:
+        raise MigrationError(f"revision {to} is older than the current {current}: going back is a rollback "
+                             f"(rollback start --targets database), not a migration")
+    return [m for m in migrations if start < revision_key(m.revision) <= revision_key(target.revision)]
+
+
+async def in_transaction_with_lock_timeout(
+    conn: asyncpg.Connection, body: Callable[[asyncpg.Connection], Awaitable[object]], *,
+    lock_timeout_ms: int, attempts: int, what: str,
+    on_blocked: Callable[[int], Awaitable[None]] | None = None,
+) -> object:
+    """Run `body` in one transaction whose every lock waits at most `lock_timeout_ms`.
+
+    A DDL statement waiting for its lock makes every later query on the table queue
+    behind it; a short lock_timeout bounds that queue, and a failed attempt retries
+    after a jittered pause, so the application is never stuck behind us for long.
+    `on_blocked(attempt)` runs between attempts (e.g. to terminate blockers when allowed).
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+                return await body(conn)
+        except asyncpg.LockNotAvailableError:
+            if attempt == attempts:
+                raise MigrationError(f"{what}: could not get its locks within {lock_timeout_ms} ms in {attempts} attempts "
+                                     "(a long transaction holds them; see pg_stat_activity / pg_blocking_pids)") from None
+            if on_blocked is not None:
+                await on_blocked(attempt)
+            await asyncio.sleep(min(5.0, 0.1 * 2 ** min(attempt, 6)) * random.uniform(0.5, 1.5))
+    raise AssertionError("unreachable")
+
+
+async def apply_up(conn: asyncpg.Connection, migration: Migration, *, backup_id: str | None,
+                   lock_timeout_ms: int, attempts: int) -> AppliedMigration:
+    """Apply one migration and record it, atomically: a failure half-way leaves nothing behind."""
+    await ensure_tracking(conn)
+
+    async def body(c: asyncpg.Connection) -> AppliedMigration:
+        already = await c.fetchrow("SELECT revision, name, xid, backup_id FROM rollback_meta.migrations WHERE revision = $1",
+                                   migration.revision)
+        if already is not None:
+            return AppliedMigration(**dict(already))  # a retried activity: applied once, reported again
+        await c.execute(migration.up_sql)
+        xid = await c.fetchval("SELECT txid_current()")
+        await c.execute("INSERT INTO rollback_meta.migrations (revision, name, checksum, xid, backup_id) VALUES ($1, $2, $3, $4, $5)",
+                        migration.revision, migration.name, migration.checksum, xid, backup_id)
+        return AppliedMigration(revision=migration.revision, name=migration.name, xid=xid, backup_id=backup_id)
+
+    try:
+        return await in_transaction_with_lock_timeout(conn, body, lock_timeout_ms=lock_timeout_ms, attempts=attempts,
+                                                      what=f"migration {migration.label}")  # type: ignore[return-value]
+    except asyncpg.PostgresError as err:
+        raise MigrationError(f"migration {migration.label} failed and was rolled back, the database is unchanged: "
+                             f"{type(err).__name__}: {err}".replace("\n", " ")) from None

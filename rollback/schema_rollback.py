@@ -1,0 +1,403 @@
+"""Schema rollback that keeps every row written after the migration.
+
+Undoing one migration has two halves:
+
+1. `revert_schema`, one short transaction under `lock_timeout` (retried with jitter):
+   lock the tables involved, copy the data that lives only in objects the migration
+   added (its new tables and columns) into `rollback_archive`, run the migration's
+   down SQL, check the result has the shape the pre-migration backup recorded, and
+   record what was done. Atomic: it either all happened or none of it did.
+2. `restore_data`, outside any long lock: stream the backup's copy of each table the
+   migration damaged, chunk by chunk, into a temporary side table and merge it into the
+   live table by primary key. Dropped tables get their rows back, dropped columns their
+   values, rows the migration itself rewrote (their xmin is still the migration's
+   transaction) their old values. Rows the application wrote since are never overwritten.
+   Every merge statement is guarded by IS DISTINCT FROM, so a retry after a crash redoes
+   nothing that was already done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import asyncpg
+from pydantic import BaseModel, Field
+
+from rollback.migrations import Migration, MigrationError, in_transaction_with_lock_timeout
+from rollback.pg import ident, qualified
+from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
+
+ARCHIVE_SCHEMA = "rollback_archive"
+XID_MASK = 0xFFFFFFFF  # a row's xmin is the low 32 bits of the 64-bit txid
+
+BOOKKEEPING_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {ARCHIVE_SCHEMA};
+CREATE SCHEMA IF NOT EXISTS rollback_meta;
+CREATE TABLE IF NOT EXISTS rollback_meta.reverts (
+    key        text PRIMARY KEY,
+    revision   text NOT NULL,
+    xid        bigint NOT NULL,
+    result     jsonb NOT NULL,
+    done_at    timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS rollback_meta.restore_xids (
+    key  text NOT NULL,
+    xid  bigint NOT NULL,
+    PRIMARY KEY (key, xid)
+);
+"""
+
+
+class SchemaDiff(BaseModel):
+    """How the live schema differs from the shape the backup recorded (before the migration)."""
+
+    added_tables: list[str] = Field(default_factory=list)
+    dropped_tables: list[str] = Field(default_factory=list)
+    added_columns: dict[str, list[str]] = Field(default_factory=dict)
+    dropped_columns: dict[str, list[str]] = Field(default_factory=dict)
+
+    def describe(self) -> str:
+        parts = [f"added table {t}" for t in self.added_tables]
+        parts += [f"added {t}({', '.join(c)})" for t, c in self.added_columns.items()]
+        parts += [f"dropped table {t}" for t in self.dropped_tables]
+        parts += [f"dropped {t}({', '.join(c)})" for t, c in self.dropped_columns.items()]
+        return "; ".join(parts) or "no table or column added or dropped"
+
+
+def diff(before: SchemaSnapshot, live: SchemaSnapshot) -> SchemaDiff:
+    result = SchemaDiff(
+        added_tables=sorted(set(live.tables) - set(before.tables)),
+        dropped_tables=sorted(set(before.tables) - set(live.tables)),
+    )
+    for name in sorted(set(before.tables) & set(live.tables)):
+        old = {c.name for c in before.tables[name].columns}
+        new = {c.name for c in live.tables[name].columns}
+        if new - old:
+            result.added_columns[name] = [c.name for c in live.tables[name].columns if c.name not in old]
+        if old - new:
+            result.dropped_columns[name] = [c.name for c in before.tables[name].columns if c.name not in new]
+    return result
+
+
+class ArchivedObject(BaseModel):
+    source: str = Field(description="schema.table the data came from")
+    archive_table: str = Field(description=f"table in {ARCHIVE_SCHEMA}")
+    columns: list[str]
+    key: list[str]
+    rows: int
+    whole_table: bool
+
+
+class RevertResult(BaseModel):
+    revision: str
+    xid: int
+    diff: SchemaDiff
+    archived: list[ArchivedObject] = Field(default_factory=list)
+    repeated: bool = Field(default=False, description="True: an earlier attempt had already done it")
+
+
+def archive_table_name(key: str, table: str, what: str) -> str:
+    """A stable name (same key, same name: a retry finds its own archive), at most 63 bytes."""
+    digest = hashlib.sha256(f"{key}:{table}:{what}".encode()).hexdigest()[:10]
+    readable = f"{table.replace('.', '_')}_{what}"[:40]
+    return f"rb_{digest}_{readable}"
+
+
+async def ensure_bookkeeping(conn: asyncpg.Connection) -> None:
+    await conn.execute(BOOKKEEPING_DDL)
+
+
+async def _archive(conn: asyncpg.Connection, key: str, live: TableShape, columns: list[str], whole: bool) -> ArchivedObject:
+    name = archive_table_name(key, live.qualified_name, "table" if whole else "columns")
+    keep = [c.name for c in live.columns] if whole or not live.primary_key else live.primary_key + columns
+    select = ", ".join(ident(c) for c in keep)
+    status = await conn.execute(f"CREATE TABLE {qualified(ARCHIVE_SCHEMA, name)} AS SELECT {select} "
+                                f"FROM {qualified(live.schema_name, live.name)}")
+    return ArchivedObject(source=live.qualified_name, archive_table=name, columns=keep if whole else columns,
+                          key=live.primary_key, rows=int(status.split()[-1]), whole_table=whole)
+
+
+def _shape_problems(target: SchemaSnapshot, now: SchemaSnapshot, tables: set[str]) -> list[str]:
+    """What the down SQL failed to bring back, among the tables this rollback is about."""
+    problems = []
+    for name in sorted(tables):
+        want = target.tables.get(name)
+        have = now.tables.get(name)
+        if want is None:
+            if have is not None:
+                problems.append(f"table {name} still exists")
+            continue
+        if have is None:
+            problems.append(f"table {name} is missing")
+            continue
+        for column in want.columns:
+            got = have.column(column.name)
+            if got is None:
+                problems.append(f"column {name}.{column.name} is missing")
+            elif got.type != column.type:
+                problems.append(f"column {name}.{column.name} is {got.type}, the backup had {column.type}")
+        extra = [c.name for c in have.columns if want.column(c.name) is None]
+        if extra:
+            problems.append(f"{name} still has column(s) {', '.join(extra)}")
+    return problems
+
+
+async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, target_shape: SchemaSnapshot, key: str,
+                        lock_timeout_ms: int, attempts: int,
+                        on_blocked: Callable[[int], object] | None = None) -> RevertResult:
+    """Archive what only the migration's new objects hold, run its down SQL, in one transaction."""
+    if not migration.down_sql:
+        raise MigrationError(f"migration {migration.label} has no .down.sql: its schema change cannot be reverted")
+    await ensure_bookkeeping(conn)
+
+    async def body(c: asyncpg.Connection) -> RevertResult:
+        done = await c.fetchval("SELECT result FROM rollback_meta.reverts WHERE key = $1", key)
+        if done is not None:
+            return RevertResult.model_validate({**json.loads(done), "repeated": True})
+        if await c.fetchval("SELECT count(*) FROM rollback_meta.migrations WHERE revision = $1", migration.revision) == 0:
+            raise MigrationError(f"migration {migration.label} is not applied: nothing to revert")
+        live = await snapshot(c)
+        changes = diff(target_shape, live)
+        involved = sorted(set(changes.added_tables) | set(changes.added_columns) | set(changes.dropped_columns))
+        for name in involved:  # sorted: two rollbacks never lock in opposite orders
+            shape = live.tables[name]
+            await c.execute(f"LOCK TABLE {qualified(shape.schema_name, shape.name)} IN ACCESS EXCLUSIVE MODE")
+        archived = [await _archive(c, key, live.tables[t], [], True) for t in changes.added_tables]
+        archived += [await _archive(c, key, live.tables[t], cols, False) for t, cols in changes.added_columns.items()]
+        await c.execute(migration.down_sql)
+        after = await snapshot(c)
+        problems = _shape_problems(target_shape, after, set(involved) | set(changes.dropped_tables))
+        if problems:
+            raise MigrationError(f"the down SQL of {migration.label} does not restore the pre-migration shape "
+                                 f"({'; '.join(problems[:5])}); nothing was changed")
+        xid = await c.fetchval("SELECT txid_current()")
+        await c.execute("DELETE FROM rollback_meta.migrations WHERE revision = $1", migration.revision)
+        result = RevertResult(revision=migration.revision, xid=xid, diff=changes, archived=archived)
+        await c.execute("INSERT INTO rollback_meta.reverts (key, revision, xid, result) VALUES ($1, $2, $3, $4)",
+                        key, migration.revision, xid, result.model_dump_json())
+        return result
+
+    async def blocked(attempt: int) -> None:
+        if on_blocked is not None:
+            outcome = on_blocked(attempt)
+            if asyncio.iscoroutine(outcome):
+                await outcome
+
+    try:
+        return await in_transaction_with_lock_timeout(conn, body, lock_timeout_ms=lock_timeout_ms, attempts=attempts,
+                                                      what=f"revert of {migration.label}", on_blocked=blocked)  # type: ignore[return-value]
+    except asyncpg.PostgresError as err:
+        raise MigrationError(f"the down SQL of {migration.label} failed and was rolled back, nothing changed: "
+                             f"{type(err).__name__}: {err}".replace("\n", " ")) from None
+
+
+# -- restoring destroyed data from the backup -------------------------------------------
+
+class TableRestore(BaseModel):
+    table: str
+    mode: str = Field(description="rows (dropped table), columns (dropped columns), rewritten (rows the migration changed)")
+    columns: list[str]
+    backup_rows: int = 0
+    restored: int = 0
+    missing_in_live: int = Field(default=0, description="backup rows whose key is gone from the live table (deleted since)")
+    kept_application_version: int = Field(default=0, description="rewritten rows the application changed since: left as they are")
+    mismatches_after: int = Field(default=0, description="restored values that do not match the backup afterwards: must be 0")
+
+
+class RestoreResult(BaseModel):
+    tables: list[TableRestore] = Field(default_factory=list)
+
+    @property
+    def rows_restored(self) -> int:
+        return sum(t.restored for t in self.tables)
+
+
+async def copy_chunks(backup_path: Path, table: TableShape, *, rows_per_chunk: int, timeout: float,
+                      env: dict[str, str] | None = None) -> AsyncIterator[bytes]:
+    """The table's rows from a directory-format dump, as COPY text, `rows_per_chunk` lines at a time."""
+    process = await asyncio.create_subprocess_exec(
+        "pg_restore", "--data-only", f"--schema={table.schema_name}", f"--table={table.name}", "-f", "-", str(backup_path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env or dict(os.environ),
+    )
+    assert process.stdout is not None
+    in_copy, lines, size = False, [], 0
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                line = await process.stdout.readline()
+                if not line:
+                    break
+                if not in_copy:
+                    in_copy = line.startswith(b"COPY ")
+                    continue
+                if line == b"\\.\n":
+                    in_copy = False
+                    continue
+                lines.append(line)
+                size += 1
+                if size >= rows_per_chunk:
+                    yield b"".join(lines)
+                    lines, size = [], 0
+            if lines:
+                yield b"".join(lines)
+            stderr = await process.stderr.read() if process.stderr else b""
+            if await process.wait() != 0:
+                raise MigrationError(f"pg_restore of {table.qualified_name} from {backup_path} failed: "
+                                     f"{stderr.decode(errors='replace').strip()[:300]}")
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+def _cols(names: list[str], prefix: str = "") -> str:
+    return ", ".join(f"{prefix}{ident(n)}" for n in names)
+
+
+class _Merge:
+    """Merge statements for one table; `s` is the chunk's temporary side table."""
+
+    def __init__(self, live: TableShape, mode: str, columns: list[str], system_xids: list[int]) -> None:
+        self.live, self.mode, self.columns = live, mode, columns
+        self.target = qualified(live.schema_name, live.name)
+        self.key = live.primary_key
+        self.join = " AND ".join(f"t.{ident(k)} = s.{ident(k)}" for k in self.key)
+        self.xids = [x & XID_MASK for x in system_xids]
+
+    def statements(self) -> list[tuple[str, list[object]]]:
+        tuple_t, tuple_s = f"({_cols(self.columns, 't.')})", f"({_cols(self.columns, 's.')})"
+        if self.mode == "rows":
+            all_cols = [c.name for c in self.live.columns]
+            conflict = f"ON CONFLICT ({_cols(self.key)}) DO NOTHING" if self.key else ""
+            return [(f"INSERT INTO {self.target} ({_cols(all_cols)}) SELECT {_cols(all_cols)} FROM rb_side {conflict}", [])]
+        sets = ", ".join(f"{ident(c)} = s.{ident(c)}" for c in self.columns)
+        guard = f"{tuple_t} IS DISTINCT FROM {tuple_s}"
+        if self.mode == "columns":
+            return [(f"UPDATE {self.target} t SET {sets} FROM rb_side s WHERE {self.join} AND {guard}", [])]
+        # rewritten: only rows whose last writer is still the migration (or our revert).
+        return [(f"UPDATE {self.target} t SET {sets} FROM rb_side s WHERE {self.join} AND {guard} "
+                 f"AND t.xmin::text::bigint = ANY($1::bigint[])", [self.xids])]
+
+    def checks(self) -> tuple[str, str, str | None]:
+        tuple_t, tuple_s = f"({_cols(self.columns, 't.')})", f"({_cols(self.columns, 's.')})"
+        missing = (f"SELECT count(*) FROM rb_side s WHERE NOT EXISTS "
+                   f"(SELECT 1 FROM {self.target} t WHERE {self.join})")
+        mismatched = f"SELECT count(*) FROM rb_side s JOIN {self.target} t ON {self.join} WHERE {tuple_t} IS DISTINCT FROM {tuple_s}"
+        if self.mode == "rewritten":
+            # Differences left in rewritten tables are rows the application changed since: kept.
+            return missing, "SELECT 0", mismatched
+        return missing, mismatched, None
+
+
+async def _affected_tables(conn: asyncpg.Connection, target_shape: SchemaSnapshot, changes: SchemaDiff,
+                           system_xids: list[int]) -> list[tuple[TableShape, str, list[str]]]:
+    """(backup shape, mode, columns) of each table whose data the migration destroyed."""
+    work: list[tuple[TableShape, str, list[str]]] = []
+    for name in changes.dropped_tables:
+        shape = target_shape.tables[name]
+        work.append((shape, "rows", [c.name for c in shape.columns]))
+    xids = [x & XID_MASK for x in system_xids]
+    for name, shape in target_shape.tables.items():
+        if name in changes.dropped_tables or not shape.primary_key:
+            continue
+        touched = await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {qualified(shape.schema_name, shape.name)} "
+                                      f"WHERE xmin::text::bigint = ANY($1::bigint[]))", xids)
+        if touched:
+            dropped = set(changes.dropped_columns.get(name, []))
+            rest = [c.name for c in shape.columns if c.name not in shape.primary_key and c.name not in dropped]
+            if rest:
+                work.append((shape, "rewritten", rest))
+    # After the rewritten rows: restoring a column rewrites every row, and would hide
+    # which rows the migration itself had last written.
+    for name, columns in changes.dropped_columns.items():
+        work.append((target_shape.tables[name], "columns", columns))
+    return work
+
+
+async def restore_data(dsn: str, *, backup_path: Path, target_shape: SchemaSnapshot, changes: SchemaDiff,
+                       system_xids: list[int], key: str, rows_per_chunk: int = 50_000, workers: int = 2,
+                       timeout: float = 3600, progress: Callable[[str], None] | None = None) -> RestoreResult:
+    """Merge what the migration destroyed back from the backup, table by table, chunk by chunk."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await ensure_bookkeeping(conn)
+        work = await _affected_tables(conn, target_shape, changes, system_xids)
+        live = await snapshot(conn)
+    finally:
+        await conn.close()
+    result = RestoreResult()
+    for shape, mode, columns in work:
+        if not shape.primary_key and mode != "rows":
+            raise MigrationError(f"{shape.qualified_name} has no primary key: its {mode} cannot be merged by key")
+        live_shape = live.tables.get(shape.qualified_name)
+        if live_shape is None:
+            raise MigrationError(f"{shape.qualified_name} does not exist after the revert: cannot restore its rows")
+        report = TableRestore(table=shape.qualified_name, mode=mode, columns=columns)
+        await _merge_table(dsn, backup_path, shape, _Merge(live_shape, mode, columns, system_xids), report,
+                           key=key, rows_per_chunk=rows_per_chunk, workers=workers, timeout=timeout, progress=progress)
+        result.tables.append(report)
+    return result
+
+
+async def _merge_table(dsn: str, backup_path: Path, shape: TableShape, merge: _Merge, report: TableRestore, *,
+                       key: str, rows_per_chunk: int, workers: int, timeout: float,
+                       progress: Callable[[str], None] | None) -> None:
+    queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=workers * 2)
+    side_columns = ", ".join(f"{ident(c.name)} {c.type}" for c in shape.columns)
+
+    async def merge_chunks() -> None:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            # Each chunk commits on its own: row locks last one chunk, never the whole table.
+            await conn.execute("SET synchronous_commit = off; SET work_mem = '64MB'")
+            await conn.execute(f"CREATE TEMP TABLE rb_side ({side_columns}) ON COMMIT DELETE ROWS")
+            while (chunk := await queue.get()) is not None:
+                async with conn.transaction():
+                    await conn.copy_to_table("rb_side", source=_one(chunk), columns=[c.name for c in shape.columns])
+                    await conn.execute("ANALYZE rb_side")
+                    for sql, args in merge.statements():
+                        status = await conn.execute(sql, *args)
+                        report.restored += int(status.split()[-1])
+                    missing_sql, mismatched_sql, kept_sql = merge.checks()
+                    report.missing_in_live += await conn.fetchval(missing_sql) if merge.mode != "rows" else 0
+                    report.mismatches_after += await conn.fetchval(mismatched_sql) if merge.mode != "rows" else 0
+                    if kept_sql:
+                        report.kept_application_version += await conn.fetchval(kept_sql)
+                    report.backup_rows += chunk.count(b"\n")
+                    await conn.execute("INSERT INTO rollback_meta.restore_xids (key, xid) VALUES ($1, txid_current()) "
+                                       "ON CONFLICT DO NOTHING", key)
+                if progress:
+                    progress(f"{shape.qualified_name}: {report.backup_rows} backup rows merged")
+        finally:
+            await conn.close()
+
+    async def read() -> None:
+        try:
+            async for chunk in copy_chunks(backup_path, shape, rows_per_chunk=rows_per_chunk, timeout=timeout):
+                await queue.put(chunk)
+        finally:
+            for _ in range(workers):
+                await queue.put(None)
+
+    tasks = [asyncio.create_task(read())] + [asyncio.create_task(merge_chunks()) for _ in range(workers)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _one(chunk: bytes) -> AsyncIterator[bytes]:
+    yield chunk
+
+
+async def restore_xids(conn: asyncpg.Connection, key: str) -> list[int]:
+    """Every transaction id the restore of `key` committed (kept in the database, so a retry after a crash sees them too)."""
+    rows = await conn.fetch("SELECT xid FROM rollback_meta.restore_xids WHERE key = $1", key)
+    return [r["xid"] for r in rows]
