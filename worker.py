@@ -14,6 +14,8 @@ from temporalio.worker import Worker
 
 from activities.backend import BackendRollback
 from activities.coordination import Coordination
+from activities.database import DatabaseRollback
+from activities.retention import Retention
 from activities.health import HttpHealth
 from activities.incidents import Incidents
 from activities.monitor import HealthMonitor
@@ -21,25 +23,33 @@ from activities.notify import Notifier
 from rollback.client import RollbackError, connect
 from rollback.config import ConfigError, ConfigSource
 from rollback.settings import TemporalSettings, config_path
+from workflows.migration import DatabaseMigrationWorkflow
 from workflows.monitor import HealthMonitorWorkflow
+from workflows.retention import BackupRetentionWorkflow
 from workflows.rollback import RollbackWorkflow
 
 
 def build_worker(client: Client, *, task_queue: str, config: ConfigSource, http: httpx.AsyncClient) -> Worker:
     health = HttpHealth(http)
     backend = BackendRollback(config, health)
-    coordination = Coordination(config, backend, client)
+    database = DatabaseRollback(config)
+    coordination = Coordination(config, backend, database, client)
+    retention = Retention(config, client)
     notifier = Notifier(config)
     monitor = HealthMonitor(config, http)
     incidents = Incidents(config, client, task_queue)
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[RollbackWorkflow, HealthMonitorWorkflow],
+        workflows=[RollbackWorkflow, HealthMonitorWorkflow, DatabaseMigrationWorkflow, BackupRetentionWorkflow],
         activities=[
             coordination.plan, coordination.acquire_lock, coordination.release_lock, coordination.record_restored,
             backend.check_standby, backend.switch_traffic, backend.roll_batch, backend.validate, backend.smoke,
             health.check_http, notifier.send, monitor.settings, monitor.collect, incidents.start_rollback,
+            coordination.record_deployed, database.backup, database.apply_migration, database.verify_backup,
+            database.integrity_before, database.revert_migration, database.restore_data, database.validate,
+            database.reapply_migration, database.recover_to_point, database.swap_back, database.current_revision,
+            database.plan_migration, retention.apply,
         ],
     )
 

@@ -10,6 +10,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.backend import BackendRollback
+from activities.database import DatabaseRollback
 from rollback.config import ConfigSource
 from rollback.models import EXECUTION_ORDER, RollbackPlan, RollbackRequest, RollbackTarget, TargetPlan
 from rollback.payloads import LockInput, RecordInput
@@ -21,9 +22,10 @@ def _invalid(field: str, message: str) -> ApplicationError:
 
 
 class Coordination:
-    def __init__(self, config: ConfigSource, backend: BackendRollback, client: Client) -> None:
+    def __init__(self, config: ConfigSource, backend: BackendRollback, database: DatabaseRollback, client: Client) -> None:
         self.config = config
         self.backend = backend
+        self.database = database
         self.client = client
 
     def _store(self) -> StateStore:
@@ -53,10 +55,21 @@ class Coordination:
                 assert backend is not None
                 versions = store.versions(request.environment, "backend", seed=backend.versions)
                 plans.append(await self.backend.assess(request.environment, backend, versions, to_version.get("backend")))
+            elif target == "database":
+                database = env.targets.database
+                assert database is not None
+                versions = store.versions(request.environment, "database", seed=database.versions)
+                options = request.database.model_dump(mode="json") if request.database else {}
+                plans.append(await self.database.assess(request.environment, database, versions, to_version.get("database"), options))
         policy = env.policy
         # The request may add an approval, never waive one the environment's policy requires.
         require = policy.require_approval or bool(request.require_approval)
         why = "environment policy" if policy.require_approval else ("requested by the caller" if require else "")
+        lossy = [p for p in plans if p.params.get("approval_required")]
+        if lossy:
+            # Point-in-time recovery loses data: a person always decides, whatever the policy says.
+            require = True
+            why = "point-in-time recovery loses data: " + "; ".join(str(p.evidence.get("loses", "")) for p in lossy)
         return RollbackPlan(
             environment=request.environment, targets=plans, require_approval=require, approval_reason=why,
             approval_timeout_seconds=policy.approval_timeout_seconds, on_approval_timeout=policy.on_approval_timeout,
@@ -92,8 +105,17 @@ class Coordination:
     async def release_lock(self, inp: LockInput) -> bool:
         return self._store().release_lock(inp.environment, inp.holder)
 
+    def _seed(self, environment: str, target: str):
+        configured = getattr(self.config.get().environment(environment).targets, target, None)
+        return configured.versions if configured is not None else None
+
     @activity.defn(name="coordination.record_restored")
     async def record_restored(self, inp: RecordInput) -> bool:
-        env = self.config.get().environment(inp.environment)
-        seed = env.targets.backend.versions if inp.target == "backend" and env.targets.backend else None
-        return self._store().record_restored(inp.environment, inp.target, inp.version, key=inp.key, seed=seed)
+        return self._store().record_restored(inp.environment, inp.target, inp.version, key=inp.key,
+                                             seed=self._seed(inp.environment, inp.target))
+
+    @activity.defn(name="coordination.record_deployed")
+    async def record_deployed(self, inp: RecordInput) -> bool:
+        """A new version went live through the system (e.g. a migration): current, previous becomes known-good."""
+        entry = self._store().record_deploy(inp.environment, inp.target, inp.version, seed=self._seed(inp.environment, inp.target))
+        return entry.current == inp.version

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import logging
 import os
 import sys
@@ -25,7 +26,7 @@ from temporalio.service import RPCError
 
 from rollback.client import RollbackError, RollbackOrchestrator
 from rollback.config import ConfigError, load_config
-from rollback.models import TERMINAL_STATES, Phase, RollbackRequest, RollbackStatus
+from rollback.models import TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus
 from rollback.settings import config_path
 from rollback.state import StateStore
 
@@ -34,6 +35,8 @@ dev_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The loca
 app.add_typer(dev_app, name="dev")
 monitor_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous health monitoring.")
 app.add_typer(monitor_app, name="monitor")
+db_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Database migrations and backups.")
+app.add_typer(db_app, name="db")
 # Piped output (logs, CI) gets room for whole step names instead of rich's 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
@@ -87,14 +90,21 @@ def start(
     require_approval: Optional[bool] = typer.Option(None, "--require-approval/--no-approval", help="default: the environment's policy"),
     dry_run: bool = typer.Option(False, "--dry-run", help="assess and coordinate only; change nothing"),
     wait: bool = typer.Option(False, "--wait", help="wait for the end and exit 0 only on success"),
+    database_strategy: Optional[str] = typer.Option(None, "--database-strategy",
+                                                    help="schema_rollback (default, keeps new rows) or pitr (last resort, loses later writes)"),
+    restore_point: Optional[str] = typer.Option(None, "--restore-point", help="pitr: recover to this restore point"),
+    target_time: Optional[str] = typer.Option(None, "--target-time", help="pitr: recover to this ISO 8601 time (with a timezone)"),
 ) -> None:
     """Start a rollback."""
 
     async def action() -> int:
+        database = None
+        if database_strategy or restore_point or target_time:
+            database = {"strategy": database_strategy or "pitr", "restore_point": restore_point, "target_time": target_time}
         request = RollbackRequest.model_validate({
             "environment": environment, "targets": target, "trigger": "manual", "reason": reason,
             "initiated_by": initiated_by or getpass.getuser(), "to_version": _parse_versions(to_version),
-            "require_approval": require_approval, "dry_run": dry_run,
+            "require_approval": require_approval, "dry_run": dry_run, "database": database,
         })
         orchestrator = RollbackOrchestrator()
         started = await orchestrator.start(request)
@@ -404,6 +414,59 @@ def monitor_status(environment: str = typer.Option(..., "--environment", "-e"),
         for incident in current.incidents[-5:]:
             print(f"{incident.at:%Y-%m-%d %H:%M:%S} {incident.outcome}: {incident.reason}"
                   + (f" -> {incident.rollback_id}" if incident.rollback_id else ""))
+        return 0
+
+    run(action)
+
+
+# -- the database target -------------------------------------------------------
+
+@db_app.command("migrate")
+def db_migrate(environment: str = typer.Option(..., "--environment", "-e"),
+               to: str = typer.Option(..., "--to", help="the revision to migrate to (e.g. 0003)"),
+               initiated_by: str = typer.Option(None, "--by")) -> None:
+    """Apply migrations up to a revision, each after a verified backup (DatabaseMigrationWorkflow)."""
+
+    async def action() -> int:
+        request = MigrateRequest(environment=environment, to_revision=to, initiated_by=initiated_by or getpass.getuser())
+        result = await RollbackOrchestrator().migrate(request, on_progress=lambda line: print(line, flush=True))
+        applied = ", ".join(result.applied) or "nothing to apply"
+        print(f"{environment}: database at {result.revision} (applied: {applied}; backups: {', '.join(result.backups) or 'none'})")
+        return 0
+
+    run(action)
+
+
+@db_app.command("backups")
+def db_backups(environment: str = typer.Option(..., "--environment", "-e"),
+               as_json: bool = typer.Option(False, "--json")) -> None:
+    """List the environment's backups, newest first (from the catalog; no worker needed)."""
+    from rollback.backups import BackupCatalog
+
+    async def action() -> int:
+        env = load_config(config_path()).environments.get(environment)
+        if env is None or env.targets.database is None or env.targets.database.backup_dir is None:
+            raise ConfigError(f"environment {environment!r} has no database target")
+        manifests = BackupCatalog(env.targets.database.backup_dir).list(environment)
+        if as_json:
+            print(json.dumps([m.model_dump(mode="json", exclude={"schema_snapshot"}) for m in manifests], indent=2))
+            return 0
+        table = Table("backup", "taken", "revision", "before", "size", "restore point", "verified")
+        for m in manifests:
+            table.add_row(m.id, f"{m.created_at:%Y-%m-%d %H:%M:%S}", m.revision or "-", m.next_revision or "-",
+                          f"{m.total_bytes / 1e6:.1f} MB", m.restore_point or "-", "yes" if m.verified_at else "no")
+        out.print(table)
+        return 0
+
+    run(action)
+
+
+@db_app.command("schedule-retention")
+def db_schedule_retention() -> None:
+    """Create the daily Temporal Schedule running BackupRetentionWorkflow (no-op if it exists)."""
+
+    async def action() -> int:
+        print(await RollbackOrchestrator().ensure_retention_schedule())
         return 0
 
     run(action)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle
+from temporalio.client import (
+    Client, Schedule, ScheduleActionStartWorkflow, ScheduleAlreadyRunningError, ScheduleIntervalSpec, ScheduleOverlapPolicy,
+    SchedulePolicy, ScheduleSpec, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle,
+)
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
@@ -15,11 +18,14 @@ from temporalio.service import RPCError
 
 from rollback.config import RollbackConfig
 from rollback.monitoring import MonitorInput, MonitorStatus, PauseRequest, Rule
-from rollback.models import Approval, RollbackRequest, RollbackResult, RollbackStatus, RollbackTarget, RollbackTrigger
+from rollback.models import Approval, MigrateRequest, MigrateResult, RollbackRequest, RollbackResult, RollbackStatus, RollbackTarget, RollbackTrigger
 from rollback.settings import SA_ENVIRONMENT, SA_PHASE, SA_STATE, SA_TARGETS, SA_TRIGGER, TemporalSettings
 
 WORKFLOW_TYPE = "RollbackWorkflow"
 MONITOR_TYPE = "HealthMonitorWorkflow"
+
+
+RETENTION_SCHEDULE_ID = "backup-retention"
 
 
 class RollbackError(RuntimeError):
@@ -112,6 +118,44 @@ class RollbackOrchestrator:
         except WorkflowAlreadyStartedError:
             raise RollbackError(f"a rollback is already running for {request.environment}: {workflow_id}") from None
         return StartedRollback(execution_id=handle.id, run_id=handle.result_run_id, environment=request.environment)
+
+    async def migrate(self, request: MigrateRequest, *, on_progress=None) -> MigrateResult:
+        """Run DatabaseMigrationWorkflow to completion; `on_progress(line)` sees each step as it happens."""
+        client = await self.client()
+        now = datetime.now(timezone.utc)
+        handle = await client.start_workflow(
+            "DatabaseMigrationWorkflow", request, id=f"migrate-{request.environment}-{now:%Y%m%dT%H%M%S}",
+            task_queue=self.settings.task_queue, result_type=MigrateResult)
+        seen = 0
+        result_task = asyncio.ensure_future(handle.result())
+        try:
+            while not result_task.done():
+                await asyncio.wait([result_task], timeout=0.5)
+                if on_progress is not None:
+                    try:
+                        lines = await handle.query("progress", result_type=list[str])
+                    except RPCError:
+                        continue
+                    for line in lines[seen:]:
+                        on_progress(line)
+                    seen = len(lines)
+            return result_task.result()
+        except WorkflowFailureError as err:
+            raise RollbackError(_innermost(err)) from None
+
+    async def ensure_retention_schedule(self, *, every: timedelta = timedelta(days=1)) -> str:
+        """The Temporal Schedule that runs BackupRetentionWorkflow (created once; an existing one is left alone)."""
+        client = await self.client()
+        schedule = Schedule(
+            action=ScheduleActionStartWorkflow("BackupRetentionWorkflow", {}, id=f"{RETENTION_SCHEDULE_ID}-run",
+                                               task_queue=self.settings.task_queue),
+            spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=every)]),
+            policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP))
+        try:
+            await client.create_schedule(RETENTION_SCHEDULE_ID, schedule)
+        except ScheduleAlreadyRunningError:
+            pass
+        return RETENTION_SCHEDULE_ID
 
     def _handle(self, client: Client, execution_id: str) -> WorkflowHandle:
         return client.get_workflow_handle(execution_id)

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from rollback.models import RollbackTarget
 from rollback.monitoring import DEFAULT_RULES, MetricSpec, MonitorSettings, Rule
+from rollback.pgbouncer import PgBouncerSettings
 from rollback.state import TargetVersions
 
 
@@ -320,8 +321,41 @@ def _metric_hint(metric: str) -> str:
     return "define it under 'metrics'"
 
 
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class PitrConfig(_Strict):
+    """Point-in-time recovery: a base backup and the WAL archive of the database's server."""
+
+    base_backup_dir: Path = Field(description="a pg_basebackup (plain format) of the server")
+    wal_archive_dir: Path = Field(description="where the server's archive_command copies WAL segments")
+    pg_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
+    work_dir: Path | None = Field(default=None, description="scratch space for the recovered instance; default <state_dir>/pitr")
+    terminate_sessions: bool = Field(default=False, description="terminate sessions on the live database to swap it; else wait for them")
+    swap_timeout_seconds: float = Field(default=120, gt=0)
+
+
+class DatabaseTarget(_Strict):
+    """A PostgreSQL database whose schema is changed by migrations run through the system."""
+
+    dsn_env: str = Field(pattern=_ENV_NAME, description="NAME of the environment variable holding the DSN (never the DSN itself)")
+    migrations: Path = Field(description="directory of NNNN_name.up.sql / NNNN_name.down.sql files")
+    versions: TargetVersions = Field(default_factory=TargetVersions, description="seed; the state store wins once written")
+    backup_dir: Path | None = Field(default=None, description="default: <state_dir>/backups")
+    backup_jobs: int = Field(default=2, ge=1, le=32, description="pg_dump --jobs")
+    lock_timeout_ms: int = Field(default=2000, ge=10, le=60000, description="how long any DDL statement may wait for its lock")
+    lock_attempts: int = Field(default=20, ge=1, le=1000, description="attempts of a DDL transaction that timed out on a lock, with jittered pauses")
+    terminate_blockers: bool = Field(default=False, description="after half the attempts, terminate the sessions blocking the DDL")
+    restore_chunk_rows: int = Field(default=50_000, ge=100, description="rows per merge transaction when restoring from a backup")
+    restore_workers: int = Field(default=2, ge=1, le=16, description="connections merging restored data in parallel")
+    allow_concurrent_deletes: bool = Field(default=False, description="integrity check: rows deleted during the rollback are the application's, not a loss")
+    pgbouncer: PgBouncerSettings | None = Field(default=None, description="PAUSE this pool around each DDL transaction")
+    pitr: PitrConfig | None = None
+
+
 class Targets(_Strict):
     backend: BackendTarget | None = None
+    database: DatabaseTarget | None = None
 
     def configured(self) -> list[str]:
         return [name for name in ("frontend", "backend", "database") if getattr(self, name, None) is not None]
@@ -398,6 +432,15 @@ def _resolve_paths(config: AppConfig, base: Path) -> AppConfig:
         backend = env["targets"].get("backend")
         if backend:
             backend["router"]["upstream_file"] = base / backend["router"]["upstream_file"]
+        database = env["targets"].get("database")
+        if database:
+            database["migrations"] = base / database["migrations"]
+            database["backup_dir"] = base / (database["backup_dir"] or Path(raw["state_dir"]) / "backups")
+            if database.get("pitr"):
+                pitr = database["pitr"]
+                for key in ("base_backup_dir", "wal_archive_dir"):
+                    pitr[key] = base / pitr[key]
+                pitr["work_dir"] = base / (pitr["work_dir"] or Path(raw["state_dir"]) / "pitr")
     return AppConfig.model_validate(raw)
 
 

@@ -10,10 +10,12 @@ is how a rollback tells rows a migration rewrote from rows the application chang
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import re
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import asyncpg
@@ -130,23 +132,28 @@ def plan_upgrade(migrations: list[Migration], current: str | None, to: str) -> l
     return [m for m in migrations if start < revision_key(m.revision) <= revision_key(target.revision)]
 
 
+AttemptWrapper = Callable[[], AbstractAsyncContextManager[object]]
+
+
 async def in_transaction_with_lock_timeout(
     conn: asyncpg.Connection, body: Callable[[asyncpg.Connection], Awaitable[object]], *,
     lock_timeout_ms: int, attempts: int, what: str,
-    on_blocked: Callable[[int], Awaitable[None]] | None = None,
+    on_blocked: Callable[[int], Awaitable[None]] | None = None, around_attempt: AttemptWrapper | None = None,
 ) -> object:
     """Run `body` in one transaction whose every lock waits at most `lock_timeout_ms`.
 
     A DDL statement waiting for its lock makes every later query on the table queue
     behind it; a short lock_timeout bounds that queue, and a failed attempt retries
     after a jittered pause, so the application is never stuck behind us for long.
-    `on_blocked(attempt)` runs between attempts (e.g. to terminate blockers when allowed).
+    `on_blocked(attempt)` runs between attempts (e.g. to terminate blockers when allowed);
+    `around_attempt()` wraps each attempt (e.g. a PgBouncer PAUSE that must end with it).
     """
     for attempt in range(1, attempts + 1):
         try:
-            async with conn.transaction():
-                await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
-                return await body(conn)
+            async with around_attempt() if around_attempt else contextlib.nullcontext():
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+                    return await body(conn)
         except asyncpg.LockNotAvailableError:
             if attempt == attempts:
                 raise MigrationError(f"{what}: could not get its locks within {lock_timeout_ms} ms in {attempts} attempts "

@@ -46,6 +46,25 @@ TERMINAL_STATES = {Phase.SUCCEEDED, Phase.FAILED, Phase.COMPENSATED, Phase.REJEC
 EXECUTION_ORDER = [RollbackTarget.FRONTEND, RollbackTarget.BACKEND, RollbackTarget.DATABASE]
 
 
+class DatabaseOptions(BaseModel):
+    """How the database target is rolled back (optional part of a request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["schema_rollback", "pitr"] = Field(
+        default="schema_rollback",
+        description="schema_rollback keeps every row written since; pitr (last resort) recovers to a point and loses later writes")
+    restore_point: str | None = Field(default=None, max_length=63, description="pitr: default, the restore point of the oldest backup undone")
+    target_time: datetime | None = Field(default=None, description="pitr: recover to this moment instead (with a timezone)")
+
+    @field_validator("target_time")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("needs a timezone, e.g. 2026-11-26T10:00:00Z")
+        return value
+
+
 class RollbackRequest(BaseModel):
     """Input of RollbackWorkflow; plain JSON from the UI or `temporal workflow start`."""
 
@@ -61,6 +80,7 @@ class RollbackRequest(BaseModel):
     dry_run: bool = False
     # What a monitor or an external trigger saw (rule, value, samples); shown in the plan.
     evidence: dict[str, Any] = Field(default_factory=dict)
+    database: DatabaseOptions | None = None
 
     @field_validator("targets")
     @classmethod
@@ -171,6 +191,27 @@ class RollbackStatus(BaseModel):
     dry_run: bool = False
     # Incidents that happened while this rollback ran (attached by the monitor).
     incidents: list[dict[str, Any]] = Field(default_factory=list)
+    # Reports of verification steps, by name (e.g. the database integrity report).
+    reports: dict[str, Any] = Field(default_factory=dict)
+
+
+class MigrateRequest(BaseModel):
+    """Input of DatabaseMigrationWorkflow (`rollback db migrate`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    environment: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    to_revision: str = Field(pattern=r"^\d{1,12}$")
+    initiated_by: str = Field(default="unknown", max_length=200)
+
+
+class MigrateResult(BaseModel):
+    execution_id: str
+    environment: str
+    from_revision: str | None
+    revision: str | None
+    applied: list[str] = Field(default_factory=list)
+    backups: list[str] = Field(default_factory=list)
 
 
 class RollbackResult(BaseModel):

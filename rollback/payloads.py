@@ -87,3 +87,52 @@ class StartRollbackInput(BaseModel):
 class StartRollbackResult(BaseModel):
     workflow_id: str
     started: bool = Field(description="False: attached to a rollback already running")
+
+
+# -- database target (results are plain dicts in the workflow: their models live beside asyncpg code) --
+
+class DbStepInput(BaseModel):
+    environment: str
+    key: str = Field(description="idempotency key: workflow id + step; names archives and restore records")
+
+
+class BackupInput(DbStepInput):
+    backup_id: str
+    revision: str | None = Field(description="the revision the database is at")
+    next_revision: str | None = Field(default=None, description="the migration about to be applied")
+
+
+class MigrationInput(DbStepInput):
+    revision: str
+    backup_id: str | None = None
+
+
+class RestoreInput(DbStepInput):
+    revision: str
+    backup_id: str
+    revert: dict[str, Any] = Field(description="the revert step's result: what changed and its transaction id")
+
+
+class IntegrityInput(DbStepInput):
+    target_backup_id: str = Field(description="backup taken before the oldest migration undone: the known-good shape")
+
+
+class ValidateDbInput(DbStepInput):
+    snapshot: dict[str, Any]
+    restore_keys: list[str] = Field(default_factory=list, description="keys of the restore steps whose writes are expected")
+    revert_keys: list[str] = Field(default_factory=list)
+    restores: list[dict[str, Any]] = Field(default_factory=list, description="restore results: every mismatch must be 0")
+
+
+class PitrInput(DbStepInput):
+    restore_point: str | None = None
+    target_time: str | None = Field(default=None, description="ISO 8601 with a timezone")
+    retired_name: str = Field(description="the live database is renamed to this; nothing is dropped")
+
+
+class SwapBackInput(DbStepInput):
+    retired_name: str
+
+
+class RetentionInput(BaseModel):
+    dry_run: bool = False

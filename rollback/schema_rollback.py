@@ -22,13 +22,13 @@ import asyncio
 import hashlib
 import json
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 from pydantic import BaseModel, Field
 
-from rollback.migrations import Migration, MigrationError, in_transaction_with_lock_timeout
+from rollback.migrations import AttemptWrapper, Migration, MigrationError, in_transaction_with_lock_timeout
 from rollback.pg import ident, qualified
 from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
 
@@ -96,6 +96,7 @@ class ArchivedObject(BaseModel):
 class RevertResult(BaseModel):
     revision: str
     xid: int
+    migration_xid: int = Field(description="the reverted migration's transaction: rows it last wrote still carry it")
     diff: SchemaDiff
     archived: list[ArchivedObject] = Field(default_factory=list)
     repeated: bool = Field(default=False, description="True: an earlier attempt had already done it")
@@ -148,8 +149,8 @@ def _shape_problems(target: SchemaSnapshot, now: SchemaSnapshot, tables: set[str
 
 
 async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, target_shape: SchemaSnapshot, key: str,
-                        lock_timeout_ms: int, attempts: int,
-                        on_blocked: Callable[[int], object] | None = None) -> RevertResult:
+                        lock_timeout_ms: int, attempts: int, around_attempt: AttemptWrapper | None = None,
+                        on_blocked: Callable[[int], Awaitable[None]] | None = None) -> RevertResult:
     """Archive what only the migration's new objects hold, run its down SQL, in one transaction."""
     if not migration.down_sql:
         raise MigrationError(f"migration {migration.label} has no .down.sql: its schema change cannot be reverted")
@@ -159,7 +160,8 @@ async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, targe
         done = await c.fetchval("SELECT result FROM rollback_meta.reverts WHERE key = $1", key)
         if done is not None:
             return RevertResult.model_validate({**json.loads(done), "repeated": True})
-        if await c.fetchval("SELECT count(*) FROM rollback_meta.migrations WHERE revision = $1", migration.revision) == 0:
+        migration_xid = await c.fetchval("SELECT xid FROM rollback_meta.migrations WHERE revision = $1", migration.revision)
+        if migration_xid is None:
             raise MigrationError(f"migration {migration.label} is not applied: nothing to revert")
         live = await snapshot(c)
         changes = diff(target_shape, live)
@@ -177,20 +179,16 @@ async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, targe
                                  f"({'; '.join(problems[:5])}); nothing was changed")
         xid = await c.fetchval("SELECT txid_current()")
         await c.execute("DELETE FROM rollback_meta.migrations WHERE revision = $1", migration.revision)
-        result = RevertResult(revision=migration.revision, xid=xid, diff=changes, archived=archived)
+        result = RevertResult(revision=migration.revision, xid=xid, migration_xid=migration_xid, diff=changes,
+                              archived=archived)
         await c.execute("INSERT INTO rollback_meta.reverts (key, revision, xid, result) VALUES ($1, $2, $3, $4)",
                         key, migration.revision, xid, result.model_dump_json())
         return result
 
-    async def blocked(attempt: int) -> None:
-        if on_blocked is not None:
-            outcome = on_blocked(attempt)
-            if asyncio.iscoroutine(outcome):
-                await outcome
-
     try:
         return await in_transaction_with_lock_timeout(conn, body, lock_timeout_ms=lock_timeout_ms, attempts=attempts,
-                                                      what=f"revert of {migration.label}", on_blocked=blocked)  # type: ignore[return-value]
+                                                      what=f"revert of {migration.label}", on_blocked=on_blocked,
+                                                      around_attempt=around_attempt)  # type: ignore[return-value]
     except asyncpg.PostgresError as err:
         raise MigrationError(f"the down SQL of {migration.label} failed and was rolled back, nothing changed: "
                              f"{type(err).__name__}: {err}".replace("\n", " ")) from None

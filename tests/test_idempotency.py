@@ -8,6 +8,7 @@ from temporalio.testing import ActivityEnvironment
 
 from activities.backend import BackendRollback
 from activities.coordination import Coordination
+from activities.database import DatabaseRollback
 from activities.health import HttpHealth
 from activities.notify import Notifier
 from rollback.payloads import BatchInput, LockInput, Notification, RecordInput, SwitchInput
@@ -48,7 +49,7 @@ async def test_roll_batch_twice_restarts_each_instance_once(rolling, tmp_path, h
 async def test_record_and_notify_and_lock_are_idempotent(blue_green, tmp_path, http, client):
     config = write_config(blue_green, tmp_path)
     backend = BackendRollback(config, HttpHealth(http))
-    coordination = Coordination(config, backend, client)
+    coordination = Coordination(config, backend, DatabaseRollback(config), client)
     notifier = Notifier(config)
     env = ActivityEnvironment()
     store = StateStore(blue_green.base_dir / "state")

@@ -24,13 +24,14 @@ with workflow.unsafe.imports_passed_through():
         RollbackStatus, StepRecord, TargetPlan,
     )
     from rollback.payloads import (
-        BatchInput, BatchResult, LockInput, Notification, NotifyResult, RecordInput,
-        SwitchInput, SwitchResult, ValidateInput,
+        BackupInput, BatchInput, BatchResult, IntegrityInput, LockInput, MigrationInput, Notification, NotifyResult,
+        PitrInput, RecordInput, RestoreInput, SwapBackInput, SwitchInput, SwitchResult, ValidateDbInput, ValidateInput,
     )
     from rollback.settings import SA_ENVIRONMENT, SA_PHASE, SA_STATE, SA_TARGETS, SA_TRIGGER
 
 # Errors that retrying cannot fix; activities also mark them non-retryable themselves.
-NON_RETRYABLE = ["InvalidRequest", "AssessmentRefused", "EnvironmentLocked", "UnhealthyAfterDeploy"]
+NON_RETRYABLE = ["InvalidRequest", "AssessmentRefused", "EnvironmentLocked", "UnhealthyAfterDeploy", "IntegrityViolation",
+                 "BackupCorrupt", "RevertFailed", "MigrationFailed", "CredentialsMissing"]
 HEARTBEAT = timedelta(seconds=10)
 
 
@@ -216,6 +217,8 @@ class RollbackWorkflow:
         for target in plan.targets:
             if target.target.value == "backend":
                 await self._execute_backend(request.environment, target, plan.max_attempts)
+            elif target.target.value == "database":
+                await self._execute_database(request.environment, target, plan.max_attempts)
 
     async def _execute_backend(self, environment: str, target: TargetPlan, attempts: int) -> None:
         to, back = target.to_version, target.from_version or target.to_version
@@ -246,6 +249,51 @@ class RollbackWorkflow:
         await self._step("validate backend", "backend", lambda: self._healthy(
             "backend.validate", ValidateInput(environment=environment, expect_version=to), attempts))
 
+    async def _execute_database(self, environment: str, target: TargetPlan, attempts: int) -> None:
+        wf_id = workflow.info().workflow_id
+        if target.strategy == "pitr":
+            retired = f"retired_{wf_id.removeprefix('rollback-')}".replace("-", "_")[:63]
+            recover = PitrInput(environment=environment, key=f"{wf_id}:pitr", restore_point=target.params.get("restore_point"),
+                                target_time=target.params.get("target_time"), retired_name=retired)
+            self._undo.append(("swap the pre-recovery database back in", "database", lambda: self._activity(
+                "database.swap_back", SwapBackInput(environment=environment, key=f"{wf_id}:swap_back", retired_name=retired),
+                dict, attempts=attempts, long=True)))
+            await self._step(target.steps[0], "database", lambda: self._activity(
+                "database.pitr", recover, dict, attempts=attempts, long=True))
+            return
+        undo: list[dict[str, str]] = target.params["undo"]
+        for item in undo:
+            await self._step(f"verify backup {item['backup_id']}", "database", lambda i=item: self._activity(
+                "database.verify_backup", BackupInput(environment=environment, key=f"{wf_id}:verify:{i['backup_id']}",
+                                                      backup_id=i["backup_id"], revision=None), dict, attempts=attempts, long=True))
+        snapshot = await self._step("integrity snapshot before", "database", lambda: self._activity(
+            "database.integrity_before", IntegrityInput(environment=environment, key=f"{wf_id}:integrity",
+                                                        target_backup_id=target.params["target_backup_id"]),
+            dict, attempts=attempts, long=True))
+        restores: list[dict[str, Any]] = []
+        for item in undo:
+            revert_in = MigrationInput(environment=environment, key=f"{wf_id}:revert:{item['revision']}",
+                                       revision=item["revision"], backup_id=item["backup_id"])
+            # Registered first: a revert whose transaction committed just before a crash must be undone too.
+            self._undo.append((f"re-apply {item['label']} (undo its revert)", "database", lambda r=revert_in: self._activity(
+                "database.reapply_migration", r, dict, attempts=attempts, long=True)))
+            revert = await self._step(f"revert schema {item['label']}", "database", lambda r=revert_in: self._activity(
+                "database.revert_migration", r, dict, attempts=attempts, long=True))
+            restore_in = RestoreInput(environment=environment, key=f"{wf_id}:restore:{item['revision']}",
+                                      revision=item["revision"], backup_id=item["backup_id"], revert=revert)
+            restores.append(await self._step(f"restore data destroyed by {item['label']}", "database", lambda r=restore_in: self._activity(
+                "database.restore_data", r, dict, attempts=attempts, long=True)))
+        validate = ValidateDbInput(environment=environment, key=f"{wf_id}:validate", snapshot=snapshot,
+                                   restore_keys=[f"{wf_id}:restore:{i['revision']}" for i in undo],
+                                   revert_keys=[f"{wf_id}:revert:{i['revision']}" for i in undo], restores=restores)
+        try:
+            report = await self._step("validate database integrity", "database", lambda: self._activity(
+                "database.validate", validate, dict, attempts=attempts, long=True))
+        finally:
+            assert self._status is not None
+            self._status.reports["database_restore"] = restores
+        self._status.reports["database_integrity"] = report
+
     async def _validation(self, request: RollbackRequest, plan: RollbackPlan) -> None:
         self._enter(Phase.VALIDATION)
         wf_id = workflow.info().workflow_id
@@ -257,12 +305,24 @@ class RollbackWorkflow:
                     "backend.smoke", ValidateInput(environment=request.environment, expect_version=target.to_version),
                     plan.max_attempts))
         for target in plan.targets:
+            if target.target.value == "database":
+                await self._step(f"check database is at revision {target.to_version}", "database", lambda t=target: self._revision_is(
+                    request.environment, t.to_version))
+        for target in plan.targets:
             record = RecordInput(environment=request.environment, target=target.target.value,
                                  version=target.to_version, key=f"{wf_id}:record:{target.target.value}")
             await self._step(f"record {target.target.value} {target.to_version} as current and known-good",
                              target.target.value, lambda r=record: self._activity("coordination.record_restored", r, None, attempts=10))
         # The steps are done; nothing left to undo if a later notification fails.
         self._undo.clear()
+
+    async def _revision_is(self, environment: str, expected: str) -> str:
+        wf_id = workflow.info().workflow_id
+        revision = await self._activity("database.current_revision", BackupInput(
+            environment=environment, key=f"{wf_id}:revision", backup_id="-", revision=None), str, attempts=5)
+        if revision != expected:
+            raise ApplicationError(f"database is at revision {revision}, expected {expected}", type="Unhealthy", non_retryable=True)
+        return revision
 
     # -- compensation and the end ----------------------------------------------
 
@@ -384,6 +444,27 @@ def _summary(result: Any) -> str:
         return f"{'reloaded nginx' if result.reloaded else 'already live'}; front door {result.front_door_versions}"
     if isinstance(result, BatchResult):
         return f"restarted {result.restarted or 'none (already on version)'}; {result.reloads} nginx reloads"
+    if isinstance(result, dict):
+        return _database_summary(result)
     if isinstance(result, RollbackPlan):
         return "; ".join(f"{t.target.value}: {t.strategy} {t.from_version} -> {t.to_version}" for t in result.targets)
     return ""
+
+
+def _database_summary(result: dict[str, Any]) -> str:
+    """One line for a database step's result (plain dicts: their models live beside asyncpg code)."""
+    if "archived" in result:
+        archived = ", ".join(f"{a['source']} -> rollback_archive.{a['archive_table']} ({a['rows']} rows)" for a in result["archived"])
+        again = " (done by an earlier attempt)" if result.get("repeated") else ""
+        return f"down SQL applied{again}; archived: {archived or 'nothing'}"
+    if "tables" in result and isinstance(result["tables"], list):
+        parts = [f"{t['table']} {t['mode']}: {t['restored']} restored, {t['missing_in_live']} deleted since, "
+                 f"{t['kept_application_version']} kept as the application wrote them" for t in result["tables"]]
+        return "; ".join(parts) or "nothing to restore"
+    if "summary" in result:
+        return str(result["summary"])
+    if "total_bytes" in result:
+        return f"backup {result['id']}: {result['files']} files, {result['total_bytes']} bytes, checksums verified"
+    if "recovered_to" in result:
+        return f"recovered to {result['recovered_to']}; previous database kept as {result['retired']}"
+    return ", ".join(f"{k}: {v}" for k, v in result.items())[:300]

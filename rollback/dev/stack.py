@@ -53,6 +53,10 @@ STOP_GRACE_SECONDS = 10.0
 CONSECUTIVE_ANSWERS = 3
 
 
+# `dev up` migrates the demo database to this revision; 0003 is the destructive one to deploy.
+DEMO_DATABASE_REVISION = "0002"
+
+
 class StackError(RuntimeError):
     """Part of a local stack failed to start, stop or switch; the message says which."""
 
@@ -575,14 +579,87 @@ class DevStack:
         self._start_temporal()
         backend = self.backend
         backend.start("v1", {"v1": "none"})
+        self._create_database()
         backend.write_config(self.config_path, policy={"require_approval": False},
-                             extra={"environments": {self.environment: {"monitoring": self.monitoring()}}})
+                             extra={"environments": {self.environment: {"monitoring": self.monitoring(),
+                                                                        "targets": {"database": self.database_target()}}}})
         self.log(f"config written to {self.config_path}")
         if start_worker:
             self._start_worker()
+            self._migrate(DEMO_DATABASE_REVISION, only_if_new=True)
+            self._start_writer()
             self._start_monitor()
             self._start_api()
         return self.status()
+
+    # -- the demo database -------------------------------------------------------------
+
+    @property
+    def database_name(self) -> str:
+        return os.environ.get("ROLLBACK_DEV_DATABASE", "rollback_demo")
+
+    @property
+    def database_dsn(self) -> str:
+        from rollback.pg import local_dsn
+
+        return local_dsn(self.database_name)
+
+    def database_target(self) -> dict[str, Any]:
+        return {"dsn_env": "DEMO_DATABASE_URL", "migrations": str(Path(__file__).parent / "migrations"),
+                "backup_dir": str(self.base_dir / "backups"), "lock_timeout_ms": 500, "restore_chunk_rows": 2000}
+
+    def _create_database(self) -> None:
+        import asyncpg
+
+        from rollback.pg import ident, local_dsn
+
+        async def create() -> bool:
+            conn = await asyncpg.connect(local_dsn(), timeout=10)
+            try:
+                if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", self.database_name):
+                    return False
+                await conn.execute(f"CREATE DATABASE {ident(self.database_name)}")
+                return True
+            finally:
+                await conn.close()
+
+        created = _run_async(create, timeout=30)
+        self.log(f"database {self.database_name} {'created' if created else 'already there'}")
+
+    def _migrate(self, revision: str, *, only_if_new: bool = False) -> None:
+        from rollback.client import RollbackOrchestrator
+        from rollback.models import MigrateRequest
+
+        async def migrate() -> str | None:
+            settings = TemporalSettings(address=self.temporal_address, namespace="default", task_queue="rollback")
+            orchestrator = RollbackOrchestrator(settings=settings)
+            if only_if_new:
+                import asyncpg
+
+                conn = await asyncpg.connect(self.database_dsn, timeout=10)
+                try:
+                    if await conn.fetchval("SELECT to_regclass('rollback_meta.migrations') IS NOT NULL"):
+                        return None
+                finally:
+                    await conn.close()
+            result = await orchestrator.migrate(MigrateRequest(environment=self.environment, to_revision=revision,
+                                                               initiated_by="rollback dev"), on_progress=self.log)
+            return result.revision
+
+        revision_now = _run_async(migrate, timeout=600)
+        self.log(f"database {self.database_name} at {revision_now}" if revision_now else
+                 f"database {self.database_name} already migrated (rollback db backups -e {self.environment})")
+
+    def _start_writer(self) -> None:
+        pid = self._running("writer", "rollback.dev.writer")
+        if pid is not None:
+            self.log(f"demo writer already running (pid {pid})")
+            return
+        env = inst.child_env({"DEMO_DATABASE_URL": self.database_dsn})
+        process = inst.spawn_detached([sys.executable, "-m", "rollback.dev.writer"], self.base_dir / "writer.log",
+                                      env=env, cwd=inst.PROJECT_ROOT)
+        self._pid_file("writer").write_text(str(process.pid))
+        self.log(f"demo writer inserting orders into {self.database_name} (pid {process.pid})")
 
     @property
     def api_url(self) -> str:
@@ -722,6 +799,7 @@ class DevStack:
                     "TEMPORAL_ADDRESS": self.temporal_address,
                     "TEMPORAL_NAMESPACE": "default",
                     "ROLLBACK_TASK_QUEUE": queue,
+                    "DEMO_DATABASE_URL": self.database_dsn,
                 }
             )
             # Pollers of a previous worker linger in describe_task_queue for a while and
@@ -763,6 +841,7 @@ class DevStack:
         """Stop the worker, the backend stack and Temporal. Idempotent; keeps the data."""
         steps: list[tuple[str, Callable[[], None]]] = [
             ("api", lambda: self._stop_pid_file("api", self._running("api", "serve", f"--port {self.ports.api}"))),
+            ("writer", lambda: self._stop_pid_file("writer", self._running("writer", "rollback.dev.writer"))),
             ("worker", lambda: self._stop_pid_file("worker", self._worker_pid())),
             ("backend", self.backend.stop),
             ("temporal", lambda: self._stop_pid_file("temporal", self._temporal_pid())),
@@ -785,9 +864,13 @@ class DevStack:
 
     # -- deploy / status -----------------------------------------------------------------
 
-    def deploy(self, target: str, version: str, fault: str = "none") -> BackendDeploy:
+    def deploy(self, target: str, version: str, fault: str = "none") -> BackendDeploy | None:
+        if target == "database":
+            # A database release is a migration, run through the system (backup first).
+            self._migrate(version)
+            return None
         if target != "backend":
-            raise ValueError(f"unknown deploy target {target!r}; supported targets: backend")
+            raise ValueError(f"unknown deploy target {target!r}; supported targets: backend, database")
         return self.backend.deploy(version, fault)
 
     def status(self) -> DevStatus:

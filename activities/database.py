@@ -1,0 +1,443 @@
+"""The database target: migrations with a verified backup first, and their rollback.
+
+`DatabaseRollback` holds the configuration and one asyncpg pool per database; its
+activities are the steps RollbackWorkflow and DatabaseMigrationWorkflow call. Every one
+is idempotent under its key (workflow id + step): the revert records itself in the same
+transaction as the DDL, the restore merges only rows that still differ, backups are
+named by id and reused when complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.heartbeat import heartbeating
+from rollback import integrity, pitr
+from rollback.backups import BackupCatalog, BackupCorrupt, BackupError, BackupManifest, take_backup, verify_backup
+from rollback.config import ConfigSource, DatabaseTarget
+from rollback.migrations import (
+    Migration, MigrationError, applied, apply_up, find, in_transaction_with_lock_timeout, load_migrations, plan_upgrade,
+    revision_key,
+)
+from rollback.models import RollbackTarget, TargetPlan
+from rollback.payloads import (
+    BackupInput, IntegrityInput, MigrationInput, PitrInput, RestoreInput, SwapBackInput, ValidateDbInput,
+)
+from rollback.pg import MissingDsn, database_name, dsn_from_env, ident, qualified, with_database
+from rollback.pgbouncer import PgBouncerError, paused
+from rollback.pgschema import SchemaSnapshot, snapshot
+from rollback.schema_rollback import (
+    ARCHIVE_SCHEMA, RevertResult, diff, ensure_bookkeeping, restore_data, restore_xids, revert_schema,
+)
+from rollback.state import TargetVersions
+
+
+def _refuse(message: str) -> ApplicationError:
+    return ApplicationError(message, type="AssessmentRefused", non_retryable=True)
+
+
+def _fail(message: str, kind: str = "DatabaseStepFailed") -> ApplicationError:
+    return ApplicationError(message, type=kind, non_retryable=True)
+
+
+class DatabaseRollback:
+    def __init__(self, config: ConfigSource) -> None:
+        self.config = config
+        self._pools: dict[str, asyncpg.Pool] = {}
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def target(self, environment: str) -> DatabaseTarget:
+        env = self.config.get().environments.get(environment)
+        if env is None or env.targets.database is None:
+            raise _fail(f"environment {environment!r} has no database target configured", "InvalidRequest")
+        return env.targets.database
+
+    def dsn(self, target: DatabaseTarget) -> str:
+        try:
+            return dsn_from_env(target.dsn_env)
+        except MissingDsn as err:
+            raise _fail(str(err), "CredentialsMissing") from None
+
+    @contextlib.asynccontextmanager
+    async def connection(self, target: DatabaseTarget) -> AsyncIterator[asyncpg.Connection]:
+        dsn = self.dsn(target)
+        pool = self._pools.get(dsn)
+        if pool is None:
+            pool = self._pools[dsn] = await asyncpg.create_pool(dsn, min_size=0, max_size=4, timeout=10,
+                                                                 server_settings={"application_name": "rollback-worker"})
+        async with pool.acquire(timeout=30) as conn:
+            yield conn
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()
+
+    @staticmethod
+    def catalog(target: DatabaseTarget) -> BackupCatalog:
+        assert target.backup_dir is not None  # resolved by load_config
+        return BackupCatalog(target.backup_dir)
+
+    def manifest(self, target: DatabaseTarget, backup_id: str) -> BackupManifest:
+        manifest = self.catalog(target).get(backup_id)
+        if manifest is None:
+            raise _fail(f"backup {backup_id} is not in the catalog at {target.backup_dir}", "BackupMissing")
+        return manifest
+
+    @staticmethod
+    def migrations(target: DatabaseTarget) -> list[Migration]:
+        try:
+            return load_migrations(target.migrations)
+        except MigrationError as err:
+            raise _fail(str(err), "InvalidRequest") from None
+
+    # -- assessment (called by coordination.plan) -----------------------------------------
+
+    async def assess(self, environment: str, target: DatabaseTarget, versions: TargetVersions, to_version: str | None,
+                     options: dict[str, Any]) -> TargetPlan:
+        migrations = self.migrations(target)
+        try:
+            async with self.connection(target) as conn:
+                done = await applied(conn)
+                live = await snapshot(conn)
+        except (OSError, asyncpg.PostgresError) as err:
+            raise _refuse(f"database of {environment!r} is unreachable with ${target.dsn_env}: {type(err).__name__}") from None
+        if not done:
+            raise _refuse("no migration was ever applied through the system (rollback db migrate): nothing to roll back")
+        current = done[-1].revision
+        to = to_version or versions.known_good
+        if to is None:
+            raise _refuse("no known-good database revision is recorded; pass to_version")
+        find(migrations, to) if to != "0" else None
+        if revision_key(to) >= revision_key(current):
+            raise _refuse(f"database is at revision {current}; {to} is not older")
+        undo = [m for m in reversed(done) if revision_key(m.revision) > revision_key(to)]
+        steps_undo = []
+        for record in undo:
+            migration = find(migrations, record.revision)
+            if not migration.down_sql:
+                raise _refuse(f"migration {migration.label} has no .down.sql: it cannot be reverted")
+            if not record.backup_id or self.catalog(target).get(record.backup_id) is None:
+                raise _refuse(f"migration {migration.label} has no backup in the catalog: its destroyed data could not be restored")
+            steps_undo.append({"revision": record.revision, "label": migration.label, "backup_id": record.backup_id})
+        oldest = self.manifest(target, steps_undo[-1]["backup_id"])
+        changes = diff(oldest.schema_snapshot, live)
+        strategy = options.get("strategy") or "schema_rollback"
+        evidence = {"current_revision": current, "schema_changes_since_known_good": changes.describe(),
+                    "backups": [s["backup_id"] for s in steps_undo]}
+        if strategy == "pitr":
+            return await self._assess_pitr(environment, target, current, to, oldest, options, evidence)
+        steps = [f"verify backup {s['backup_id']}" for s in steps_undo] + ["integrity snapshot before"]
+        for s in steps_undo:
+            steps += [f"revert schema {s['label']}", f"restore data destroyed by {s['label']}"]
+        steps.append("validate database integrity")
+        evidence["preserves"] = ("every row written after the migration(s) stays; data only in added objects is archived in "
+                                 f"{ARCHIVE_SCHEMA}; dropped tables, dropped columns and rows the migration rewrote are "
+                                 "restored from the backup by primary key")
+        return TargetPlan(target=RollbackTarget.DATABASE, strategy="schema_rollback", from_version=current, to_version=to,
+                          steps=steps, checks=["down SQL restores the backup's shape", "restored values match the backup",
+                                               "row fingerprints before vs after (REPEATABLE READ)"],
+                          params={"undo": steps_undo, "target_backup_id": oldest.id}, evidence=evidence)
+
+    async def _assess_pitr(self, environment: str, target: DatabaseTarget, current: str, to: str,
+                           oldest: BackupManifest, options: dict[str, Any], evidence: dict[str, Any]) -> TargetPlan:
+        if target.pitr is None:
+            raise _refuse("point-in-time recovery is not configured for this database (targets.database.pitr)")
+        restore_point = options.get("restore_point")
+        target_time = options.get("target_time")
+        if not restore_point and not target_time:
+            restore_point = oldest.restore_point
+            if not restore_point:
+                raise _refuse(f"backup {oldest.id} has no restore point ({oldest.restore_point_note}); pass target_time")
+        loss = await pitr.describe_loss(
+            live_dsn=self.dsn(target), restore_point_lsn=oldest.restore_point_lsn if restore_point == oldest.restore_point else None,
+            since=datetime.fromisoformat(target_time) if target_time else oldest.created_at)
+        evidence["loses"] = loss
+        label = f"restore point {restore_point}" if restore_point else f"time {target_time}"
+        return TargetPlan(
+            target=RollbackTarget.DATABASE, strategy="pitr", from_version=current, to_version=to,
+            steps=[f"recover {oldest.database} to {label} into a new database and swap it in"],
+            checks=["recovered database is at the known-good revision"],
+            params={"restore_point": restore_point, "target_time": target_time, "approval_required": True}, evidence=evidence)
+
+    # -- migrations ----------------------------------------------------------------------
+
+    @activity.defn(name="database.backup")
+    async def backup(self, inp: BackupInput) -> dict[str, Any]:
+        target = self.target(inp.environment)
+        async with heartbeating(f"backup {inp.backup_id}"):
+            try:
+                manifest = await take_backup(dsn=self.dsn(target), root=target.backup_dir, backup_id=inp.backup_id,
+                                             environment=inp.environment, revision=inp.revision,
+                                             next_revision=inp.next_revision, jobs=target.backup_jobs)
+            except BackupCorrupt as err:
+                raise _fail(str(err), "BackupCorrupt") from None
+            except BackupError as err:
+                raise ApplicationError(str(err), type="BackupFailed") from None  # retryable: disk, server restarts
+        self.catalog(target).record(manifest)
+        return _backup_summary(manifest)
+
+    @activity.defn(name="database.plan_migration")
+    async def plan_migration(self, inp: MigrationInput) -> dict[str, Any]:
+        """Which migrations take the database from where it is to `inp.revision`, oldest first."""
+        target = self.target(inp.environment)
+        migrations = self.migrations(target)
+        async with self.connection(target) as conn:
+            done = await applied(conn)
+        current = done[-1].revision if done else None
+        try:
+            pending = plan_upgrade(migrations, current, inp.revision)
+        except MigrationError as err:
+            raise _fail(str(err), "InvalidRequest") from None
+        return {"current": current, "pending": [m.revision for m in pending], "labels": [m.label for m in pending]}
+
+    @activity.defn(name="database.apply_migration")
+    async def apply_migration(self, inp: MigrationInput) -> dict[str, Any]:
+        target = self.target(inp.environment)
+        migration = find(self.migrations(target), inp.revision)
+        async with heartbeating(f"apply {migration.label}"), self.connection(target) as conn:
+            try:
+                result = await apply_up(conn, migration, backup_id=inp.backup_id, lock_timeout_ms=target.lock_timeout_ms,
+                                        attempts=target.lock_attempts)
+            except MigrationError as err:
+                raise _fail(f"{err}; backup {inp.backup_id} is kept", "MigrationFailed") from None
+        return result.model_dump()
+
+    # -- schema rollback -------------------------------------------------------------------
+
+    @activity.defn(name="database.verify_backup")
+    async def verify_backup(self, inp: BackupInput) -> dict[str, Any]:
+        target = self.target(inp.environment)
+        manifest = self.manifest(target, inp.backup_id)
+        async with heartbeating(f"verify {inp.backup_id}"):
+            try:
+                checked = await asyncio.to_thread(verify_backup, Path(manifest.path))
+            except BackupCorrupt as err:
+                raise _fail(f"backup {inp.backup_id} refused for restore: {err}", "BackupCorrupt") from None
+        return _backup_summary(checked)
+
+    @activity.defn(name="database.integrity_before")
+    async def integrity_before(self, inp: IntegrityInput) -> dict[str, Any]:
+        target = self.target(inp.environment)
+        shape = self.manifest(target, inp.target_backup_id).schema_snapshot
+        async with heartbeating("integrity snapshot"), self.connection(target) as conn:
+            specs = _integrity_specs(shape, await snapshot(conn))
+            snap = await integrity.take_snapshot(conn, specs, label=inp.key, keep_rows=True)
+        return snap.model_dump(mode="json")
+
+    @activity.defn(name="database.revert_migration")
+    async def revert_migration(self, inp: MigrationInput) -> dict[str, Any]:
+        target = self.target(inp.environment)
+        migration = find(self.migrations(target), inp.revision)
+        assert inp.backup_id is not None
+        shape = self.manifest(target, inp.backup_id).schema_snapshot
+        async with heartbeating(f"revert {migration.label}"), self.connection(target) as conn:
+            try:
+                result = await revert_schema(conn, migration=migration, target_shape=shape, key=inp.key,
+                                             lock_timeout_ms=target.lock_timeout_ms, attempts=target.lock_attempts,
+                                             around_attempt=self._pause_around(target),
+                                             on_blocked=self._blocker_policy(target, conn))
+            except (MigrationError, PgBouncerError) as err:
+                raise _fail(str(err), "RevertFailed") from None
+        return result.model_dump()
+
+    def _pause_around(self, target: DatabaseTarget):
+        """PAUSE the application's pool for one DDL transaction, RESUME whatever happens."""
+        if target.pgbouncer is None:
+            return None
+        return lambda: paused(target.pgbouncer)
+
+    def _blocker_policy(self, target: DatabaseTarget, conn: asyncpg.Connection):
+        if not target.terminate_blockers:
+            return None
+        threshold = max(1, target.lock_attempts // 2)
+
+        async def terminate(attempt: int) -> None:
+            if attempt < threshold:
+                return
+            # Sessions in a transaction that hold locks on application tables for longer
+            # than our lock_timeout: the ones our DDL keeps waiting for.
+            rows = await conn.fetch(
+                """SELECT DISTINCT a.pid, a.application_name, a.state FROM pg_locks l
+                   JOIN pg_stat_activity a ON a.pid = l.pid
+                   JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
+                   WHERE l.granted AND a.pid <> pg_backend_pid() AND a.datname = current_database()
+                     AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                     AND a.xact_start < now() - make_interval(secs => $1)""", target.lock_timeout_ms / 1000)
+            for row in rows:
+                activity.logger.warning("terminating session %s (%s, %s) that blocks the rollback's DDL",
+                                        row["pid"], row["application_name"], row["state"])
+                await conn.execute("SELECT pg_terminate_backend($1)", row["pid"])
+
+        return terminate
+
+    @activity.defn(name="database.restore_data")
+    async def restore_data(self, inp: RestoreInput) -> dict[str, Any]:
+        target = self.target(inp.environment)
+        manifest = self.manifest(target, inp.backup_id)
+        revert = RevertResult.model_validate(inp.revert)
+        system_xids = [revert.migration_xid, revert.xid]
+        progress: dict[str, str] = {}
+        async with heartbeating(f"restore data of {inp.revision}"):
+            try:
+                await asyncio.to_thread(verify_backup, Path(manifest.path))
+            except BackupCorrupt as err:
+                raise _fail(f"backup {inp.backup_id} refused for restore: {err}", "BackupCorrupt") from None
+            result = await restore_data(
+                self.dsn(target), backup_path=Path(manifest.path), target_shape=manifest.schema_snapshot,
+                changes=revert.diff, system_xids=system_xids, key=inp.key, rows_per_chunk=target.restore_chunk_rows,
+                workers=target.restore_workers, progress=lambda text: progress.update(last=text))
+        bad = [t for t in result.tables if t.mismatches_after]
+        if bad:
+            raise _fail("restored values differ from the backup afterwards: " +
+                        ", ".join(f"{t.table} ({t.mismatches_after} rows)" for t in bad), "IntegrityViolation")
+        return result.model_dump()
+
+    @activity.defn(name="database.validate")
+    async def validate(self, inp: ValidateDbInput) -> dict[str, Any]:
+        target = self.target(inp.environment)
+        before = integrity.Snapshot.model_validate(inp.snapshot)
+        async with heartbeating("integrity validation"), self.connection(target) as conn:
+            expected: set[int] = set()
+            for key in inp.restore_keys:
+                expected |= set(await restore_xids(conn, key))
+            reverts = set()
+            for key in inp.revert_keys:
+                xid = await conn.fetchval("SELECT xid FROM rollback_meta.reverts WHERE key = $1", key)
+                if xid is not None:
+                    reverts.add(xid)
+            specs = [integrity.TableSpec(table=t.table, key=t.key, columns=t.columns) for t in before.tables.values()]
+            report = await integrity.compare(conn, before, specs, rollback_xids=expected | reverts, expected_xids=expected,
+                                             allow_deletes=target.allow_concurrent_deletes)
+            if report.ok:
+                await integrity.drop_kept_rows(conn, before)
+        if not report.ok:
+            named = "; ".join(f"{d.table} {d.kind} " + ",".join(f"{k}={v}" for k, v in (d.key or {}).items())
+                              for d in report.differences if d.cause == "unexplained")
+            raise _fail(f"integrity check failed: {report.summary}; {named}"[:1500], "IntegrityViolation")
+        return report.model_dump(mode="json")
+
+    @activity.defn(name="database.reapply_migration")
+    async def reapply_migration(self, inp: MigrationInput) -> dict[str, Any]:
+        """Compensation: undo a revert (re-apply the migration, put the archived data back)."""
+        target = self.target(inp.environment)
+        migration = find(self.migrations(target), inp.revision)
+        async with heartbeating(f"re-apply {migration.label}"), self.connection(target) as conn:
+            await ensure_bookkeeping(conn)
+            raw = await conn.fetchval("SELECT result FROM rollback_meta.reverts WHERE key = $1", inp.key)
+            if raw is None:
+                return {"reapplied": False, "why": "the revert never happened"}
+            revert = RevertResult.model_validate_json(raw)
+
+            async def body(c: asyncpg.Connection) -> dict[str, Any]:
+                if await c.fetchval("SELECT count(*) FROM rollback_meta.migrations WHERE revision = $1", migration.revision):
+                    return {"reapplied": False, "why": "already re-applied"}
+                await c.execute(migration.up_sql)
+                for item in revert.archived:
+                    schema, table = item.source.split(".", 1)
+                    source = qualified(ARCHIVE_SCHEMA, item.archive_table)
+                    if item.whole_table:
+                        cols = ", ".join(ident(x) for x in item.columns)
+                        await c.execute(f"INSERT INTO {qualified(schema, table)} ({cols}) SELECT {cols} FROM {source}")
+                    else:
+                        sets = ", ".join(f"{ident(x)} = a.{ident(x)}" for x in item.columns)
+                        join = " AND ".join(f"t.{ident(k)} = a.{ident(k)}" for k in item.key)
+                        await c.execute(f"UPDATE {qualified(schema, table)} t SET {sets} FROM {source} a WHERE {join}")
+                await c.execute("INSERT INTO rollback_meta.migrations (revision, name, checksum, xid, backup_id) "
+                                "VALUES ($1, $2, $3, txid_current(), $4)", migration.revision, migration.name,
+                                migration.checksum, inp.backup_id)
+                return {"reapplied": True, "archives_restored": [a.archive_table for a in revert.archived]}
+
+            try:
+                return await in_transaction_with_lock_timeout(conn, body, lock_timeout_ms=target.lock_timeout_ms,
+                                                              attempts=target.lock_attempts, what=f"re-apply of {migration.label}",
+                                                              around_attempt=self._pause_around(target))  # type: ignore[return-value]
+            except (MigrationError, asyncpg.PostgresError) as err:
+                raise _fail(f"could not re-apply {migration.label}: {err}".replace("\n", " "), "CompensationFailed") from None
+
+    # -- point-in-time recovery --------------------------------------------------------------
+
+    @activity.defn(name="database.pitr")
+    async def recover_to_point(self, inp: PitrInput) -> dict[str, Any]:
+        target = self.target(inp.environment)
+        assert target.pitr is not None and target.pitr.work_dir is not None
+        dsn = self.dsn(target)
+        live = database_name(dsn)
+        replacement = f"{live}_pitr"[:63]
+        source = pitr.PitrSource(base_backup_dir=target.pitr.base_backup_dir, wal_archive_dir=target.pitr.wal_archive_dir,
+                                 pg_bin_dir=target.pitr.pg_bin_dir)
+        point = pitr.RecoveryTarget(restore_point=inp.restore_point,
+                                    time=datetime.fromisoformat(inp.target_time) if inp.target_time else None)
+        work = target.pitr.work_dir / inp.key.replace(":", "_")[-40:]
+        async with heartbeating(f"point-in-time recovery to {point.describe()}"):
+            if not await _database_exists(dsn, inp.retired_name):  # not swapped yet (a retry after the swap skips this)
+                instance = await pitr.recover(source=source, target=point, work_dir=work)
+                async with instance:
+                    await pitr.copy_database(source_dsn=instance.dsn(live), target_admin_dsn=dsn, new_database=replacement,
+                                             pg_bin_dir=target.pitr.pg_bin_dir)
+            await pitr.swap_databases(admin_dsn=with_database(dsn, "postgres"), live=live, replacement=replacement,
+                                      retired=inp.retired_name, terminate_sessions=target.pitr.terminate_sessions,
+                                      timeout=target.pitr.swap_timeout_seconds)
+        await self.close()  # pooled connections point at the retired database
+        return {"recovered_to": point.describe(), "live": live, "retired": inp.retired_name}
+
+    @activity.defn(name="database.swap_back")
+    async def swap_back(self, inp: SwapBackInput) -> dict[str, Any]:
+        """Compensation of a recovery: the retired (pre-recovery) database becomes live again."""
+        target = self.target(inp.environment)
+        dsn = self.dsn(target)
+        live = database_name(dsn)
+        if not await _database_exists(dsn, inp.retired_name):
+            return {"swapped_back": False, "why": f"{inp.retired_name} does not exist: the recovery never swapped"}
+        await self.close()
+        await pitr.swap_databases(admin_dsn=with_database(dsn, "postgres"), live=live, replacement=inp.retired_name,
+                                  retired=f"{live}_pitr_failed"[:63], terminate_sessions=target.pitr.terminate_sessions if target.pitr else False,
+                                  timeout=target.pitr.swap_timeout_seconds if target.pitr else 120)
+        return {"swapped_back": True}
+
+    @activity.defn(name="database.current_revision")
+    async def current_revision(self, inp: BackupInput) -> str | None:
+        target = self.target(inp.environment)
+        async with self.connection(target) as conn:
+            done = await applied(conn)
+        return done[-1].revision if done else None
+
+
+def _integrity_specs(target: SchemaSnapshot, live: SchemaSnapshot) -> list[integrity.TableSpec]:
+    """Tables in both shapes, over the columns in both: what must survive the rollback unchanged."""
+    specs = []
+    for name in sorted(set(target.tables) & set(live.tables)):
+        want, have = target.tables[name], live.tables[name]
+        columns = [c.name for c in have.columns if want.column(c.name) is not None]
+        key = have.primary_key if set(have.primary_key) <= set(columns) else []
+        specs.append(integrity.TableSpec(table=name, key=key, columns=columns))
+    return specs
+
+
+async def _database_exists(dsn: str, name: str) -> bool:
+    conn = await asyncpg.connect(with_database(dsn, "postgres"), timeout=10)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await conn.close()
+
+
+def _backup_summary(manifest: BackupManifest) -> dict[str, Any]:
+    return {"id": manifest.id, "revision": manifest.revision, "next_revision": manifest.next_revision,
+            "total_bytes": manifest.total_bytes, "files": len(manifest.files), "restore_point": manifest.restore_point,
+            "verified_at": manifest.verified_at.isoformat() if manifest.verified_at else None,
+            "created_at": manifest.created_at.isoformat()}
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)

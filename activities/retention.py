@@ -1,0 +1,98 @@
+"""Backup retention: delete backups (and archive tables) past `backup_retention_days`, never a pinned one.
+
+Pinned: the backups a rollback of the current or the known-good revision would need,
+every backup of an environment where a rollback is running (it may reference any of
+them), and those whose rollback archive is still inside the retention window.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import asyncpg
+from temporalio import activity
+from temporalio.client import Client
+
+from rollback.backups import BackupCatalog, delete_backup, select_expired
+from rollback.config import ConfigSource, DatabaseTarget
+from rollback.pg import MissingDsn, dsn_from_env, qualified
+from rollback.payloads import RetentionInput
+from rollback.schema_rollback import ARCHIVE_SCHEMA
+from rollback.state import StateStore
+
+
+class Retention:
+    def __init__(self, config: ConfigSource, client: Client) -> None:
+        self.config = config
+        self.client = client
+
+    async def _rollback_running(self, environment: str) -> bool:
+        query = f"WorkflowType = 'RollbackWorkflow' AND ExecutionStatus = 'Running' AND RollbackEnvironment = '{environment}'"
+        async for _ in self.client.list_workflows(query, limit=1):
+            return True
+        return False
+
+    @activity.defn(name="retention.apply")
+    async def apply(self, inp: RetentionInput) -> dict[str, Any]:
+        config = self.config.get()
+        now = datetime.now(timezone.utc)
+        days = config.rollback.backup_retention_days
+        report: dict[str, Any] = {"retention_days": days, "deleted": [], "pinned": {}, "archives_dropped": [], "skipped": {}}
+        for name, env in config.environments.items():
+            target = env.targets.database
+            if target is None or target.backup_dir is None:
+                continue
+            catalog = BackupCatalog(target.backup_dir)
+            manifests = catalog.list(name)
+            if await self._rollback_running(name):
+                report["skipped"][name] = "a rollback is running: every backup of this environment is kept"
+                continue
+            versions = StateStore(config.state_dir).versions(name, "database", seed=target.versions)
+            pinned = _pins(manifests, versions.current, versions.known_good)
+            archives = await self._archives(target, now - timedelta(days=days), drop=not inp.dry_run)
+            pinned |= {m.id for m in manifests if m.next_revision in archives["recent_revisions"]}
+            report["pinned"][name] = sorted(pinned)
+            report["archives_dropped"] += archives["dropped"]
+            for backup_id in select_expired(manifests, now=now, retention_days=days, pinned=pinned):
+                if not inp.dry_run:
+                    delete_backup(catalog, backup_id)
+                report["deleted"].append(backup_id)
+            activity.heartbeat(name)
+        return report
+
+    async def _archives(self, target: DatabaseTarget, cutoff: datetime, *, drop: bool) -> dict[str, Any]:
+        """Drop archive tables of reverts older than the window; the revisions reverted within it."""
+        try:
+            dsn = dsn_from_env(target.dsn_env)
+        except MissingDsn:
+            return {"dropped": [], "recent_revisions": set()}
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            if not await conn.fetchval("SELECT to_regclass('rollback_meta.reverts') IS NOT NULL"):
+                return {"dropped": [], "recent_revisions": set()}
+            rows = await conn.fetch("SELECT key, revision, done_at, result->'archived' AS archived FROM rollback_meta.reverts")
+            dropped, recent = [], set()
+            for row in rows:
+                if row["done_at"] >= cutoff:
+                    recent.add(row["revision"])
+                    continue
+                for item in json.loads(row["archived"] or "[]"):
+                    if drop:
+                        await conn.execute(f"DROP TABLE IF EXISTS {qualified(ARCHIVE_SCHEMA, item['archive_table'])}")
+                    dropped.append(item["archive_table"])
+            return {"dropped": dropped, "recent_revisions": recent}
+        finally:
+            await conn.close()
+
+
+def _pins(manifests: list, current: str | None, known_good: str | None) -> set[str]:
+    """The newest backup taken before the current revision's migration, and the newest of the known-good revision."""
+    pins: set[str] = set()
+    for predicate in (lambda m: current is not None and m.next_revision == current,
+                      lambda m: known_good is not None and m.revision == known_good):
+        newest = next((m for m in manifests if predicate(m)), None)  # manifests are newest first
+        if newest is not None:
+            pins.add(newest.id)
+    return pins

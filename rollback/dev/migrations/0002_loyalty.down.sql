@@ -1,0 +1,2 @@
+DROP TABLE order_events;
+ALTER TABLE customers DROP COLUMN loyalty_points;

@@ -1,0 +1,2 @@
+ALTER TABLE customers ADD COLUMN email text;
+ALTER TABLE orders ADD COLUMN note text;

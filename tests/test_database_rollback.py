@@ -1,0 +1,282 @@
+"""Database rollback end to end: real PostgreSQL, real Temporal, the workflow and its activities.
+
+Each test gets a fresh database and a `shop` environment whose only target is that
+database; migrations are written per test into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import yaml
+
+from rollback.backups import BackupCatalog
+from rollback.client import RollbackError
+from rollback.config import ConfigSource
+from rollback.models import MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget
+from rollback.pg import local_dsn, with_database
+from rollback.state import StateStore
+from tests.helpers import eventually, history_without, orchestrator, status_when
+from tests.postgres import database  # noqa: F401 - fixture
+
+PLANTED_PASSWORD = "PLANTEDdbPASSWORD0042"  # trust auth ignores it; it must never reach Temporal
+
+SHOP = """
+CREATE TABLE customers (id bigserial PRIMARY KEY, name text NOT NULL, email text);
+CREATE TABLE orders (id bigserial PRIMARY KEY, customer_id bigint NOT NULL, amount numeric(10,2) NOT NULL, note text);
+CREATE TABLE coupons (code text PRIMARY KEY, percent integer NOT NULL);
+INSERT INTO customers (name, email) SELECT 'c' || g, 'c' || g || '@example.com' FROM generate_series(1, 400) g;
+INSERT INTO orders (customer_id, amount, note) SELECT 1 + g % 400, g + 0.25, 'note ' || g FROM generate_series(1, 1200) g;
+INSERT INTO coupons SELECT 'CODE' || g, g % 50 FROM generate_series(1, 60) g;
+"""
+SHOP_DOWN = "DROP TABLE orders; DROP TABLE customers; DROP TABLE coupons;"
+
+ADDITIVE = ("ALTER TABLE customers ADD COLUMN phone text; CREATE TABLE reviews (id bigserial PRIMARY KEY, order_id bigint, stars int);",
+            "DROP TABLE reviews; ALTER TABLE customers DROP COLUMN phone;")
+DESTRUCTIVE = ("ALTER TABLE customers DROP COLUMN email; DROP TABLE coupons; UPDATE orders SET amount = round(amount) WHERE id % 3 = 0;",
+               "ALTER TABLE customers ADD COLUMN email text; CREATE TABLE coupons (code text PRIMARY KEY, percent integer NOT NULL);")
+
+
+def write_migrations(directory: Path, *steps: tuple[str, str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for number, (up, down) in enumerate([(SHOP, SHOP_DOWN), *steps], 1):
+        (directory / f"{number:04d}_step{number}.up.sql").write_text(up)
+        (directory / f"{number:04d}_step{number}.down.sql").write_text(down)
+    return directory
+
+
+def shop_config(tmp_path: Path, migrations: Path, variable: str, **database: Any) -> ConfigSource:
+    path = tmp_path / "rollback.yaml"
+    path.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"),
+        "rollback": {"notification_channels": ["log"]},
+        "environments": {"shop": {"targets": {"database": {
+            "dsn_env": variable, "migrations": str(migrations), "lock_timeout_ms": 200, "restore_chunk_rows": 300,
+            **database}}}},
+    }))
+    return ConfigSource(path)
+
+
+@pytest.fixture
+def shop(tmp_path, database, monkeypatch):  # noqa: F811
+    """(config, dsn) for a `shop` environment on a fresh database; the worker reads the DSN from the environment."""
+    variable = f"SHOP_DSN_{uuid.uuid4().hex[:6].upper()}"
+    dsn = with_database(local_dsn(), database, password=PLANTED_PASSWORD)
+    monkeypatch.setenv(variable, dsn)
+
+    def make(*steps: tuple[str, str], **database_options: Any) -> ConfigSource:
+        return shop_config(tmp_path, write_migrations(tmp_path / "migrations", *steps), variable, **database_options)
+
+    return make, local_dsn(database)
+
+
+async def migrate(orch, revision: str) -> None:
+    await orch.migrate(MigrateRequest(environment="shop", to_revision=revision, initiated_by="tester"))
+
+
+async def rollback_database(orch, **extra: Any) -> tuple[str, RollbackStatus]:
+    """Run a database rollback to its end; its final status (state, error, steps, reports)."""
+    started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester",
+                                               reason="bad migration", **extra))
+    await orch.wait(started.execution_id)
+    return started.execution_id, await orch.get_rollback_status(started.execution_id)
+
+
+async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def value(dsn: str, sql: str, *args: Any) -> Any:
+    return (await fetch(dsn, sql, *args))[0][0]
+
+
+async def test_additive_migration_rolled_back_keeps_new_rows_and_archives_new_columns(shop, client, task_queue, run_worker):
+    make, dsn = shop
+    config = make(ADDITIVE)
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    await migrate(orch, "0002")
+    # The application keeps working on the new schema: new rows, values only the new objects hold.
+    await fetch(dsn, "INSERT INTO customers (name, email, phone) SELECT 'new' || g, 'n' || g || '@x', '555-' || g FROM generate_series(1, 50) g")
+    await fetch(dsn, "INSERT INTO reviews (order_id, stars) SELECT g, 5 FROM generate_series(1, 30) g")
+
+    workflow_id, status = await rollback_database(orch)
+
+    assert status.state == Phase.SUCCEEDED, status.error
+    assert await value(dsn, "SELECT count(*) FROM customers") == 450  # the 50 written after the migration are kept
+    assert await value(dsn, "SELECT count(*) FROM customers WHERE name LIKE 'new%' AND email LIKE 'n%@x'") == 50
+    columns = {r[0] for r in await fetch(dsn, "SELECT column_name FROM information_schema.columns WHERE table_name = 'customers'")}
+    assert columns == {"id", "name", "email"}
+    assert await value(dsn, "SELECT to_regclass('public.reviews')") is None
+    # What only the dropped objects held is archived, so the rollback itself can be undone.
+    revert = next(s for s in status.steps if s.name.startswith("revert schema"))
+    assert "public.reviews" in revert.detail and "public.customers" in revert.detail, revert.detail
+    archives = {r[0]: r[1] for r in await fetch(dsn, "SELECT table_name, (xpath('/row/c/text()', query_to_xml("
+                                                    "format('SELECT count(*) AS c FROM rollback_archive.%I', table_name), false, true, '')))[1]::text::int "
+                                                    "FROM information_schema.tables WHERE table_schema = 'rollback_archive' AND table_name LIKE 'rb_%'")}
+    assert sorted(archives.values()) == [30, 450], archives
+    assert await value(dsn, "SELECT count(*) FROM rollback_meta.migrations") == 1
+    versions = StateStore(Path(config.get().state_dir)).versions("shop", "database")
+    assert (versions.current, versions.known_good) == ("0001", "0001")
+    assert status.reports["database_integrity"]["ok"] is True
+    await history_without(client, workflow_id, [PLANTED_PASSWORD])
+
+
+async def test_destructive_migration_rolled_back_restores_dropped_data_and_keeps_new_rows(shop, client, task_queue, run_worker):
+    make, dsn = shop
+    config = make(DESTRUCTIVE)
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    original = {r["id"]: (r["amount"], r["note"]) for r in await fetch(dsn, "SELECT id, amount, note FROM orders")}
+    emails = {r["id"]: r["email"] for r in await fetch(dsn, "SELECT id, email FROM customers")}
+    await migrate(orch, "0002")
+    assert await value(dsn, "SELECT count(*) FROM orders WHERE amount <> round(amount)") == 800  # 1 in 3 rounded
+    # After the bad migration: new customers and orders, and one rounded order the application changed again.
+    await fetch(dsn, "INSERT INTO customers (name) SELECT 'after' || g FROM generate_series(1, 25) g")
+    await fetch(dsn, "INSERT INTO orders (customer_id, amount) SELECT g, 7.77 FROM generate_series(1, 40) g")
+    await fetch(dsn, "UPDATE orders SET amount = 99.99 WHERE id = 3")
+
+    workflow_id, status = await rollback_database(orch)
+
+    assert status.state == Phase.SUCCEEDED, status.error
+    restored = {r["id"]: r["email"] for r in await fetch(dsn, "SELECT id, email FROM customers WHERE name NOT LIKE 'after%'")}
+    assert restored == emails  # the dropped column is back, value for value
+    assert await value(dsn, "SELECT count(*) FROM customers WHERE name LIKE 'after%' AND email IS NULL") == 25
+    assert await value(dsn, "SELECT count(*) FROM coupons") == 60  # the dropped table's rows are back
+    now = {r["id"]: r["amount"] for r in await fetch(dsn, "SELECT id, amount FROM orders")}
+    assert len(now) == 1240  # the 40 orders written after the migration are kept
+    assert {i: now[i] for i in original if i != 3} == {i: a for i, (a, _) in original.items() if i != 3}  # rounding undone
+    assert str(now[3]) == "99.99"  # the application's later write wins over the backup
+    detail = next(s for s in status.steps if s.name.startswith("restore data")).detail
+    assert "public.coupons rows: 60 restored" in detail and "public.customers columns: 400 restored" in detail, detail
+    assert status.reports["database_integrity"]["ok"] is True
+    await history_without(client, workflow_id, [PLANTED_PASSWORD])
+
+
+async def test_failed_migration_leaves_the_database_as_it_was_and_keeps_the_backup(shop, client, task_queue, run_worker):
+    make, dsn = shop
+    broken = ("ALTER TABLE customers ADD COLUMN tier text; UPDATE customers SET name = NULL WHERE id = 5;", "SELECT 1;")
+    config = make(broken)
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+
+    with pytest.raises(RollbackError, match=r"0002_step2 failed and was rolled back.*NotNullViolation"):
+        await migrate(orch, "0002")
+
+    columns = {r[0] for r in await fetch(dsn, "SELECT column_name FROM information_schema.columns WHERE table_name = 'customers'")}
+    assert columns == {"id", "name", "email"}  # the half-applied ADD COLUMN is gone too
+    assert await value(dsn, "SELECT max(revision) FROM rollback_meta.migrations") == "0001"
+    backups = BackupCatalog(config.get().environments["shop"].targets.database.backup_dir).list("shop")
+    assert [b.next_revision for b in backups] == ["0002", "0001"] and Path(backups[0].path).is_dir()
+
+
+async def test_corrupt_backup_is_refused_and_nothing_changes(shop, client, task_queue, run_worker):
+    make, dsn = shop
+    config = make(DESTRUCTIVE)
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    await migrate(orch, "0002")
+    newest = BackupCatalog(config.get().environments["shop"].targets.database.backup_dir).list("shop")[0]
+    data_file = next(p for p in Path(newest.path).iterdir() if p.name.endswith(".dat.gz"))
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data_file.write_bytes(bytes(raw))
+
+    workflow_id, status = await rollback_database(orch)
+
+    assert status.state == Phase.FAILED
+    assert data_file.name in status.error and "refused" in status.error
+    assert await value(dsn, "SELECT max(revision) FROM rollback_meta.migrations") == "0002"  # untouched
+    assert await value(dsn, "SELECT to_regclass('public.coupons')") is None
+
+
+async def test_rollback_waits_politely_for_a_long_transaction_without_blocking_the_application(shop, client, task_queue, run_worker):
+    make, dsn = shop
+    config = make(ADDITIVE, lock_attempts=200)
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    await migrate(orch, "0002")
+    holder = await asyncpg.connect(dsn, timeout=10)
+    reader = await asyncpg.connect(dsn, timeout=10)
+    try:
+        # A long application transaction holds a lock on customers (it wrote a row and has not committed).
+        holder_tx = holder.transaction()
+        await holder_tx.start()
+        await holder.execute("UPDATE customers SET name = 'held' WHERE id = 1")
+        started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester"))
+        await status_when(orch, started.execution_id, lambda s: any(x.name.startswith("revert schema") and x.state == "running"
+                                                                    for x in s.steps), what="revert running")
+        # While the rollback keeps retrying, other application queries on the table still run:
+        # a DDL waits at most lock_timeout (200 ms) per attempt, so a reader is never stuck behind it.
+        for _ in range(20):
+            assert await reader.fetchval("SELECT count(*) FROM customers", timeout=3) == 400
+            await reader.execute("UPDATE customers SET name = name WHERE id = 2", timeout=3)
+        status = await orch.get_rollback_status(started.execution_id)
+        assert status.state == Phase.EXECUTION  # still waiting politely, not failed, not done
+        await holder_tx.commit()
+        result = await orch.wait(started.execution_id)
+    finally:
+        await holder.close()
+        await reader.close()
+    assert result is not None and result.state == Phase.SUCCEEDED, result
+    assert await value(dsn, "SELECT name FROM customers WHERE id = 1") == "held"  # its write is kept
+
+
+async def test_blocking_session_is_terminated_only_when_the_config_allows_it(shop, client, task_queue, run_worker):
+    make, dsn = shop
+    config = make(ADDITIVE, lock_attempts=4, terminate_blockers=True)
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    await migrate(orch, "0002")
+    holder = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await holder.execute("BEGIN; LOCK TABLE customers IN ROW EXCLUSIVE MODE")
+        _, status = await rollback_database(orch)
+        assert status.state == Phase.SUCCEEDED, status.error
+        assert holder.is_closed() or await _terminated(holder)
+    finally:
+        if not holder.is_closed():
+            holder.terminate()
+
+
+async def _terminated(conn: asyncpg.Connection) -> bool:
+    try:
+        await conn.fetchval("SELECT 1", timeout=3)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError, OSError):
+        return True
+    return False
+
+
+async def test_unexpected_change_fails_integrity_and_compensates(shop, client, task_queue, run_worker):
+    """A down migration that also deletes a row: the integrity check names it and the revert is undone."""
+    make, dsn = shop
+    sneaky = (ADDITIVE[0], ADDITIVE[1] + " DELETE FROM orders WHERE id = 17;")
+    config = make(sneaky)
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    await migrate(orch, "0002")
+    await fetch(dsn, "INSERT INTO reviews (order_id, stars) VALUES (1, 4), (2, 5)")
+
+    workflow_id, status = await rollback_database(orch)
+
+    assert status.state == Phase.COMPENSATED, status.error
+    assert "integrity" in status.error and "id=17" in status.error, status.error
+    # Compensation re-applied the migration and put the archived data back.
+    assert await value(dsn, "SELECT count(*) FROM reviews") == 2
+    assert await value(dsn, "SELECT max(revision) FROM rollback_meta.migrations") == "0002"

@@ -1,0 +1,93 @@
+"""DatabaseMigrationWorkflow: `rollback db migrate`, a verified backup before every migration.
+
+Per pending revision: back up (pg_dump, checksums, restore point, catalog), apply the
+migration in one transaction, record it as the database's current version (the previous
+one becomes known-good). Under the environment's deployment lock, so a migration never
+races a rollback. A migration that fails leaves the database as it was and keeps the backup.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from pydantic import ValidationError
+
+    from rollback.models import MigrateRequest, MigrateResult
+    from rollback.payloads import BackupInput, LockInput, MigrationInput, RecordInput
+
+from workflows.rollback import describe_failure
+
+NON_RETRYABLE = ["InvalidRequest", "EnvironmentLocked", "MigrationFailed", "BackupCorrupt", "CredentialsMissing"]
+
+
+def _retry(attempts: int) -> RetryPolicy:
+    return RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30),
+                       maximum_attempts=attempts, non_retryable_error_types=NON_RETRYABLE)
+
+
+@workflow.defn(name="DatabaseMigrationWorkflow")
+class DatabaseMigrationWorkflow:
+    def __init__(self) -> None:
+        self._progress: list[str] = []
+
+    @workflow.query
+    def progress(self) -> list[str]:
+        return self._progress
+
+    @workflow.run
+    async def run(self, raw: Any) -> MigrateResult:
+        try:
+            request = MigrateRequest.model_validate(raw)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in err.errors()[:5])
+            raise ApplicationError(f"invalid MigrateRequest: {problems}", type="InvalidRequest", non_retryable=True) from None
+        wf_id = workflow.info().workflow_id
+        lock = LockInput(environment=request.environment, holder=wf_id)
+        await self._call("coordination.acquire_lock", lock, None, attempts=5)
+        try:
+            return await self._migrate(request, wf_id)
+        except ActivityError as err:
+            raise ApplicationError(f"migration of {request.environment} failed: {describe_failure(err)}",
+                                   type="MigrationFailed", non_retryable=True) from None
+        finally:
+            await self._call("coordination.release_lock", lock, None, attempts=20)
+
+    async def _migrate(self, request: MigrateRequest, wf_id: str) -> MigrateResult:
+        env = request.environment
+        plan = await self._call("database.plan_migration", MigrationInput(environment=env, key=f"{wf_id}:plan",
+                                                                          revision=request.to_revision), dict, attempts=5)
+        current, applied, backups = plan["current"], [], []
+        self._say(f"database at {current or 'no revision'}; to apply: {', '.join(plan['labels']) or 'nothing'}")
+        for revision, label in zip(plan["pending"], plan["labels"]):
+            backup_id = f"{env}-{revision}-{wf_id.rsplit('-', 1)[-1]}"
+            self._say(f"backing up before {label} ({backup_id})")
+            backup = await self._call("database.backup", BackupInput(environment=env, key=f"{wf_id}:backup:{revision}",
+                                                                     backup_id=backup_id, revision=current, next_revision=revision),
+                                      dict, attempts=5, long=True)
+            backups.append(backup_id)
+            self._say(f"backup {backup_id}: {backup['total_bytes']} bytes, restore point {backup['restore_point'] or 'none'}")
+            self._say(f"applying {label}")
+            await self._call("database.apply_migration", MigrationInput(environment=env, key=f"{wf_id}:apply:{revision}",
+                                                                        revision=revision, backup_id=backup_id),
+                             dict, attempts=3, long=True)
+            await self._call("coordination.record_deployed", RecordInput(environment=env, target="database", version=revision,
+                                                                         key=f"{wf_id}:record:{revision}"), None, attempts=10)
+            applied.append(revision)
+            current = revision
+            self._say(f"applied {label}; database at {revision}")
+        return MigrateResult(execution_id=wf_id, environment=env, from_revision=plan["current"], revision=current,
+                             applied=applied, backups=backups)
+
+    def _say(self, line: str) -> None:
+        self._progress.append(f"{workflow.now():%H:%M:%S} {line}")
+
+    def _call(self, name: str, arg: Any, result_type: type | None, *, attempts: int, long: bool = False):
+        return workflow.execute_activity(name, arg, result_type=result_type,
+                                         start_to_close_timeout=timedelta(hours=2 if long else 0, minutes=0 if long else 2),
+                                         heartbeat_timeout=timedelta(seconds=30) if long else None, retry_policy=_retry(attempts))
