@@ -249,7 +249,7 @@ class DatabaseRollback:
                                              on_blocked=self._blocker_policy(target, conn))
             except (MigrationError, PgBouncerError) as err:
                 raise _fail(str(err), "RevertFailed") from None
-        return result.model_dump()
+        return {**result.model_dump(), "attempt": activity.info().attempt}
 
     def _pause_around(self, target: DatabaseTarget):
         """PAUSE the application's pool for one DDL transaction, RESUME whatever happens."""
@@ -301,7 +301,7 @@ class DatabaseRollback:
         if bad:
             raise _fail("restored values differ from the backup afterwards: " +
                         ", ".join(f"{t.table} ({t.mismatches_after} rows)" for t in bad), "IntegrityViolation")
-        return result.model_dump()
+        return {**result.model_dump(), "attempt": activity.info().attempt}
 
     @activity.defn(name="database.validate")
     async def validate(self, inp: ValidateDbInput) -> dict[str, Any]:

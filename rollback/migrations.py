@@ -21,6 +21,8 @@ from pathlib import Path
 import asyncpg
 from pydantic import BaseModel
 
+from rollback.pgschema import snapshot
+
 FILE_NAME = re.compile(r"^(?P<revision>\d{1,12})_(?P<name>[A-Za-z0-9_-]+)\.(?P<direction>up|down)\.sql$")
 
 TRACKING_DDL = """
@@ -33,6 +35,7 @@ CREATE TABLE IF NOT EXISTS rollback_meta.migrations (
     backup_id  text,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
+ALTER TABLE rollback_meta.migrations ADD COLUMN IF NOT EXISTS shape_after jsonb;
 """
 
 
@@ -176,8 +179,11 @@ async def apply_up(conn: asyncpg.Connection, migration: Migration, *, backup_id:
             return AppliedMigration(**dict(already))  # a retried activity: applied once, reported again
         await c.execute(migration.up_sql)
         xid = await c.fetchval("SELECT txid_current()")
-        await c.execute("INSERT INTO rollback_meta.migrations (revision, name, checksum, xid, backup_id) VALUES ($1, $2, $3, $4, $5)",
-                        migration.revision, migration.name, migration.checksum, xid, backup_id)
+        # The shape right after the migration: what it added is this minus the backup's shape,
+        # whatever else is created in the database later.
+        shape = (await snapshot(c)).model_dump_json()
+        await c.execute("INSERT INTO rollback_meta.migrations (revision, name, checksum, xid, backup_id, shape_after) "
+                        "VALUES ($1, $2, $3, $4, $5, $6)", migration.revision, migration.name, migration.checksum, xid, backup_id, shape)
         return AppliedMigration(revision=migration.revision, name=migration.name, xid=xid, backup_id=backup_id)
 
     try:

@@ -84,6 +84,19 @@ def diff(before: SchemaSnapshot, live: SchemaSnapshot) -> SchemaDiff:
     return result
 
 
+def _existing(changes: SchemaDiff, live: SchemaSnapshot) -> SchemaDiff:
+    """Only the added objects still there to archive and drop, and the dropped ones still missing."""
+    return SchemaDiff(
+        added_tables=[t for t in changes.added_tables if t in live.tables],
+        dropped_tables=[t for t in changes.dropped_tables if t not in live.tables],
+        added_columns={t: [c for c in cols if live.tables[t].column(c) is not None]
+                       for t, cols in changes.added_columns.items() if t in live.tables
+                       and any(live.tables[t].column(c) is not None for c in cols)},
+        dropped_columns={t: cols for t, cols in changes.dropped_columns.items()
+                         if t in live.tables and all(live.tables[t].column(c) is None for c in cols)},
+    )
+
+
 class ArchivedObject(BaseModel):
     source: str = Field(description="schema.table the data came from")
     archive_table: str = Field(description=f"table in {ARCHIVE_SCHEMA}")
@@ -160,11 +173,15 @@ async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, targe
         done = await c.fetchval("SELECT result FROM rollback_meta.reverts WHERE key = $1", key)
         if done is not None:
             return RevertResult.model_validate({**json.loads(done), "repeated": True})
-        migration_xid = await c.fetchval("SELECT xid FROM rollback_meta.migrations WHERE revision = $1", migration.revision)
-        if migration_xid is None:
+        record = await c.fetchrow("SELECT xid, shape_after FROM rollback_meta.migrations WHERE revision = $1", migration.revision)
+        if record is None:
             raise MigrationError(f"migration {migration.label} is not applied: nothing to revert")
+        migration_xid = record["xid"]
         live = await snapshot(c)
-        changes = diff(target_shape, live)
+        # What the migration changed: its recorded after-shape against the backup's, limited to
+        # what still exists (objects created outside migrations since are not its doing).
+        after_migration = SchemaSnapshot.model_validate_json(record["shape_after"]) if record["shape_after"] else live
+        changes = _existing(diff(target_shape, after_migration), live)
         involved = sorted(set(changes.added_tables) | set(changes.added_columns) | set(changes.dropped_columns))
         for name in involved:  # sorted: two rollbacks never lock in opposite orders
             shape = live.tables[name]

@@ -7,6 +7,8 @@ database; migrations are written per test into a temporary directory.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,14 @@ async def fetch(dsn: str, sql: str, *args: Any) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def execute(dsn: str, script: str) -> None:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute(script)
     finally:
         await conn.close()
 
@@ -280,3 +290,56 @@ async def test_unexpected_change_fails_integrity_and_compensates(shop, client, t
     # Compensation re-applied the migration and put the archived data back.
     assert await value(dsn, "SELECT count(*) FROM reviews") == 2
     assert await value(dsn, "SELECT max(revision) FROM rollback_meta.migrations") == "0002"
+
+
+async def test_worker_killed_during_restore_resumes_and_restores_each_value_once(shop, client, task_queue, tmp_path):
+    """SIGKILL the worker while it merges dropped data back; a new worker finishes, and every row
+    was restored by exactly one committed update (a trigger counts them)."""
+    from tests.test_durability import start_worker
+
+    make, dsn = shop
+    many = ("ALTER TABLE customers DROP COLUMN email;", "ALTER TABLE customers ADD COLUMN email text;")
+    config = make(many, restore_chunk_rows=500, restore_workers=1)
+    log = tmp_path / "worker.log"
+    worker = start_worker(client, task_queue, config.path, log)
+    replacement = None
+    try:
+        orch = orchestrator(client, task_queue)
+        await migrate(orch, "0001")
+        await fetch(dsn, "INSERT INTO customers (name, email) SELECT 'bulk' || g, 'bulk' || g || '@example.com' FROM generate_series(1, 30000) g")
+        emails = dict(await fetch(dsn, "SELECT id, email FROM customers"))
+        await migrate(orch, "0002")
+        # Outside the migrations: an audit of every committed change to a customer's e-mail.
+        await execute(dsn, """
+            CREATE SCHEMA audit;
+            CREATE TABLE audit.email_writes (id bigint NOT NULL);
+            CREATE FUNCTION audit.log_email() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+              IF to_jsonb(NEW)->>'email' IS DISTINCT FROM to_jsonb(OLD)->>'email' THEN
+                INSERT INTO audit.email_writes VALUES (NEW.id);
+              END IF;
+              RETURN NEW;
+            END $$;
+            CREATE TRIGGER log_email AFTER UPDATE ON customers FOR EACH ROW EXECUTE FUNCTION audit.log_email();""")
+        started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester"))
+        await eventually(lambda: value(dsn, "SELECT count(DISTINCT id) FROM audit.email_writes"), lambda n: 2000 <= n < 25000,
+                         timeout=120, interval=0.05, what="restore under way")
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait(timeout=10)
+        replacement = start_worker(client, task_queue, config.path, log)
+        await orch.wait(started.execution_id)
+        status = await orch.get_rollback_status(started.execution_id)
+    finally:
+        for proc in (worker, replacement):
+            if proc and proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=15)
+
+    assert status.state == Phase.SUCCEEDED, (status.error, log.read_text()[-2000:])
+    restore = next(s for s in status.steps if s.name.startswith("restore data"))
+    assert restore.attempts >= 2, restore  # it really ran on two workers
+    assert dict(await fetch(dsn, "SELECT id, email FROM customers WHERE name LIKE 'bulk%' OR name LIKE 'c%'")) == emails
+    per_row = await fetch(dsn, "SELECT id, count(*) AS writes FROM audit.email_writes GROUP BY id HAVING count(*) <> 1")
+    assert per_row == []  # each value restored by exactly one committed write
+    assert await value(dsn, "SELECT count(*) FROM audit.email_writes") == len(emails)
+    assert await value(dsn, "SELECT count(*) FROM rollback_meta.reverts") == 1  # the revert happened once

@@ -419,7 +419,7 @@ class RollbackWorkflow:
             record.detail = "cancelled" if isinstance(err, asyncio.CancelledError) else describe_failure(err)
             raise
         record.state, record.finished = ("compensated" if not planned else "succeeded"), workflow.now()
-        record.attempts = getattr(result, "attempt", record.attempts)
+        record.attempts = result.get("attempt", record.attempts) if isinstance(result, dict) else getattr(result, "attempt", record.attempts)
         record.detail = _summary(result)
         if planned and _cancel_requested():
             raise asyncio.CancelledError("cancel requested while this step ran to completion")
