@@ -247,8 +247,11 @@ class DatabaseRollback:
                                              lock_timeout_ms=target.lock_timeout_ms, attempts=target.lock_attempts,
                                              around_attempt=self._pause_around(target),
                                              on_blocked=self._blocker_policy(target, conn))
-            except (MigrationError, PgBouncerError) as err:
+            except MigrationError as err:
                 raise _fail(str(err), "RevertFailed") from None
+            except PgBouncerError as err:
+                # A PAUSE that timed out waits for a long application transaction: worth another attempt later.
+                raise ApplicationError(str(err), type="PoolBusy") from None
         return {**result.model_dump(), "attempt": activity.info().attempt}
 
     def _pause_around(self, target: DatabaseTarget):

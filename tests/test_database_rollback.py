@@ -24,6 +24,7 @@ from rollback.models import MigrateRequest, Phase, RollbackRequest, RollbackStat
 from rollback.pg import local_dsn, with_database
 from rollback.state import StateStore
 from tests.helpers import eventually, history_without, orchestrator, status_when
+from tests.pgbouncer import pgbouncer  # noqa: F401 - fixture
 from tests.postgres import database  # noqa: F401 - fixture
 
 PLANTED_PASSWORD = "PLANTEDdbPASSWORD0042"  # trust auth ignores it; it must never reach Temporal
@@ -343,3 +344,60 @@ async def test_worker_killed_during_restore_resumes_and_restores_each_value_once
     assert per_row == []  # each value restored by exactly one committed write
     assert await value(dsn, "SELECT count(*) FROM audit.email_writes") == len(emails)
     assert await value(dsn, "SELECT count(*) FROM rollback_meta.reverts") == 1  # the revert happened once
+
+
+async def test_pgbouncer_holds_application_queries_during_the_ddl_and_always_resumes(shop, pgbouncer, client, task_queue, run_worker):
+    from rollback.pgbouncer import is_paused
+
+    make, dsn = shop
+    settings = pgbouncer.settings(pause_timeout_seconds=20)
+    config = make(ADDITIVE, pgbouncer=settings.model_dump(mode="json"))
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    await migrate(orch, "0002")
+    holder = await asyncpg.connect(pgbouncer.client_dsn, timeout=10, statement_cache_size=0)
+    app = await asyncpg.connect(pgbouncer.client_dsn, timeout=10, statement_cache_size=0)
+    try:
+        # An application transaction in flight: PAUSE waits for it instead of cutting it off.
+        tx = holder.transaction()
+        await tx.start()
+        await holder.execute("INSERT INTO customers (name) VALUES ('in flight')")
+        started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester"))
+        await eventually(lambda: is_paused(settings), bool, timeout=60, what="PAUSE issued")
+        # Meanwhile a new application query waits in PgBouncer (it is not refused, and not run against the DDL).
+        waiting = asyncio.create_task(app.fetchval("SELECT count(*) FROM customers", timeout=60))
+        await tx.commit()
+        assert await waiting == 401
+        await orch.wait(started.execution_id)
+        status = await orch.get_rollback_status(started.execution_id)
+        assert status.state == Phase.SUCCEEDED, status.error
+        assert not await is_paused(settings)
+        assert await app.fetchval("SELECT count(*) FROM customers WHERE name = 'in flight'", timeout=10) == 1
+    finally:
+        await holder.close()
+        await app.close()
+
+
+async def test_pgbouncer_is_resumed_when_the_ddl_fails(shop, pgbouncer, client, task_queue, run_worker):
+    from rollback.pgbouncer import is_paused
+
+    make, dsn = shop
+    settings = pgbouncer.settings(pause_timeout_seconds=5)
+    broken_down = (ADDITIVE[0], "DROP TABLE reviews; ALTER TABLE customers DROP COLUMN no_such_column;")
+    config = make(broken_down, pgbouncer=settings.model_dump(mode="json"))
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    await migrate(orch, "0002")
+
+    _, status = await rollback_database(orch)
+
+    # The revert was registered for undo before it ran; its undo finds nothing to undo.
+    assert status.state == Phase.COMPENSATED and "no_such_column" in status.error, status.error
+    assert not await is_paused(settings)
+    app = await asyncpg.connect(pgbouncer.client_dsn, timeout=10, statement_cache_size=0)
+    try:
+        assert await app.fetchval("SELECT count(*) FROM reviews", timeout=5) == 0  # nothing half-done: reviews still there
+    finally:
+        await app.close()
