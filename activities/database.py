@@ -388,10 +388,10 @@ class DatabaseRollback:
                 async with instance:
                     await pitr.copy_database(source_dsn=instance.dsn(live), target_admin_dsn=dsn, new_database=replacement,
                                              pg_bin_dir=target.pitr.pg_bin_dir)
+            await self.close()  # our own pooled sessions on the live database would block the rename
             await pitr.swap_databases(admin_dsn=with_database(dsn, "postgres"), live=live, replacement=replacement,
                                       retired=inp.retired_name, terminate_sessions=target.pitr.terminate_sessions,
                                       timeout=target.pitr.swap_timeout_seconds)
-        await self.close()  # pooled connections point at the retired database
         return {"recovered_to": point.describe(), "live": live, "retired": inp.retired_name}
 
     @activity.defn(name="database.swap_back")

@@ -1,0 +1,73 @@
+"""Point-in-time recovery through RollbackWorkflow: the last resort, always approved, loss stated.
+
+A private PostgreSQL cluster with WAL archiving (the machine's shared server has none):
+base backup, migrations through the system (each backup creates a restore point), writes
+after the bad migration, then a PITR rollback to the restore point taken before it.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import yaml
+
+from rollback.config import ConfigSource
+from rollback.models import DatabaseOptions, Phase, RollbackRequest, RollbackTarget
+from rollback.pitr import take_base_backup
+from tests.helpers import orchestrator, status_when
+from tests.pitr_cluster import ArchivingCluster, archiving_cluster  # noqa: F401 - fixture
+from tests.test_database_rollback import DESTRUCTIVE, migrate, write_migrations
+
+
+async def _execute(dsn: str, sql: str) -> object:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+async def test_pitr_needs_approval_states_the_loss_and_swaps_in_the_recovered_database(
+        archiving_cluster: ArchivingCluster, tmp_path, client, task_queue, run_worker, monkeypatch):  # noqa: F811
+    cluster = archiving_cluster
+    await _execute(cluster.dsn(), "CREATE DATABASE shop")
+    variable = f"SHOP_PITR_DSN_{uuid.uuid4().hex[:6].upper()}"
+    monkeypatch.setenv(variable, cluster.dsn("shop"))
+    await take_base_backup(dsn=cluster.dsn(), target_dir=cluster.base_dir / "base")
+    config_path = tmp_path / "rollback.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "state_dir": str(tmp_path / "state"), "rollback": {"notification_channels": ["log"]},
+        "environments": {"shop": {"targets": {"database": {
+            "dsn_env": variable, "migrations": str(write_migrations(tmp_path / "migrations", DESTRUCTIVE)),
+            "pitr": {"base_backup_dir": str(cluster.base_dir / "base"), "wal_archive_dir": str(cluster.archive_dir),
+                     "work_dir": str(cluster.workspace("pitr")), "terminate_sessions": True}}}}},
+    }))
+    await run_worker(ConfigSource(config_path))
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    await migrate(orch, "0002")  # its backup created the restore point we go back to
+    await _execute(cluster.dsn("shop"), "INSERT INTO customers (name) SELECT 'lost' || g FROM generate_series(1, 30) g")
+    segment = await _execute(cluster.dsn(), "SELECT pg_walfile_name(pg_switch_wal())")
+    cluster.wait_archived(str(segment))
+
+    started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester",
+                                               require_approval=False, database=DatabaseOptions(strategy="pitr")))
+    # The policy and the request say no approval; a recovery that loses data gets one anyway.
+    waiting = await status_when(orch, started.execution_id, lambda s: s.approval.decision == "pending", what="approval pending")
+    assert waiting.plan is not None and waiting.plan.require_approval
+    assert "point-in-time recovery loses data" in waiting.plan.approval_reason
+    assert "bytes of WAL" in waiting.plan.approval_reason, waiting.plan.approval_reason
+    assert waiting.plan.targets[0].strategy == "pitr"
+    await orch.approve(started.execution_id, by="dba")
+    await orch.wait(started.execution_id)
+    status = await orch.get_rollback_status(started.execution_id)
+
+    assert status.state == Phase.SUCCEEDED, status.error
+    shop = cluster.dsn("shop")
+    assert await _execute(shop, "SELECT max(revision) FROM rollback_meta.migrations") == "0001"
+    assert await _execute(shop, "SELECT count(*) FROM customers WHERE email IS NOT NULL") == 400  # emails back
+    assert await _execute(shop, "SELECT count(*) FROM coupons") == 60
+    assert await _execute(shop, "SELECT count(*) FROM customers WHERE name LIKE 'lost%'") == 0  # the stated loss
+    retired = await _execute(cluster.dsn(), "SELECT datname FROM pg_database WHERE datname LIKE 'retired_%'")
+    assert retired and await _execute(cluster.dsn(str(retired)), "SELECT count(*) FROM customers WHERE name LIKE 'lost%'") == 30
