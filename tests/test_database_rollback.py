@@ -401,3 +401,60 @@ async def test_pgbouncer_is_resumed_when_the_ddl_fails(shop, pgbouncer, client, 
         assert await app.fetchval("SELECT count(*) FROM reviews", timeout=5) == 0  # nothing half-done: reviews still there
     finally:
         await app.close()
+
+
+async def test_retention_schedule_deletes_only_unpinned_expired_backups_and_old_archives(shop, client, task_queue, run_worker):
+    from datetime import timedelta
+
+    from rollback.backups import BackupManifest
+
+    make, dsn = shop
+    config = make(ADDITIVE, DESTRUCTIVE)
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    await migrate(orch, "0002")
+    await fetch(dsn, "INSERT INTO reviews (order_id, stars) VALUES (1, 5)")
+    _, status = await rollback_database(orch)  # back to 0001: archives reviews and phone
+    assert status.state == Phase.SUCCEEDED, status.error
+    await migrate(orch, "0002")
+    await migrate(orch, "0003")  # current 0003, known-good 0002
+    catalog = BackupCatalog(config.get().environments["shop"].targets.database.backup_dir)
+    everything = catalog.list("shop")
+    assert [m.next_revision for m in everything] == ["0003", "0002", "0002", "0001"]
+    needed = everything[0]  # taken before 0003: what a rollback of the current migration restores from
+    for manifest in everything:  # all of them 40 days old now
+        catalog.record(BackupManifest.model_validate({**manifest.model_dump(), "created_at": manifest.created_at - timedelta(days=40)}))
+    await fetch(dsn, "UPDATE rollback_meta.reverts SET done_at = done_at - interval '40 days'")
+    archives_before = await value(dsn, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'rollback_archive' "
+                                       "AND table_name LIKE 'rb_%'")
+
+    schedule = client.get_schedule_handle(await orch.ensure_retention_schedule())
+
+    async def retention_run(number: int) -> dict:
+        await schedule.trigger()
+        described = await eventually(schedule.describe, lambda d: len(d.info.recent_actions) >= number, what="retention run")
+        return await client.get_workflow_handle(described.info.recent_actions[-1].action.workflow_id).result()
+
+    try:
+        # While a rollback runs (here: waiting for approval), it may need any backup: none is deleted.
+        pending = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester",
+                                                   require_approval=True))
+        await status_when(orch, pending.execution_id, lambda s: s.approval.decision == "pending", what="approval pending")
+        first = await retention_run(1)
+        assert first["deleted"] == [] and "rollback is running" in first["skipped"]["shop"]
+        assert len(catalog.list("shop")) == 4
+        await orch.reject(pending.execution_id, by="tester")
+        await orch.wait(pending.execution_id)
+        report = await retention_run(2)
+    finally:
+        await schedule.delete()
+
+    assert report["pinned"]["shop"] == [needed.id]
+    assert sorted(report["deleted"]) == sorted(m.id for m in everything[1:])
+    assert [m.id for m in catalog.list("shop")] == [needed.id]
+    assert Path(needed.path).is_dir() and not any(Path(m.path).exists() for m in everything[1:])
+    # The archive tables of the 40-day-old rollback are dropped too.
+    assert archives_before == 2 and len(report["archives_dropped"]) == 2
+    assert await value(dsn, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'rollback_archive' "
+                            "AND table_name LIKE 'rb_%'") == 0
