@@ -1,8 +1,9 @@
 """`make demo`: a broken release rolled back by a durable workflow, end to end.
 
 dev up -> deploy broken v2 -> manual rollback that needs approval -> approve with the
-`temporal` CLI -> watch -> timeline -> dev down. Exits 0 only if the front door serves
-v1 again and the workflow succeeded.
+`temporal` CLI -> watch -> timeline -> the monitor's automatic rollback of a broken v3 ->
+a full rollback of a broken v4 and a destructive migration (with the integrity report)
+-> dev down. Exits 0 only if every rollback succeeded, v1 serves, and no row was lost.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
 
@@ -82,6 +84,64 @@ def automatic(rollback: str) -> bool:
     return watched.returncode == 0 and json.loads(front("/version")[1]).get("version") == "v1"
 
 
+async def shop_figures() -> dict:
+    """What the demo database holds: the data a destructive migration destroys, and the writer's rows."""
+    import asyncpg
+
+    from rollback.pg import local_dsn
+
+    conn = await asyncpg.connect(local_dsn(os.environ.get("ROLLBACK_DEV_DATABASE", "rollback_demo")), timeout=10)
+    try:
+        columns = {r[0] for r in await conn.fetch("SELECT column_name FROM information_schema.columns WHERE table_name = 'customers'")}
+        emails = await conn.fetchval("SELECT count(*) FROM customers WHERE email IS NOT NULL") if "email" in columns else 0
+        return {"orders": await conn.fetchval("SELECT count(*) FROM orders"), "max_order": await conn.fetchval("SELECT max(id) FROM orders"),
+                "customers_with_email": emails, "cents": await conn.fetchval("SELECT count(*) FROM orders WHERE amount <> round(amount)"),
+                "revision": await conn.fetchval("SELECT max(revision) FROM rollback_meta.migrations")}
+    finally:
+        await conn.close()
+
+
+def figures() -> dict:
+    import asyncio
+
+    return asyncio.run(shop_figures())
+
+
+def full_rollback(rollback: str) -> bool:
+    """A broken backend and a destructive migration together, rolled back as one operation."""
+    sh(rollback, "monitor", "pause", "-e", "demo", "--by", "demo", "--reason", "full rollback demo")
+    before = figures()
+    print(f"database at {before['revision']}: {before['orders']} orders ({before['cents']} with cents), "
+          f"{before['customers_with_email']} customers with an e-mail address")
+    sh(rollback, "dev", "deploy", "--target", "backend", "--version", "v4", "--fault", "errors")
+    sh(rollback, "dev", "deploy", "--target", "database", "--version", "0003")
+    migrated = figures()
+    print(f"after 0003: e-mail column gone ({migrated['customers_with_email']} e-mails), "
+          f"{migrated['cents']} orders with cents left; the writer keeps inserting orders")
+    deadline = time.monotonic() + 30
+    while figures()["max_order"] < migrated["max_order"] + 50 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    started = sh(rollback, "start", "--environment", "demo", "--target", "full", "--by", "demo-sre",
+                 "--reason", "v4 fails and 0003 destroyed e-mails and prices", capture=True)
+    workflow_id = started.stdout.strip()
+    print(f"started {workflow_id}")
+    watched = sh(rollback, "watch", workflow_id, check=False)
+    final = status(rollback, workflow_id)
+    after = figures()
+    say("Database integrity report")
+    for step in final["steps"]:
+        if step["target"] == "database":
+            print(f"  {step['name']}: {step['detail']}")
+    print(f"  integrity: {final['reports'].get('database_integrity', {}).get('summary')}")
+    written_after = after["orders"] - before["orders"]
+    print(f"  orders: {before['orders']} before the migration, {after['orders']} now "
+          f"({written_after} written since, none lost); e-mails: {after['customers_with_email']} "
+          f"(before: {before['customers_with_email']}); orders with cents: {after['cents']} (before: {before['cents']})")
+    return (watched.returncode == 0 and final["state"] == "succeeded" and after["revision"] == before["revision"]
+            and after["customers_with_email"] == before["customers_with_email"] and after["cents"] >= before["cents"]
+            and after["max_order"] > migrated["max_order"] and json.loads(front("/version")[1]).get("version") == "v1")
+
+
 def main() -> int:
     rollback = str(BIN / "rollback")
     temporal = str(BIN / "temporal")
@@ -141,7 +201,10 @@ def main() -> int:
         say("The automatic path: the monitor resumes, a pipeline deploys a broken v3")
         sh(rollback, "monitor", "resume", "-e", "demo", "--by", "demo")
         auto_ok = automatic(rollback)
-        ok = manual_ok and auto_ok
+
+        say("A full rollback: broken backend v4 and a destructive database migration (0003) together")
+        full_ok = full_rollback(rollback)
+        ok = manual_ok and auto_ok and full_ok
     finally:
         say("Stopping the local stack")
         sh(rollback, "dev", "down", check=False)

@@ -461,6 +461,10 @@ def _database_summary(result: dict[str, Any]) -> str:
         parts = [f"{t['table']} {t['mode']}: {t['restored']} restored, {t['missing_in_live']} deleted since, "
                  f"{t['kept_application_version']} kept as the application wrote them" for t in result["tables"]]
         return "; ".join(parts) or "nothing to restore"
+    if "pg_snapshot" in result:
+        tables = result.get("tables", {})
+        rows = sum(t.get("rows", 0) for t in tables.values())
+        return f"{len(tables)} tables, {rows} rows fingerprinted in one REPEATABLE READ snapshot ({result.get('seconds', 0):.2f} s)"
     if "summary" in result:
         return str(result["summary"])
     if "total_bytes" in result:
