@@ -15,6 +15,9 @@ bench: bootstrap
 	.venv/bin/python bench/orchestration_overhead.py
 	.venv/bin/python bench/detection.py
 	.venv/bin/python bench/monitor_scale.py
+	.venv/bin/python bench/backup_throughput.py
+	.venv/bin/python bench/integrity_speed.py
+	.venv/bin/python bench/db_rollback.py
 
 clean:
 	-.venv/bin/rollback dev down

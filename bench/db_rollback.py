@@ -165,7 +165,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="rb-bench-db-") as tmp:
         config_path = write_config(Path(tmp))
         async with temporal_server() as env, in_process_worker(env.client, config_path) as queue:
-            orch = RollbackOrchestrator(client=env.client, settings=TemporalSettings(address="unused", task_queue=queue))
+            orch = RollbackOrchestrator(client=env.client, settings=TemporalSettings(address="unused", namespace=env.client.namespace, task_queue=queue))
             await orch.migrate(MigrateRequest(environment="bench", to_revision="0001"), on_progress=log)
             app.start()
             migrate_started = time.monotonic()

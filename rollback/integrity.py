@@ -1,0 +1,569 @@
+"""Integrity validation: prove a database rollback lost or altered no row except as intended.
+
+Before the rollback `take_snapshot` fingerprints the affected tables in one REPEATABLE READ
+snapshot; after it `compare` fingerprints them again and explains every difference by WHO
+wrote the live row (its xmin): an application transaction that ran concurrently (expected
+while the application keeps writing), a rollback transaction that was meant to rewrite rows,
+or nothing we can explain (the step fails and the rollback compensates).
+
+Fingerprints are order independent and bucketed by a hash of the primary key, so compare
+drills down only into the buckets that differ. With `keep_rows=True` the snapshot also keeps
+(bucket, key, row hash) per row in an UNLOGGED table in schema `rollback_archive`, which lets
+compare NAME the primary keys that are missing, inserted or changed; without kept rows it can
+only name buckets.
+
+Tables without a primary key get a row-count and row-hash multiset fingerprint only; their
+differences are reported per bucket (bucketed by the row hash), where an update looks like a
+delete plus an insert. No rows are kept for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Literal
+
+import asyncpg
+from pydantic import BaseModel, Field, field_validator
+
+from activities.heartbeat import heartbeating
+from rollback.pg import ident, qualified
+
+ARCHIVE_SCHEMA = "rollback_archive"
+XID_MODULUS = 2**32
+
+# Per-column seeds and NULL marks. Each column is hashed with its own seed (so values swapped
+# between columns differ) and a NULL contributes a fixed per-position mark instead of a hash,
+# so NULL and '' (or 0) fingerprint differently.
+_KEY_SEED = 0x6B65790000
+_ROW_SEED = 0x726F770000
+_NULL_MARK = 0x6E756C6C000000
+
+# Session settings for the fingerprint transaction (SET LOCAL, gone at commit):
+# - text-converted values (types without a typed hash) must not depend on the session;
+# - JIT compilation costs ~2 s on this query shape and buys nothing;
+# - the planner cannot know there are only `buckets` groups (it assumes one per key), so it
+#   would sort 7M rows for a GroupAggregate (3x slower) and refuse the parallel partial
+#   aggregate: sorting is discouraged and parallel plans made free.
+_SETTINGS = {
+    "TimeZone": "UTC", "DateStyle": "ISO, YMD", "IntervalStyle": "postgres", "extra_float_digits": "3",
+    "bytea_output": "hex", "jit": "off", "enable_sort": "off", "parallel_setup_cost": "0", "parallel_tuple_cost": "0",
+}
+
+
+class IntegrityError(RuntimeError):
+    """Base class: integrity validation could not be carried out."""
+
+
+class TableNotFound(IntegrityError):
+    """A table to fingerprint does not exist."""
+
+
+class ColumnNotFound(IntegrityError):
+    """A key or fingerprinted column does not exist in its table."""
+
+
+class SnapshotMismatch(IntegrityError):
+    """compare() was given specs that differ from the ones the snapshot was taken with."""
+
+
+class KeptRowsMissing(IntegrityError):
+    """The snapshot's kept rows were dropped before compare() needed them."""
+
+
+class TableSpec(BaseModel):
+    table: str = Field(description="schema.table")
+    key: list[str] = Field(default_factory=list, description="primary key columns; empty if the table has none")
+    columns: list[str] = Field(description="columns whose values are fingerprinted")
+
+    @field_validator("table")
+    @classmethod
+    def _qualified(cls, value: str) -> str:
+        schema, dot, name = value.partition(".")
+        if not dot or not schema or not name:
+            raise ValueError(f"table {value!r} must be written schema.table")
+        return value
+
+    @property
+    def schema_name(self) -> str:
+        return self.table.partition(".")[0]
+
+    @property
+    def name(self) -> str:
+        return self.table.partition(".")[2]
+
+
+class BucketFingerprint(BaseModel):
+    rows: int
+    keys: str = Field(description="exact sum of the 64-bit key hashes, decimal; empty without a primary key")
+    values: str = Field(description="exact sum of the 64-bit row hashes, decimal")
+
+
+class TableFingerprint(BaseModel):
+    table: str
+    key: list[str]
+    columns: list[str]
+    rows: int
+    keys: str
+    values: str
+    buckets: dict[int, BucketFingerprint] = Field(description="non-empty buckets only")
+    kept_rows: str | None = Field(default=None, description="rollback_archive.<table> holding the per-row hashes")
+
+
+class Snapshot(BaseModel):
+    label: str
+    taken_at: datetime
+    pg_snapshot: str = Field(description="pg_current_snapshot() of the fingerprint transaction")
+    buckets: int
+    tables: dict[str, TableFingerprint]
+    seconds: float
+
+
+Kind = Literal["missing", "inserted", "changed", "bucket"]
+Cause = Literal["concurrent_write", "rollback_write", "allowed_delete", "unexplained"]
+
+
+class Difference(BaseModel):
+    table: str
+    kind: Kind = Field(description="bucket: a table without kept rows or primary key; only its bucket is known")
+    key: dict[str, str | None] | None = None
+    bucket: int
+    after_xmin: int | None = Field(default=None, description="32-bit xmin of the live row; None for missing rows")
+    cause: Cause
+    detail: str
+
+
+class TableReport(BaseModel):
+    table: str
+    rows_before: int
+    rows_after: int
+    differing_buckets: int
+    keyed: bool = Field(description="differences name primary keys (kept rows and a primary key)")
+    missing: int = 0
+    inserted: int = 0
+    changed: int = 0
+    concurrent: int = 0
+    rollback: int = 0
+    unexplained: int = 0
+
+
+class IntegrityReport(BaseModel):
+    ok: bool
+    summary: str
+    label: str
+    tables: dict[str, TableReport]
+    differences: list[Difference] = Field(description="the first `limit`, unexplained first")
+    differences_total: int
+    notes: list[str] = Field(default_factory=list)
+    seconds: float
+
+
+# --------------------------------------------------------------------------- hashing SQL
+
+
+_OPCLASS_HASH = """
+SELECT p.amproc::regproc::text
+FROM pg_opclass oc
+JOIN pg_am am ON am.oid = oc.opcmethod AND am.amname = 'hash'
+JOIN pg_amproc p ON p.amprocfamily = oc.opcfamily AND p.amprocnum = 2
+     AND p.amproclefttype = oc.opcintype AND p.amprocrighttype = oc.opcintype
+JOIN pg_proc f ON f.oid = p.amproc
+WHERE oc.opcdefault AND oc.opcintype = $1 AND ($2 OR f.proargtypes[0] = $1)
+LIMIT 1
+"""
+
+
+async def _hash_function(conn: asyncpg.Connection, type_oid: int, *, timeout: float) -> str | None:
+    """The typed 64-bit seeded hash function that accepts this type as is, or None (hash its text)."""
+    row = await conn.fetchrow("SELECT typtype, typbasetype, typelem, typcategory FROM pg_type WHERE oid = $1",
+                              type_oid, timeout=timeout)
+    if row["typtype"] == "d":
+        return await _hash_function(conn, row["typbasetype"], timeout=timeout)
+    # Only a function whose argument is exactly this type: boolean's opclass uses hashcharextended("char"),
+    # which SQL would not accept for a boolean. Those types fall back to text (settings pinned above).
+    if fn := await conn.fetchval(_OPCLASS_HASH, type_oid, False, timeout=timeout):
+        return fn
+    if row["typtype"] == "e":
+        return "hashenumextended"
+    if row["typcategory"] == "A" and row["typelem"]:
+        # hash_array_extended hashes elements through their opclass, whatever its argument type.
+        element = await conn.fetchrow("SELECT typtype, typbasetype FROM pg_type WHERE oid = $1", row["typelem"],
+                                      timeout=timeout)
+        element_oid = element["typbasetype"] if element["typtype"] == "d" else row["typelem"]
+        if element["typtype"] == "e" or await conn.fetchval(_OPCLASS_HASH, element_oid, True, timeout=timeout):
+            return "hash_array_extended"
+    if row["typcategory"] == "S":  # varchar and other string types: their text is their value
+        return "hashtextextended"
+    return None
+
+
+async def _column_types(conn: asyncpg.Connection, spec: TableSpec, *, timeout: float) -> dict[str, int]:
+    oid = await conn.fetchval("SELECT to_regclass($1)::oid", qualified(spec.schema_name, spec.name), timeout=timeout)
+    if oid is None:
+        raise TableNotFound(f"table {spec.table} does not exist")
+    rows = await conn.fetch("SELECT attname, atttypid FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 "
+                            "AND NOT attisdropped", oid, timeout=timeout)
+    types = {r["attname"]: r["atttypid"] for r in rows}
+    absent = [c for c in [*spec.key, *spec.columns] if c not in types]
+    if absent:
+        raise ColumnNotFound(f"table {spec.table} has no column(s) {', '.join(absent)}")
+    return types
+
+
+async def _hash_expression(conn: asyncpg.Connection, columns: Sequence[str], types: dict[str, int], *,
+                           seed: int, timeout: float) -> str:
+    """A bigint SQL expression hashing these columns of one row; NULLs hash to a per-position mark."""
+    if not columns:
+        return "0::int8"
+    parts = []
+    for position, column in enumerate(columns):
+        fn = await _hash_function(conn, types[column], timeout=timeout)
+        value = ident(column) if fn else f"{ident(column)}::text"
+        parts.append(f"coalesce({fn or 'hashtextextended'}({value}, {seed + position}), {_NULL_MARK + position})")
+    if len(parts) == 1:
+        return parts[0]
+    # XOR of per-column hashes is linear; one more hash mixes it, so that summing row hashes
+    # over rows cannot cancel out values moved between rows.
+    return f"hashint8extended({' # '.join(parts)}, 0)"
+
+
+class _Hashes(BaseModel):
+    """The SQL of one table's per-row hashes (bigint expressions over the table's columns).
+
+    They are written inline wherever used: computing them once in a subquery needs a
+    set-returning function to stop the planner from inlining it, and that ProjectSet costs
+    more (~0.35 us a row) than hashing the key twice.
+    """
+
+    source: str
+    key_columns: list[str]
+    key_hash: str
+    row_hash: str
+    buckets: int
+
+    @property
+    def bucket(self) -> str:
+        # The high half of the key hash picks the bucket; sums use the whole hash.
+        return f"((({self.key_hash} >> 32) & 2147483647) % {self.buckets})::int4"
+
+
+async def _hashes(conn: asyncpg.Connection, spec: TableSpec, buckets: int, *, timeout: float) -> _Hashes:
+    types = await _column_types(conn, spec, timeout=timeout)
+    row_hash = await _hash_expression(conn, spec.columns, types, seed=_ROW_SEED, timeout=timeout)
+    # Without a primary key the row itself is its identity: bucket by the row hash.
+    key_hash = (await _hash_expression(conn, spec.key, types, seed=_KEY_SEED, timeout=timeout)
+                if spec.key else row_hash)
+    return _Hashes(source=qualified(spec.schema_name, spec.name), key_columns=spec.key, key_hash=key_hash,
+                   row_hash=row_hash, buckets=buckets)
+
+
+# Order-independent fingerprint of a multiset of rows: the count and the exact sum of their
+# 64-bit hashes (PostgreSQL accumulates sum(bigint) in a 128-bit integer: no overflow, no
+# numeric per row, and parallel workers combine partial sums). A random change goes unnoticed
+# only if it keeps a bucket's count and its 64-bit hash sum, ~2^-64 per changed bucket, so
+# one exact 64-bit sum already does what two 32-bit sums (or sum + xor) would; a second
+# aggregate over the row hash measured 15-45% slower (the hash is recomputed). This is no
+# defence against someone forging rows on purpose, which is outside the rollback's threat
+# model. Tables without a primary key have no key sum.
+def _aggregates(key_hash: str, row_hash: str, keyed: bool) -> str:
+    keys = f"sum({key_hash})" if keyed else "NULL::numeric"
+    return f"count(*) AS rows, {keys} AS key_sum, sum({row_hash}) AS row_sum"
+
+
+def _fingerprint(spec: TableSpec, rows: Sequence[asyncpg.Record], kept_rows: str | None) -> TableFingerprint:
+    def text(total: object) -> str:
+        return "" if total is None else str(int(total))  # decimal text: JSON numbers lose precision past 2^53
+
+    buckets = {r["bucket"]: BucketFingerprint(rows=r["rows"], keys=text(r["key_sum"]), values=text(r["row_sum"]))
+               for r in rows}
+    return TableFingerprint(table=spec.table, key=spec.key, columns=spec.columns, rows=sum(r["rows"] for r in rows),
+                            keys=text(sum(int(r["key_sum"]) for r in rows) if spec.key else None),
+                            values=text(sum(int(r["row_sum"]) for r in rows)), buckets=buckets, kept_rows=kept_rows)
+
+
+def kept_rows_table(label: str, table: str) -> str:
+    """The kept-rows table's name: readable, [a-z0-9_] only, at most 63 bytes, unique by a hash suffix."""
+    readable = re.sub(r"[^a-z0-9_]+", "_", f"{label}__{table}".lower())[:54]
+    digest = hashlib.sha256(f"{label}\n{table}".encode()).hexdigest()[:8]
+    return f"{readable}_{digest}"
+
+
+async def _set_local(conn: asyncpg.Connection, *, timeout: float) -> None:
+    for name, value in _SETTINGS.items():
+        await conn.execute("SELECT set_config($1, $2, true)", name, value, timeout=timeout)
+
+
+async def _fingerprint_table(conn: asyncpg.Connection, spec: TableSpec, h: _Hashes, *, kept: str | None,
+                             timeout: float) -> TableFingerprint:
+    if kept:
+        # Keep the narrow rows, then fingerprint them: same transaction, same snapshot, so the
+        # kept rows and the fingerprints agree exactly, and the table is read only once.
+        target = qualified(ARCHIVE_SCHEMA, kept)
+        keys = "".join(f"{ident(c)}, " for c in h.key_columns)
+        await conn.execute(f"DROP TABLE IF EXISTS {target}", timeout=timeout)  # a retried activity
+        await conn.execute(f"CREATE UNLOGGED TABLE {target} AS SELECT {h.bucket} AS _rb_bucket, {keys}"
+                           f"{h.key_hash} AS _rb_key_hash, {h.row_hash} AS _rb_row_hash FROM {h.source}",
+                           timeout=timeout)
+        source = (f"SELECT _rb_bucket AS bucket, {_aggregates('_rb_key_hash', '_rb_row_hash', bool(spec.key))} "
+                  f"FROM {target} GROUP BY 1")
+    else:
+        source = (f"SELECT {h.bucket} AS bucket, {_aggregates(h.key_hash, h.row_hash, bool(spec.key))} "
+                  f"FROM {h.source} GROUP BY 1")
+    return _fingerprint(spec, await conn.fetch(source, timeout=timeout), kept and f"{ARCHIVE_SCHEMA}.{kept}")
+
+
+async def take_snapshot(conn: asyncpg.Connection, specs: Sequence[TableSpec], *, label: str, keep_rows: bool,
+                        buckets: int = 1024, timeout: float = 1800) -> Snapshot:
+    """Fingerprint these tables in one REPEATABLE READ snapshot (and keep per-row hashes if asked)."""
+    if not 1 <= buckets <= 1_000_000:
+        raise ValueError(f"buckets must be between 1 and 1000000, not {buckets}")
+    started = time.monotonic()
+    async with heartbeating(f"integrity snapshot {label}"):
+        if keep_rows:
+            # Outside the snapshot transaction: a schema created there would be invisible to others until commit.
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ident(ARCHIVE_SCHEMA)}", timeout=timeout)
+        async with conn.transaction(isolation="repeatable_read", readonly=not keep_rows):
+            await _set_local(conn, timeout=timeout)
+            # The first query fixes the transaction's snapshot: everything below sees exactly this.
+            pg_snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text", timeout=timeout)
+            tables = {}
+            for spec in specs:
+                h = await _hashes(conn, spec, buckets, timeout=timeout)
+                kept = kept_rows_table(label, spec.table) if keep_rows and spec.key else None
+                tables[spec.table] = await _fingerprint_table(conn, spec, h, kept=kept, timeout=timeout)
+    return Snapshot(label=label, taken_at=datetime.now(timezone.utc), pg_snapshot=pg_snapshot, buckets=buckets,
+                    tables=tables, seconds=round(time.monotonic() - started, 3))
+
+
+async def drop_kept_rows(conn: asyncpg.Connection, snapshot: Snapshot, *, timeout: float = 60) -> None:
+    """Drop the snapshot's kept rows (idempotent: already dropped tables are fine)."""
+    for fingerprint in snapshot.tables.values():
+        if fingerprint.kept_rows:
+            schema, _, name = fingerprint.kept_rows.partition(".")
+            await conn.execute(f"DROP TABLE IF EXISTS {qualified(schema, name)}", timeout=timeout)
+
+
+# --------------------------------------------------------------------------- compare
+
+# Who wrote a live row, from its 32-bit xmin ($1 before's pg_snapshot, $2 rollback xids, $3
+# expected xids, both reduced modulo 2^32 because xmin is 32-bit while pg_snapshot and
+# pg_current_xact_id() are 64-bit). The 64-bit xid is rebuilt relative to the current
+# snapshot's xmax ($5; a live row's xmin is below it and less than 2^31 older), and compared
+# with before's pg_snapshot by pg_visible_in_snapshot. xids 1 and 2 (bootstrap, frozen) are
+# older than everything.
+def _writer(row: str) -> str:
+    """SQL naming who wrote the live row aliased `row` (which has _rb_xmin)."""
+    xmin = f"{row}._rb_xmin"
+    return f"""CASE WHEN {xmin} < 3 THEN 'old'
+     WHEN {xmin} = ANY($3::int8[]) THEN 'expected'
+     WHEN {xmin} = ANY($2::int8[]) THEN 'rollback'
+     WHEN pg_visible_in_snapshot(($5::int8 - (($5::int8 - {xmin}) % 4294967296 + 4294967296) % 4294967296)
+                                 ::text::xid8, $1::text::pg_snapshot) THEN 'old'
+     ELSE 'concurrent' END"""
+
+
+def _live(h: _Hashes) -> str:
+    """The live rows of the differing buckets ($4) with their row hash and 32-bit xmin."""
+    keys = "".join(f"{ident(c)}, " for c in h.key_columns)
+    return (f"SELECT {keys}{h.bucket} AS _rb_bucket, {h.row_hash} AS _rb_row_hash, xmin::text::int8 AS _rb_xmin "
+            f"FROM {h.source} WHERE {h.bucket} = ANY($4::int4[])")
+
+
+def _keyed_sql(h: _Hashes, kept: str, limit: int) -> str:
+    """Missing, inserted and changed keys of the differing buckets ($4): kept rows joined with live rows.
+
+    Returns count rows per (kind, writer), then the first `limit` differences, unexplained ones
+    first ($6 allow_concurrent_writes, $7 allow_deletes decide what is unexplained).
+    """
+    join = " AND ".join(f"k.{ident(c)} = l.{ident(c)}" for c in h.key_columns)
+    key_text = ", ".join(f"coalesce(k.{ident(c)}, l.{ident(c)})::text" for c in h.key_columns)
+    return f"""
+WITH kept AS (SELECT * FROM {kept} WHERE _rb_bucket = ANY($4::int4[])),
+d AS MATERIALIZED (
+  SELECT CASE WHEN l._rb_xmin IS NULL THEN 'missing' WHEN k._rb_bucket IS NULL THEN 'inserted' ELSE 'changed' END
+           AS kind,
+         coalesce(k._rb_bucket, l._rb_bucket) AS bucket, ARRAY[{key_text}] AS key, l._rb_xmin AS xmin,
+         CASE WHEN l._rb_xmin IS NOT NULL THEN {_writer('l')} END AS writer
+  FROM kept k FULL JOIN ({_live(h)}) l ON {join}
+  WHERE k._rb_row_hash IS DISTINCT FROM l._rb_row_hash
+)
+SELECT 'count' AS what, kind, writer, count(*) AS n, NULL::int4 AS bucket, NULL::text[] AS key, NULL::int8 AS xmin
+FROM d GROUP BY kind, writer
+UNION ALL
+(SELECT 'row', kind, writer, NULL, bucket, key, xmin FROM d
+ ORDER BY (CASE WHEN writer IS NULL THEN NOT $7::bool WHEN writer = 'concurrent' THEN NOT $6::bool
+                ELSE writer <> 'expected' END) DESC, kind, key
+ LIMIT {limit})
+"""
+
+
+def _bucket_sql(h: _Hashes) -> str:
+    """Per differing bucket ($4): how many live rows each kind of writer left there."""
+    return f"""
+SELECT _rb_bucket AS bucket, writer, count(*) AS n, max(_rb_xmin) AS xmin
+FROM (SELECT _rb_bucket, _rb_xmin, {_writer('l')} AS writer FROM ({_live(h)}) l) w
+GROUP BY 1, 2
+"""
+
+
+class _Rules(BaseModel):
+    allow_concurrent_writes: bool
+    allow_deletes: bool
+
+
+def _cause(kind: str, writer: str | None, rules: _Rules) -> tuple[Cause, str]:
+    """The cause of one row difference and a sentence saying why."""
+    if kind == "missing":
+        if rules.allow_deletes:
+            return "allowed_delete", "row is gone; deletes are allowed"
+        return "unexplained", "row is gone and deletes are not allowed (who deleted it cannot be known)"
+    if writer == "expected":
+        return "rollback_write", "written by a rollback transaction that was meant to rewrite rows"
+    if writer == "rollback":
+        return "unexplained", "written by a rollback transaction that was not expected to change this table"
+    if writer == "concurrent":
+        if rules.allow_concurrent_writes:
+            return "concurrent_write", "written by a transaction that was not visible to the before-snapshot"
+        return "unexplained", "written by a concurrent transaction, and concurrent writes are not allowed"
+    return "unexplained", "the row differs but its version is older than the before-snapshot"
+
+
+def _differing(before: TableFingerprint, after: TableFingerprint) -> list[int]:
+    return sorted(b for b in before.buckets.keys() | after.buckets.keys()
+                  if before.buckets.get(b) != after.buckets.get(b))
+
+
+def _check_specs(before: Snapshot, specs: Sequence[TableSpec]) -> None:
+    for spec in specs:
+        taken = before.tables.get(spec.table)
+        if taken is None:
+            raise SnapshotMismatch(f"snapshot {before.label!r} has no fingerprint of {spec.table}")
+        if taken.key != spec.key or taken.columns != spec.columns:
+            raise SnapshotMismatch(f"snapshot {before.label!r} fingerprinted {spec.table} with key {taken.key} "
+                                   f"and columns {taken.columns}, not key {spec.key} and columns {spec.columns}")
+
+
+async def _keyed_differences(conn: asyncpg.Connection, spec: TableSpec, h: _Hashes, kept: str, buckets: list[int],
+                             params: list, report: TableReport, rules: _Rules, *, limit: int,
+                             timeout: float) -> list[Difference]:
+    schema, _, name = kept.partition(".")
+    if await conn.fetchval("SELECT to_regclass($1)", qualified(schema, name), timeout=timeout) is None:
+        raise KeptRowsMissing(f"the kept rows of {spec.table} ({kept}) are gone: was drop_kept_rows called early?")
+    found = []
+    sql = _keyed_sql(h, qualified(schema, name), limit)
+    for r in await conn.fetch(sql, *params[:3], buckets, *params[3:], timeout=timeout):  # $1..$7
+        cause, detail = _cause(r["kind"], r["writer"], rules)
+        if r["what"] == "count":
+            setattr(report, r["kind"], getattr(report, r["kind"]) + r["n"])
+            _count_cause(report, cause, r["n"])
+        else:
+            found.append(Difference(table=spec.table, kind=r["kind"], key=dict(zip(spec.key, r["key"])),
+                                    bucket=r["bucket"], after_xmin=r["xmin"], cause=cause, detail=detail))
+    return found
+
+
+def _count_cause(report: TableReport, cause: Cause, n: int) -> None:
+    if cause == "concurrent_write":
+        report.concurrent += n
+    elif cause == "rollback_write":
+        report.rollback += n
+    elif cause == "unexplained":
+        report.unexplained += n
+
+
+_SEVERITY = {"unexplained": 3, "rollback_write": 2, "concurrent_write": 1, "allowed_delete": 0}
+
+
+async def _bucket_differences(conn: asyncpg.Connection, spec: TableSpec, h: _Hashes, before: TableFingerprint,
+                              buckets: list[int], params: list, report: TableReport,
+                              rules: _Rules, *, timeout: float) -> list[Difference]:
+    """Without keys: rows older than the before-snapshot must all still be there; newer ones are classified.
+
+    A live row version whose xmin the before-snapshot saw existed then, so the bucket lost
+    (rows_before - old) rows: deleted or rewritten, which without a key cannot be told apart.
+    """
+    writers: dict[int, dict[str, tuple[int, int]]] = {b: {} for b in buckets}
+    for r in await conn.fetch(_bucket_sql(h), *params[:3], buckets, params[3], timeout=timeout):  # $1..$5
+        writers[r["bucket"]][r["writer"]] = (r["n"], r["xmin"])
+    found = []
+    for bucket, by_writer in writers.items():
+        rows_before = before.buckets[bucket].rows if bucket in before.buckets else 0
+        old = by_writer.pop("old", (0, 0))[0]
+        causes: list[tuple[Cause, str, int | None]] = []
+        if old < rows_before:
+            report.missing += rows_before - old
+            cause, detail = _cause("missing", None, rules)
+            _count_cause(report, cause, rows_before - old)
+            causes.append((cause, f"{rows_before - old} of {rows_before} row(s) gone or rewritten: {detail}", None))
+        elif not by_writer:  # same old rows, no new ones, yet the fingerprint differs
+            report.unexplained += 1
+            causes.append(("unexplained", "rows older than the before-snapshot differ from it", None))
+        for writer, (n, xmin) in by_writer.items():
+            report.inserted += n
+            cause, detail = _cause("inserted", writer, rules)
+            _count_cause(report, cause, n)
+            causes.append((cause, f"{n} new row version(s), newest xmin {xmin}: {detail}", xmin))
+        worst = max(causes, key=lambda c: _SEVERITY[c[0]])
+        found.append(Difference(table=spec.table, kind="bucket", bucket=bucket, after_xmin=worst[2], cause=worst[0],
+                                detail="; ".join(d for _, d, _ in causes)))
+    return found
+
+
+async def compare(conn: asyncpg.Connection, before: Snapshot, specs: Sequence[TableSpec], *,
+                  rollback_xids: set[int] | frozenset[int] = frozenset(),
+                  expected_xids: set[int] | frozenset[int] = frozenset(),
+                  allow_concurrent_writes: bool = True, allow_deletes: bool = False, limit: int = 100,
+                  timeout: float = 1800) -> IntegrityReport:
+    """Fingerprint the tables again and explain every difference from `before` (see the module doc)."""
+    _check_specs(before, specs)
+    started = time.monotonic()
+    rules = _Rules(allow_concurrent_writes=allow_concurrent_writes, allow_deletes=allow_deletes)
+    rollback32 = sorted({x % XID_MODULUS for x in rollback_xids})
+    expected32 = sorted({x % XID_MODULUS for x in expected_xids})
+    reports: dict[str, TableReport] = {}
+    differences: list[Difference] = []
+    notes: list[str] = []
+    async with heartbeating(f"integrity compare {before.label}"):
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            await _set_local(conn, timeout=timeout)
+            after_xmax = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8",
+                                             timeout=timeout)
+            # $1..$7 of the drill-down queries (the differing buckets, $4, are passed per table).
+            params = [before.pg_snapshot, rollback32, expected32, after_xmax, allow_concurrent_writes, allow_deletes]
+            for spec in specs:
+                taken = before.tables[spec.table]
+                h = await _hashes(conn, spec, before.buckets, timeout=timeout)
+                after = await _fingerprint_table(conn, spec, h, kept=None, timeout=timeout)
+                buckets = _differing(taken, after)
+                report = TableReport(table=spec.table, rows_before=taken.rows, rows_after=after.rows,
+                                     differing_buckets=len(buckets), keyed=bool(spec.key and taken.kept_rows))
+                reports[spec.table] = report
+                if not buckets:
+                    continue
+                if report.keyed:
+                    assert taken.kept_rows is not None
+                    differences += await _keyed_differences(conn, spec, h, taken.kept_rows, buckets, params, report,
+                                                            rules, limit=limit, timeout=timeout)
+                else:
+                    notes.append(f"{spec.table}: " + ("no primary key" if not spec.key else "no kept rows")
+                                 + ", so differences are named by bucket, not by primary key")
+                    differences += await _bucket_differences(conn, spec, h, taken, buckets, params, report, rules,
+                                                             timeout=timeout)
+    differences.sort(key=lambda d: -_SEVERITY[d.cause])
+    total = sum(r.missing + r.inserted + r.changed for r in reports.values())
+    ok = all(r.unexplained == 0 for r in reports.values())
+    return IntegrityReport(ok=ok, summary=_summary(ok, reports), label=before.label, tables=reports,
+                           differences=differences[:limit], differences_total=total, notes=notes,
+                           seconds=round(time.monotonic() - started, 3))
+
+
+def _summary(ok: bool, reports: dict[str, TableReport]) -> str:
+    changed = [r for r in reports.values() if r.differing_buckets]
+    if not changed:
+        return f"integrity ok: {len(reports)} table(s) identical to the snapshot"
+    parts = [f"{r.table}: {r.missing} missing, {r.inserted} inserted, {r.changed} changed "
+             f"({r.concurrent} concurrent, {r.rollback} by the rollback, {r.unexplained} unexplained)" for r in changed]
+    return ("integrity ok" if ok else "integrity FAILED") + " - " + "; ".join(parts)

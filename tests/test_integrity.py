@@ -1,0 +1,266 @@
+"""Integrity validation against a real PostgreSQL: fingerprints, named differences, who wrote them."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from rollback.integrity import (
+    IntegrityReport,
+    KeptRowsMissing,
+    SnapshotMismatch,
+    TableNotFound,
+    TableSpec,
+    compare,
+    drop_kept_rows,
+    take_snapshot,
+)
+from rollback.pg import connect, local_dsn
+from tests.postgres import database  # noqa: F401
+
+ACCOUNTS = TableSpec(table="public.accounts", key=["id"], columns=["id", "name", "balance", "note"])
+
+
+@pytest_asyncio.fixture
+async def conn(database: str) -> AsyncIterator[asyncpg.Connection]:  # noqa: F811
+    connection = await connect(local_dsn(database))
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def _accounts(conn: asyncpg.Connection, rows: int = 3000) -> None:
+    await conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, name text NOT NULL, balance numeric, note text)")
+    await conn.execute("INSERT INTO accounts SELECT i, 'user ' || i, i * 1.5, CASE WHEN i % 3 = 0 THEN NULL "
+                       "ELSE 'n' || i END FROM generate_series(1, $1) i", rows)
+
+
+async def _plant(database: str, *statements: str) -> int:  # noqa: F811
+    """Run statements in one transaction on another connection (like the application would); its xid."""
+    other = await connect(local_dsn(database), application_name="test-app")
+    try:
+        async with other.transaction():
+            for statement in statements:
+                await other.execute(statement)
+            return await other.fetchval("SELECT pg_current_xact_id()::text::int8")
+    finally:
+        await other.close()
+
+
+def _named(report: IntegrityReport) -> dict[tuple[str, ...], tuple[str, str]]:
+    return {tuple(d.key.values()): (d.kind, d.cause) for d in report.differences if d.key is not None}
+
+
+def _shape(fingerprint):  # the fingerprint without the table's name
+    return fingerprint.model_dump(exclude={"table", "kept_rows"})
+
+
+async def test_physical_order_does_not_matter_but_null_vs_empty_does(conn: asyncpg.Connection) -> None:
+    # Many types, including ones without a typed hash (json, point, boolean) that are hashed as text.
+    columns = "id int PRIMARY KEY, t text, v varchar(10), n numeric, ts timestamptz, b boolean, j json, jb jsonb, " \
+              "p point, a int[]"
+    for table in ("ordered", "shuffled"):
+        await conn.execute(f"CREATE TABLE {table} ({columns})")
+    fill = ("SELECT i, 't' || i, 'v' || (i % 7), i / 7.0, timestamptz '2026-01-01' + i * interval '1 minute', "
+            "i % 2 = 0, json_build_object('i', i), jsonb_build_object('i', i), point(i, -i), ARRAY[i, i + 1] "
+            "FROM generate_series(1, 2000) i")
+    await conn.execute(f"INSERT INTO ordered {fill} ORDER BY i")
+    await conn.execute(f"INSERT INTO shuffled {fill} ORDER BY random()")
+    await conn.execute("UPDATE shuffled SET n = n WHERE id % 5 = 0")  # moves rows around physically
+    names = ["id", "t", "v", "n", "ts", "b", "j", "jb", "p", "a"]
+    specs = [TableSpec(table=f"public.{t}", key=["id"], columns=names) for t in ("ordered", "shuffled")]
+    await conn.execute("SET TimeZone = 'America/New_York'")  # text conversions must not depend on the session
+    snapshot = await take_snapshot(conn, specs, label="order", keep_rows=False, buckets=64)
+
+    ordered, shuffled = snapshot.tables["public.ordered"], snapshot.tables["public.shuffled"]
+    assert ordered.rows == 2000 and len(ordered.buckets) == 64
+    assert _shape(ordered) == _shape(shuffled)
+    # The after-snapshot usually runs in another session (another worker): its settings must not matter.
+    await conn.execute("SET TimeZone = 'Asia/Tokyo'; SET DateStyle = 'German'; SET extra_float_digits = 0")
+    assert (await compare(conn, snapshot, specs, allow_concurrent_writes=False)).ok
+
+    await conn.execute("CREATE TABLE nulls (id int PRIMARY KEY, s text)")
+    await conn.execute("CREATE TABLE empties (id int PRIMARY KEY, s text)")
+    await conn.execute("INSERT INTO nulls VALUES (1, NULL), (2, 'x')")
+    await conn.execute("INSERT INTO empties VALUES (1, ''), (2, 'x')")
+    specs = [TableSpec(table=f"public.{t}", key=["id"], columns=["id", "s"]) for t in ("nulls", "empties")]
+    snapshot = await take_snapshot(conn, specs, label="nulls", keep_rows=False)
+    nulls, empties = snapshot.tables["public.nulls"], snapshot.tables["public.empties"]
+    assert nulls.keys == empties.keys
+    assert nulls.values != empties.values
+
+
+async def test_planted_delete_insert_and_change_are_named(conn: asyncpg.Connection, database: str) -> None:  # noqa: F811
+    await _accounts(conn)
+    before = await take_snapshot(conn, [ACCOUNTS], label="planted", keep_rows=True)
+    assert before.tables["public.accounts"].kept_rows is not None
+    unchanged = await compare(conn, before, [ACCOUNTS], allow_concurrent_writes=False)
+    assert unchanged.ok and unchanged.differences == [] and unchanged.tables["public.accounts"].rows_after == 3000
+
+    await _plant(database, "DELETE FROM accounts WHERE id = 10", "INSERT INTO accounts VALUES (5000, 'new', 1, NULL)",
+                 "UPDATE accounts SET note = '' WHERE id = 21")  # NULL -> '' is a change
+    report = await compare(conn, before, [ACCOUNTS], allow_concurrent_writes=False)
+
+    assert not report.ok
+    assert _named(report) == {("10",): ("missing", "unexplained"), ("5000",): ("inserted", "unexplained"),
+                              ("21",): ("changed", "unexplained")}
+    table = report.tables["public.accounts"]
+    assert (table.rows_before, table.rows_after, table.missing, table.inserted, table.changed) == (3000, 3000, 1, 1, 1)
+    assert table.unexplained == 3 and report.differences_total == 3
+    assert "FAILED" in report.summary
+    missing = next(d for d in report.differences if d.kind == "missing")
+    assert missing.after_xmin is None
+    assert all(d.after_xmin for d in report.differences if d.kind != "missing")
+
+
+async def test_concurrent_writes_are_expected_but_deletes_are_not(conn: asyncpg.Connection, database: str) -> None:  # noqa: F811
+    await _accounts(conn)
+    before = await take_snapshot(conn, [ACCOUNTS], label="concurrent", keep_rows=True)
+    xid = await _plant(database, "INSERT INTO accounts VALUES (5000, 'new', 1, NULL)",
+                       "UPDATE accounts SET balance = balance + 1 WHERE id = 20")
+
+    report = await compare(conn, before, [ACCOUNTS])
+    assert report.ok, report.summary
+    assert _named(report) == {("5000",): ("inserted", "concurrent_write"), ("20",): ("changed", "concurrent_write")}
+    assert {d.after_xmin for d in report.differences} == {xid % 2**32}
+    assert report.tables["public.accounts"].concurrent == 2
+
+    await _plant(database, "DELETE FROM accounts WHERE id = 10")
+    report = await compare(conn, before, [ACCOUNTS])
+    assert not report.ok
+    assert report.differences[0].key == {"id": "10"} and report.differences[0].cause == "unexplained"
+    assert _named(report)[("20",)] == ("changed", "concurrent_write")
+
+    allowed = await compare(conn, before, [ACCOUNTS], allow_deletes=True)
+    assert allowed.ok and _named(allowed)[("10",)] == ("missing", "allowed_delete")
+
+
+async def test_rollback_writes_are_explained_only_when_expected(conn: asyncpg.Connection, database: str) -> None:  # noqa: F811
+    await _accounts(conn)
+    before = await take_snapshot(conn, [ACCOUNTS], label="rollback", keep_rows=True)
+    rollback_xid = await _plant(database, "UPDATE accounts SET name = 'restored' WHERE id = 30")
+
+    unexpected = await compare(conn, before, [ACCOUNTS], rollback_xids={rollback_xid})
+    assert not unexpected.ok
+    assert _named(unexpected) == {("30",): ("changed", "unexplained")}
+    assert "not expected" in unexpected.differences[0].detail
+
+    # xids from pg_current_xact_id() are 64-bit; xmin is 32-bit: both forms must match.
+    expected = await compare(conn, before, [ACCOUNTS], rollback_xids={rollback_xid},
+                             expected_xids={rollback_xid + 2**32})
+    assert expected.ok
+    assert _named(expected) == {("30",): ("changed", "rollback_write")}
+    assert expected.tables["public.accounts"].rollback == 1
+
+
+async def test_composite_key_and_table_without_primary_key(conn: asyncpg.Connection, database: str) -> None:  # noqa: F811
+    await conn.execute("CREATE TABLE orders (region text, id int, total int, PRIMARY KEY (region, id))")
+    await conn.execute("INSERT INTO orders SELECT r, i, i * 10 FROM unnest(ARRAY['eu', 'us']) r, "
+                       "generate_series(1, 1000) i")
+    await conn.execute("CREATE TABLE events (kind text, payload text)")  # no primary key, duplicate rows
+    await conn.execute("INSERT INTO events SELECT 'k' || (i % 10), 'same' FROM generate_series(1, 2000) i")
+    orders = TableSpec(table="public.orders", key=["region", "id"], columns=["region", "id", "total"])
+    events = TableSpec(table="public.events", key=[], columns=["kind", "payload"])
+    before = await take_snapshot(conn, [orders, events], label="shapes", keep_rows=True, buckets=128)
+    assert before.tables["public.events"].kept_rows is None  # rows are only kept for keyed tables
+    assert (await compare(conn, before, [orders, events])).ok
+
+    await _plant(database, "UPDATE orders SET total = 0 WHERE region = 'us' AND id = 7",
+                 "DELETE FROM orders WHERE region = 'eu' AND id = 7", "INSERT INTO events VALUES ('k1', 'same')")
+    report = await compare(conn, before, [orders, events])
+    assert _named(report) == {("us", "7"): ("changed", "concurrent_write"), ("eu", "7"): ("missing", "unexplained")}
+    [bucket] = [d for d in report.differences if d.table == "public.events"]
+    assert bucket.kind == "bucket" and bucket.key is None and bucket.cause == "concurrent_write"
+    assert report.tables["public.events"].rows_after == 2001 and not report.tables["public.events"].keyed
+    assert any("public.events: no primary key" in note for note in report.notes)
+
+    await _plant(database, "DELETE FROM events WHERE ctid = (SELECT min(ctid) FROM events WHERE kind = 'k3')")
+    report = await compare(conn, before, [events])
+    assert not report.ok
+    # The k3 bucket lost a row (unexplained, listed first); the k1 insert is still a concurrent write.
+    assert [(d.kind, d.cause) for d in report.differences] == [("bucket", "unexplained"), ("bucket", "concurrent_write")]
+    assert report.tables["public.events"].missing == 1 and "1 of" in report.differences[0].detail
+
+
+async def test_without_kept_rows_only_buckets_are_named(conn: asyncpg.Connection, database: str) -> None:  # noqa: F811
+    await _accounts(conn, 500)
+    before = await take_snapshot(conn, [ACCOUNTS], label="light", keep_rows=False, buckets=16)
+    await _plant(database, "UPDATE accounts SET name = 'x' WHERE id = 3")
+    report = await compare(conn, before, [ACCOUNTS], allow_concurrent_writes=False)
+    assert not report.ok
+    assert [(d.kind, d.cause, d.key) for d in report.differences] == [("bucket", "unexplained", None)]
+    assert "no kept rows" in report.notes[0]
+
+
+async def test_kept_rows_are_dropped(conn: asyncpg.Connection) -> None:
+    await _accounts(conn, 100)
+    before = await take_snapshot(conn, [ACCOUNTS], label="a label with spaces & symbols " * 4, keep_rows=True)
+    kept = before.tables["public.accounts"].kept_rows
+    assert kept is not None and kept.startswith("rollback_archive.") and len(kept.split(".")[1]) <= 63
+    assert await conn.fetchval("SELECT count(*) FROM rollback_archive." + kept.split(".")[1]) == 100
+
+    await drop_kept_rows(conn, before)
+    await drop_kept_rows(conn, before)  # idempotent
+    assert await conn.fetchval("SELECT to_regclass($1)", kept) is None
+    await conn.execute("UPDATE accounts SET name = 'x' WHERE id = 3")
+    with pytest.raises(KeptRowsMissing, match="kept rows of public.accounts"):
+        await compare(conn, before, [ACCOUNTS])
+
+
+async def test_bad_input_is_named(conn: asyncpg.Connection) -> None:
+    await _accounts(conn, 10)
+    with pytest.raises(TableNotFound, match="public.nope"):
+        await take_snapshot(conn, [TableSpec(table="public.nope", key=["id"], columns=["id"])], label="x",
+                            keep_rows=False)
+    before = await take_snapshot(conn, [ACCOUNTS], label="x", keep_rows=False)
+    with pytest.raises(SnapshotMismatch, match="columns"):
+        await compare(conn, before, [ACCOUNTS.model_copy(update={"columns": ["id"]})])
+
+
+async def test_limit_lists_unexplained_first_and_counts_everything(conn: asyncpg.Connection, database: str) -> None:  # noqa: F811
+    await _accounts(conn, 1000)
+    before = await take_snapshot(conn, [ACCOUNTS], label="many", keep_rows=True, buckets=32)
+    await _plant(database, "UPDATE accounts SET balance = 0 WHERE id <= 150", "DELETE FROM accounts WHERE id = 999")
+    report = await compare(conn, before, [ACCOUNTS], limit=10)
+    assert not report.ok and report.differences_total == 151 and len(report.differences) == 10
+    assert (report.differences[0].key, report.differences[0].cause) == ({"id": "999"}, "unexplained")
+    table = report.tables["public.accounts"]
+    assert (table.changed, table.missing, table.concurrent, table.unexplained) == (150, 1, 150, 1)
+
+
+async def test_snapshot_is_consistent_while_the_application_writes(conn: asyncpg.Connection, database: str) -> None:  # noqa: F811
+    await _accounts(conn, 3000)
+    await conn.execute("CREATE TABLE ledger (id int PRIMARY KEY, account int)")
+    specs = [ACCOUNTS, TableSpec(table="public.ledger", key=["id"], columns=["id", "account"])]
+    writer = await connect(local_dsn(database), application_name="test-app")
+    stop = asyncio.Event()
+
+    async def write() -> int:
+        # Each transaction inserts one account and one ledger row: a torn snapshot would see one without the other.
+        n = 0
+        while not stop.is_set():
+            n += 1
+            async with writer.transaction():
+                await writer.execute("INSERT INTO accounts VALUES ($1, 'w', 0, NULL)", 10_000 + n)
+                await writer.execute("INSERT INTO ledger VALUES ($1, $1)", 10_000 + n)
+        return n
+
+    task = asyncio.create_task(write())
+    try:
+        before = await take_snapshot(conn, specs, label="live", keep_rows=True)
+        report_while_writing = await compare(conn, before, specs)
+    finally:
+        stop.set()
+        written = await asyncio.wait_for(task, 30)
+        await writer.close()
+    report = await compare(conn, before, specs)
+    assert before.tables["public.accounts"].rows - 3000 == before.tables["public.ledger"].rows
+    assert report_while_writing.ok and report.ok, report.summary
+    accounts, ledger = report.tables["public.accounts"], report.tables["public.ledger"]
+    assert accounts.inserted == ledger.inserted == accounts.concurrent == ledger.concurrent
+    assert accounts.rows_after == 3000 + written and accounts.rows_before + accounts.inserted == accounts.rows_after
