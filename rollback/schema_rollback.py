@@ -284,6 +284,14 @@ class _Merge:
         self.join = " AND ".join(f"t.{ident(k)} = s.{ident(k)}" for k in self.key)
         self.xids = [x & XID_MASK for x in system_xids]
 
+    def key_range(self) -> str:
+        """For a one-column key, the chunk's key range: the planner then reads only that slice of
+        the live table's index instead of scanning the whole table once per chunk."""
+        if len(self.key) != 1:
+            return ""
+        k = ident(self.key[0])
+        return f" AND t.{k} BETWEEN (SELECT min({k}) FROM rb_side) AND (SELECT max({k}) FROM rb_side)"
+
     def statements(self) -> list[tuple[str, list[object]]]:
         tuple_t, tuple_s = f"({_cols(self.columns, 't.')})", f"({_cols(self.columns, 's.')})"
         if self.mode == "rows":
@@ -292,21 +300,21 @@ class _Merge:
             return [(f"INSERT INTO {self.target} ({_cols(all_cols)}) SELECT {_cols(all_cols)} FROM rb_side {conflict}", [])]
         sets = ", ".join(f"{ident(c)} = s.{ident(c)}" for c in self.columns)
         guard = f"{tuple_t} IS DISTINCT FROM {tuple_s}"
+        where = f"{self.join}{self.key_range()} AND {guard}"
         if self.mode == "columns":
-            return [(f"UPDATE {self.target} t SET {sets} FROM rb_side s WHERE {self.join} AND {guard}", [])]
+            return [(f"UPDATE {self.target} t SET {sets} FROM rb_side s WHERE {where}", [])]
         # rewritten: only rows whose last writer is still the migration (or our revert).
-        return [(f"UPDATE {self.target} t SET {sets} FROM rb_side s WHERE {self.join} AND {guard} "
+        return [(f"UPDATE {self.target} t SET {sets} FROM rb_side s WHERE {where} "
                  f"AND t.xmin::text::bigint = ANY($1::bigint[])", [self.xids])]
 
-    def checks(self) -> tuple[str, str, str | None]:
+    def check(self) -> str:
+        """After the merge, one pass over the chunk: backup rows whose key is gone from the live table
+        (deleted since), and rows whose restored values still differ from the backup."""
         tuple_t, tuple_s = f"({_cols(self.columns, 't.')})", f"({_cols(self.columns, 's.')})"
-        missing = (f"SELECT count(*) FROM rb_side s WHERE NOT EXISTS "
-                   f"(SELECT 1 FROM {self.target} t WHERE {self.join})")
-        mismatched = f"SELECT count(*) FROM rb_side s JOIN {self.target} t ON {self.join} WHERE {tuple_t} IS DISTINCT FROM {tuple_s}"
-        if self.mode == "rewritten":
-            # Differences left in rewritten tables are rows the application changed since: kept.
-            return missing, "SELECT 0", mismatched
-        return missing, mismatched, None
+        present = f"t.{ident(self.key[0])} IS NOT NULL"
+        return (f"SELECT count(*) FILTER (WHERE NOT {present}) AS missing, "
+                f"count(*) FILTER (WHERE {present} AND {tuple_t} IS DISTINCT FROM {tuple_s}) AS differing "
+                f"FROM rb_side s LEFT JOIN {self.target} t ON {self.join}{self.key_range()}")
 
 
 async def _affected_tables(conn: asyncpg.Connection, target_shape: SchemaSnapshot, changes: SchemaDiff,
@@ -378,11 +386,15 @@ async def _merge_table(dsn: str, backup_path: Path, shape: TableShape, merge: _M
                     for sql, args in merge.statements():
                         status = await conn.execute(sql, *args)
                         report.restored += int(status.split()[-1])
-                    missing_sql, mismatched_sql, kept_sql = merge.checks()
-                    report.missing_in_live += await conn.fetchval(missing_sql) if merge.mode != "rows" else 0
-                    report.mismatches_after += await conn.fetchval(mismatched_sql) if merge.mode != "rows" else 0
-                    if kept_sql:
-                        report.kept_application_version += await conn.fetchval(kept_sql)
+                    if merge.mode != "rows":
+                        missing, differing = await conn.fetchrow(merge.check())
+                        report.missing_in_live += missing
+                        # Rewritten rows that still differ are the application's later writes: kept.
+                        # Restored columns that still differ are a failed restore.
+                        if merge.mode == "rewritten":
+                            report.kept_application_version += differing
+                        else:
+                            report.mismatches_after += differing
                     report.backup_rows += chunk.count(b"\n")
                     await conn.execute("INSERT INTO rollback_meta.restore_xids (key, xid) VALUES ($1, txid_current()) "
                                        "ON CONFLICT DO NOTHING", key)
