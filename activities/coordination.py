@@ -70,9 +70,10 @@ class Coordination:
             # Point-in-time recovery loses data: a person always decides, whatever the policy says.
             require = True
             why = "point-in-time recovery loses data: " + "; ".join(str(p.evidence.get("loses", "")) for p in lossy)
+        on_timeout = "reject" if lossy else policy.on_approval_timeout  # nobody's silence may approve a data loss
         return RollbackPlan(
             environment=request.environment, targets=plans, require_approval=require, approval_reason=why,
-            approval_timeout_seconds=policy.approval_timeout_seconds, on_approval_timeout=policy.on_approval_timeout,
+            approval_timeout_seconds=policy.approval_timeout_seconds, on_approval_timeout=on_timeout,
             on_failure=policy.on_failure, max_attempts=config.rollback.max_rollback_attempts,
             health_check_timeout_seconds=config.rollback.health_check_timeout,
             notification_channels=config.rollback.notification_channels, trigger_evidence=request.evidence,

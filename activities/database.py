@@ -26,7 +26,7 @@ from rollback.backups import BackupCatalog, BackupCorrupt, BackupError, BackupMa
 from rollback.config import ConfigSource, DatabaseTarget
 from rollback.migrations import (
     Migration, MigrationError, applied, apply_up, find, in_transaction_with_lock_timeout, load_migrations, plan_upgrade,
-    revision_key,
+    position,
 )
 from rollback.models import RollbackTarget, TargetPlan
 from rollback.payloads import (
@@ -95,9 +95,10 @@ class DatabaseRollback:
         return manifest
 
     @staticmethod
-    def migrations(target: DatabaseTarget) -> list[Migration]:
+    async def migrations(target: DatabaseTarget) -> list[Migration]:
+        # In a thread: an Alembic project's SQL is rendered by a child process (~0.6 s).
         try:
-            return load_migrations(target.migrations)
+            return await asyncio.to_thread(load_migrations, target.migrations)
         except MigrationError as err:
             raise _fail(str(err), "InvalidRequest") from None
 
@@ -105,7 +106,7 @@ class DatabaseRollback:
 
     async def assess(self, environment: str, target: DatabaseTarget, versions: TargetVersions, to_version: str | None,
                      options: dict[str, Any]) -> TargetPlan:
-        migrations = self.migrations(target)
+        migrations = await self.migrations(target)
         try:
             async with self.connection(target) as conn:
                 done = await applied(conn)
@@ -118,25 +119,30 @@ class DatabaseRollback:
         to = to_version or versions.known_good
         if to is None:
             raise _refuse("no known-good database revision is recorded; pass to_version")
-        find(migrations, to) if to != "0" else None
-        if revision_key(to) >= revision_key(current):
+        try:
+            to_index, current_index = position(migrations, to), position(migrations, current)
+        except MigrationError as err:
+            raise _refuse(str(err)) from None
+        to = migrations[to_index].revision  # canonical spelling: validation compares it with the database's record
+        if to_index >= current_index:
             raise _refuse(f"database is at revision {current}; {to} is not older")
-        undo = [m for m in reversed(done) if revision_key(m.revision) > revision_key(to)]
+        undo = [m for m in reversed(done) if position(migrations, m.revision) > to_index]
+        catalog = self.catalog(target)
+        evidence: dict[str, Any] = {"current_revision": current, "backups": [m.backup_id for m in undo]}
+        if (options.get("strategy") or "schema_rollback") == "pitr":
+            # The last resort needs no down SQL and no dump: only the WAL archive and a point to recover to.
+            oldest = catalog.get(undo[-1].backup_id) if undo[-1].backup_id else None
+            return await self._assess_pitr(environment, target, current, to, oldest, options, evidence)
         steps_undo = []
         for record in undo:
             migration = find(migrations, record.revision)
             if not migration.down_sql:
-                raise _refuse(f"migration {migration.label} has no .down.sql: it cannot be reverted")
-            if not record.backup_id or self.catalog(target).get(record.backup_id) is None:
+                raise _refuse(f"migration {migration.label} has no .down.sql: it cannot be reverted (point-in-time recovery can)")
+            if not record.backup_id or catalog.get(record.backup_id) is None:
                 raise _refuse(f"migration {migration.label} has no backup in the catalog: its destroyed data could not be restored")
             steps_undo.append({"revision": record.revision, "label": migration.label, "backup_id": record.backup_id})
         oldest = self.manifest(target, steps_undo[-1]["backup_id"])
-        changes = diff(oldest.schema_snapshot, live)
-        strategy = options.get("strategy") or "schema_rollback"
-        evidence = {"current_revision": current, "schema_changes_since_known_good": changes.describe(),
-                    "backups": [s["backup_id"] for s in steps_undo]}
-        if strategy == "pitr":
-            return await self._assess_pitr(environment, target, current, to, oldest, options, evidence)
+        evidence["schema_changes_since_known_good"] = diff(oldest.schema_snapshot, live).describe()
         steps = [f"verify backup {s['backup_id']}" for s in steps_undo] + ["integrity snapshot before"]
         for s in steps_undo:
             steps += [f"revert schema {s['label']}", f"restore data destroyed by {s['label']}"]
@@ -150,18 +156,20 @@ class DatabaseRollback:
                           params={"undo": steps_undo, "target_backup_id": oldest.id}, evidence=evidence)
 
     async def _assess_pitr(self, environment: str, target: DatabaseTarget, current: str, to: str,
-                           oldest: BackupManifest, options: dict[str, Any], evidence: dict[str, Any]) -> TargetPlan:
+                           oldest: BackupManifest | None, options: dict[str, Any], evidence: dict[str, Any]) -> TargetPlan:
         if target.pitr is None:
             raise _refuse("point-in-time recovery is not configured for this database (targets.database.pitr)")
         restore_point = options.get("restore_point")
         target_time = options.get("target_time")
         if not restore_point and not target_time:
-            restore_point = oldest.restore_point
+            restore_point = oldest.restore_point if oldest else None
             if not restore_point:
-                raise _refuse(f"backup {oldest.id} has no restore point ({oldest.restore_point_note}); pass target_time")
+                why = oldest.restore_point_note if oldest else "no backup of the migration is in the catalog"
+                raise _refuse(f"no restore point to recover to ({why}); pass --restore-point or --target-time")
+        known = oldest is not None and restore_point == oldest.restore_point
         loss = await pitr.describe_loss(
-            live_dsn=self.dsn(target), restore_point_lsn=oldest.restore_point_lsn if restore_point == oldest.restore_point else None,
-            since=datetime.fromisoformat(target_time) if target_time else oldest.created_at)
+            live_dsn=self.dsn(target), restore_point_lsn=oldest.restore_point_lsn if known and oldest else None,
+            since=datetime.fromisoformat(target_time) if target_time else (oldest.created_at if known and oldest else None))
         evidence["loses"] = loss
         label = f"restore point {restore_point}" if restore_point else f"time {target_time}"
         return TargetPlan(
@@ -191,7 +199,7 @@ class DatabaseRollback:
     async def plan_migration(self, inp: MigrationInput) -> dict[str, Any]:
         """Which migrations take the database from where it is to `inp.revision`, oldest first."""
         target = self.target(inp.environment)
-        migrations = self.migrations(target)
+        migrations = await self.migrations(target)
         async with self.connection(target) as conn:
             done = await applied(conn)
         current = done[-1].revision if done else None
@@ -204,7 +212,7 @@ class DatabaseRollback:
     @activity.defn(name="database.apply_migration")
     async def apply_migration(self, inp: MigrationInput) -> dict[str, Any]:
         target = self.target(inp.environment)
-        migration = find(self.migrations(target), inp.revision)
+        migration = find(await self.migrations(target), inp.revision)
         async with heartbeating(f"apply {migration.label}"), self.connection(target) as conn:
             try:
                 result = await apply_up(conn, migration, backup_id=inp.backup_id, lock_timeout_ms=target.lock_timeout_ms,
@@ -238,7 +246,7 @@ class DatabaseRollback:
     @activity.defn(name="database.revert_migration")
     async def revert_migration(self, inp: MigrationInput) -> dict[str, Any]:
         target = self.target(inp.environment)
-        migration = find(self.migrations(target), inp.revision)
+        migration = find(await self.migrations(target), inp.revision)
         assert inp.backup_id is not None
         shape = self.manifest(target, inp.backup_id).schema_snapshot
         async with heartbeating(f"revert {migration.label}"), self.connection(target) as conn:
@@ -268,15 +276,15 @@ class DatabaseRollback:
         async def terminate(attempt: int) -> None:
             if attempt < threshold:
                 return
-            # Sessions in a transaction that hold locks on application tables for longer
-            # than our lock_timeout: the ones our DDL keeps waiting for.
+            # Half the attempts failed: whoever still holds a lock on an application table is
+            # what our ACCESS EXCLUSIVE waits for (it conflicts with every mode). pg_locks needs
+            # no extra privilege, unlike another role's xact_start in pg_stat_activity.
             rows = await conn.fetch(
-                """SELECT DISTINCT a.pid, a.application_name, a.state FROM pg_locks l
-                   JOIN pg_stat_activity a ON a.pid = l.pid
+                """SELECT DISTINCT l.pid, a.application_name, a.state FROM pg_locks l
                    JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
-                   WHERE l.granted AND a.pid <> pg_backend_pid() AND a.datname = current_database()
-                     AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-                     AND a.xact_start < now() - make_interval(secs => $1)""", target.lock_timeout_ms / 1000)
+                   LEFT JOIN pg_stat_activity a ON a.pid = l.pid
+                   WHERE l.granted AND l.pid <> pg_backend_pid() AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                     AND c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'rollback_meta', 'rollback_archive')""")
             for row in rows:
                 activity.logger.warning("terminating session %s (%s, %s) that blocks the rollback's DDL",
                                         row["pid"], row["application_name"], row["state"])
@@ -296,10 +304,13 @@ class DatabaseRollback:
                 await asyncio.to_thread(verify_backup, Path(manifest.path))
             except BackupCorrupt as err:
                 raise _fail(f"backup {inp.backup_id} refused for restore: {err}", "BackupCorrupt") from None
-            result = await restore_data(
-                self.dsn(target), backup_path=Path(manifest.path), target_shape=manifest.schema_snapshot,
-                changes=revert.diff, system_xids=system_xids, key=inp.key, rows_per_chunk=target.restore_chunk_rows,
-                workers=target.restore_workers, progress=lambda text: progress.update(last=text))
+            try:
+                result = await restore_data(
+                    self.dsn(target), backup_path=Path(manifest.path), target_shape=manifest.schema_snapshot,
+                    changes=revert.diff, system_xids=system_xids, key=inp.key, rows_per_chunk=target.restore_chunk_rows,
+                    workers=target.restore_workers, revert_xid=revert.xid, progress=lambda text: progress.update(last=text))
+            except MigrationError as err:
+                raise _fail(str(err), "RestoreRefused") from None
         bad = [t for t in result.tables if t.mismatches_after]
         if bad:
             raise _fail("restored values differ from the backup afterwards: " +
@@ -334,7 +345,7 @@ class DatabaseRollback:
     async def reapply_migration(self, inp: MigrationInput) -> dict[str, Any]:
         """Compensation: undo a revert (re-apply the migration, put the archived data back)."""
         target = self.target(inp.environment)
-        migration = find(self.migrations(target), inp.revision)
+        migration = find(await self.migrations(target), inp.revision)
         async with heartbeating(f"re-apply {migration.label}"), self.connection(target) as conn:
             await ensure_bookkeeping(conn)
             raw = await conn.fetchval("SELECT result FROM rollback_meta.reverts WHERE key = $1", inp.key)
@@ -356,9 +367,9 @@ class DatabaseRollback:
                         sets = ", ".join(f"{ident(x)} = a.{ident(x)}" for x in item.columns)
                         join = " AND ".join(f"t.{ident(k)} = a.{ident(k)}" for k in item.key)
                         await c.execute(f"UPDATE {qualified(schema, table)} t SET {sets} FROM {source} a WHERE {join}")
-                await c.execute("INSERT INTO rollback_meta.migrations (revision, name, checksum, xid, backup_id) "
-                                "VALUES ($1, $2, $3, txid_current(), $4)", migration.revision, migration.name,
-                                migration.checksum, inp.backup_id)
+                await c.execute("INSERT INTO rollback_meta.migrations (revision, name, checksum, xid, backup_id, shape_after) "
+                                "VALUES ($1, $2, $3, txid_current(), $4, $5)", migration.revision, migration.name,
+                                migration.checksum, inp.backup_id, (await snapshot(c)).model_dump_json())
                 return {"reapplied": True, "archives_restored": [a.archive_table for a in revert.archived]}
 
             try:
@@ -421,7 +432,8 @@ def _integrity_specs(target: SchemaSnapshot, live: SchemaSnapshot) -> list[integ
     specs = []
     for name in sorted(set(target.tables) & set(live.tables)):
         want, have = target.tables[name], live.tables[name]
-        columns = [c.name for c in have.columns if want.column(c.name) is not None]
+        # A column whose type the rollback changes back cannot compare value for value: left out.
+        columns = [c.name for c in have.columns if (w := want.column(c.name)) is not None and w.type == c.type]
         key = have.primary_key if set(have.primary_key) <= set(columns) else []
         specs.append(integrity.TableSpec(table=name, key=key, columns=columns))
     return specs

@@ -339,7 +339,7 @@ class DatabaseTarget(_Strict):
     """A PostgreSQL database whose schema is changed by migrations run through the system."""
 
     dsn_env: str = Field(pattern=_ENV_NAME, description="NAME of the environment variable holding the DSN (never the DSN itself)")
-    migrations: Path = Field(description="directory of NNNN_name.up.sql / NNNN_name.down.sql files")
+    migrations: Path = Field(description="directory of NNNN_name.up.sql / NNNN_name.down.sql files, or an Alembic project's alembic.ini")
     versions: TargetVersions = Field(default_factory=TargetVersions, description="seed; the state store wins once written")
     backup_dir: Path | None = Field(default=None, description="default: <state_dir>/backups")
     backup_jobs: int = Field(default=2, ge=1, le=32, description="pg_dump --jobs")

@@ -66,7 +66,16 @@ def revision_key(revision: str) -> int:
     return int(revision)
 
 
-def load_migrations(directory: Path) -> list[Migration]:
+def load_migrations(source: Path) -> list[Migration]:
+    """The project's migrations in order: a directory of SQL files, or an Alembic project's alembic.ini."""
+    if source.suffix == ".ini":
+        from rollback.alembic_migrations import load_alembic_migrations  # SQLAlchemy only for Alembic projects
+
+        return load_alembic_migrations(source)
+    return load_sql_migrations(source)
+
+
+def load_sql_migrations(directory: Path) -> list[Migration]:
     """Every migration in the directory, in revision order; refuses gaps in pairing and duplicates."""
     if not directory.is_dir():
         raise MigrationError(f"{directory}: migrations directory not found")
@@ -100,12 +109,18 @@ def load_migrations(directory: Path) -> list[Migration]:
     return migrations
 
 
-def find(migrations: list[Migration], revision: str) -> Migration:
-    for migration in migrations:
-        if revision_key(migration.revision) == revision_key(revision):
-            return migration
+def position(migrations: list[Migration], revision: str) -> int:
+    """Where a revision sits in the project's order (SQL: `3` and `0003` are the same revision)."""
+    for index, migration in enumerate(migrations):
+        if migration.revision == revision or (revision.isdigit() and migration.revision.isdigit()
+                                              and int(migration.revision) == int(revision)):
+            return index
     known = ", ".join(m.revision for m in migrations)
     raise MigrationError(f"unknown revision {revision!r} (known: {known})")
+
+
+def find(migrations: list[Migration], revision: str) -> Migration:
+    return migrations[position(migrations, revision)]
 
 
 async def ensure_tracking(conn: asyncpg.Connection) -> None:
@@ -118,7 +133,8 @@ async def applied(conn: asyncpg.Connection) -> list[AppliedMigration]:
     if not exists:
         return []
     rows = await conn.fetch("SELECT revision, name, xid, backup_id FROM rollback_meta.migrations")
-    return sorted((AppliedMigration(**dict(r)) for r in rows), key=lambda m: revision_key(m.revision))
+    # Transaction ids grow with time: the order in which they were applied.
+    return sorted((AppliedMigration(**dict(r)) for r in rows), key=lambda m: m.xid)
 
 
 async def current_revision(conn: asyncpg.Connection) -> str | None:
@@ -127,12 +143,12 @@ async def current_revision(conn: asyncpg.Connection) -> str | None:
 
 
 def plan_upgrade(migrations: list[Migration], current: str | None, to: str) -> list[Migration]:
-    target = find(migrations, to)
-    start = revision_key(current) if current is not None else -1
-    if revision_key(target.revision) < start:
+    start = position(migrations, current) if current is not None else -1
+    target = position(migrations, to)
+    if target < start:
         raise MigrationError(f"revision {to} is older than the current {current}: going back is a rollback "
-                             f"(rollback start --targets database), not a migration")
-    return [m for m in migrations if start < revision_key(m.revision) <= revision_key(target.revision)]
+                             f"(rollback start --target database), not a migration")
+    return migrations[start + 1:target + 1]
 
 
 AttemptWrapper = Callable[[], AbstractAsyncContextManager[object]]

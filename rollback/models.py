@@ -9,7 +9,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class RollbackTarget(str, Enum):
@@ -63,6 +63,14 @@ class DatabaseOptions(BaseModel):
         if value is not None and value.tzinfo is None:
             raise ValueError("needs a timezone, e.g. 2026-11-26T10:00:00Z")
         return value
+
+    @model_validator(mode="after")
+    def _pitr_options(self) -> "DatabaseOptions":
+        if self.restore_point and self.target_time:
+            raise ValueError("give restore_point or target_time, not both")
+        if self.strategy == "schema_rollback" and (self.restore_point or self.target_time):
+            raise ValueError("restore_point and target_time are for strategy 'pitr'")
+        return self
 
 
 class RollbackRequest(BaseModel):
@@ -201,7 +209,7 @@ class MigrateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     environment: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    to_revision: str = Field(pattern=r"^\d{1,12}$")
+    to_revision: str = Field(pattern=r"^[A-Za-z0-9_]{1,64}$", description="SQL: the number (0003); Alembic: the revision id")
     initiated_by: str = Field(default="unknown", max_length=200)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import asyncpg
 from pydantic import BaseModel, Field
 
+from rollback.backups import DEFAULT_PG_BIN
 from rollback.migrations import AttemptWrapper, Migration, MigrationError, in_transaction_with_lock_timeout
 from rollback.pg import ident, qualified
 from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
@@ -236,7 +237,7 @@ async def copy_chunks(backup_path: Path, table: TableShape, *, rows_per_chunk: i
                       env: dict[str, str] | None = None) -> AsyncIterator[bytes]:
     """The table's rows from a directory-format dump, as COPY text, `rows_per_chunk` lines at a time."""
     process = await asyncio.create_subprocess_exec(
-        "pg_restore", "--data-only", f"--schema={table.schema_name}", f"--table={table.name}", "-f", "-", str(backup_path),
+        str(DEFAULT_PG_BIN / "pg_restore"), "--data-only", f"--schema={table.schema_name}", f"--table={table.name}", "-f", "-", str(backup_path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env or dict(os.environ),
     )
     assert process.stdout is not None
@@ -277,8 +278,12 @@ def _cols(names: list[str], prefix: str = "") -> str:
 class _Merge:
     """Merge statements for one table; `s` is the chunk's temporary side table."""
 
-    def __init__(self, live: TableShape, mode: str, columns: list[str], system_xids: list[int]) -> None:
+    def __init__(self, live: TableShape, mode: str, columns: list[str], system_xids: list[int], revert_xid: int) -> None:
         self.live, self.mode, self.columns = live, mode, columns
+        # A row last written after the revert committed was written by the application (the
+        # restored release may already use the re-added column) or by an earlier attempt of
+        # this restore: never overwritten. age() compares transaction ids wraparound-safely.
+        self.written_before_revert = f"age(t.xmin) >= age('{revert_xid & XID_MASK}'::xid)"
         self.target = qualified(live.schema_name, live.name)
         self.key = live.primary_key
         self.join = " AND ".join(f"t.{ident(k)} = s.{ident(k)}" for k in self.key)
@@ -302,7 +307,7 @@ class _Merge:
         guard = f"{tuple_t} IS DISTINCT FROM {tuple_s}"
         where = f"{self.join}{self.key_range()} AND {guard}"
         if self.mode == "columns":
-            return [(f"UPDATE {self.target} t SET {sets} FROM rb_side s WHERE {where}", [])]
+            return [(f"UPDATE {self.target} t SET {sets} FROM rb_side s WHERE {where} AND {self.written_before_revert}", [])]
         # rewritten: only rows whose last writer is still the migration (or our revert).
         return [(f"UPDATE {self.target} t SET {sets} FROM rb_side s WHERE {where} "
                  f"AND t.xmin::text::bigint = ANY($1::bigint[])", [self.xids])]
@@ -312,9 +317,14 @@ class _Merge:
         (deleted since), and rows whose restored values still differ from the backup."""
         tuple_t, tuple_s = f"({_cols(self.columns, 't.')})", f"({_cols(self.columns, 's.')})"
         present = f"t.{ident(self.key[0])} IS NOT NULL"
-        return (f"SELECT count(*) FILTER (WHERE NOT {present}) AS missing, "
-                f"count(*) FILTER (WHERE {present} AND {tuple_t} IS DISTINCT FROM {tuple_s}) AS differing "
-                f"FROM rb_side s LEFT JOIN {self.target} t ON {self.join}{self.key_range()}")
+        differs = f"{present} AND {tuple_t} IS DISTINCT FROM {tuple_s}"
+        if self.mode == "columns":
+            # Differences in rows written before the revert are a failed restore; after it, the application's.
+            failed, kept = f"{differs} AND {self.written_before_revert}", f"{differs} AND NOT {self.written_before_revert}"
+        else:  # rewritten: whatever still differs was changed by the application since the migration
+            failed, kept = "FALSE", differs
+        return (f"SELECT count(*) FILTER (WHERE NOT {present}) AS missing, count(*) FILTER (WHERE {failed}) AS failed, "
+                f"count(*) FILTER (WHERE {kept}) AS kept FROM rb_side s LEFT JOIN {self.target} t ON {self.join}{self.key_range()}")
 
 
 async def _affected_tables(conn: asyncpg.Connection, target_shape: SchemaSnapshot, changes: SchemaDiff,
@@ -343,7 +353,7 @@ async def _affected_tables(conn: asyncpg.Connection, target_shape: SchemaSnapsho
 
 
 async def restore_data(dsn: str, *, backup_path: Path, target_shape: SchemaSnapshot, changes: SchemaDiff,
-                       system_xids: list[int], key: str, rows_per_chunk: int = 50_000, workers: int = 2,
+                       system_xids: list[int], revert_xid: int, key: str, rows_per_chunk: int = 50_000, workers: int = 2,
                        timeout: float = 3600, progress: Callable[[str], None] | None = None) -> RestoreResult:
     """Merge what the migration destroyed back from the backup, table by table, chunk by chunk."""
     conn = await asyncpg.connect(dsn, timeout=10)
@@ -354,14 +364,25 @@ async def restore_data(dsn: str, *, backup_path: Path, target_shape: SchemaSnaps
     finally:
         await conn.close()
     result = RestoreResult()
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        partitioned = [name for name in {s.qualified_name for s, _, _ in work} if await conn.fetchval(
+            "SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)", name)]
+    finally:
+        await conn.close()
+    if partitioned:
+        raise MigrationError(f"{', '.join(partitioned)}: partitioned tables are not supported by the schema rollback "
+                             "(pg_dump keeps their rows under each partition); use point-in-time recovery")
     for shape, mode, columns in work:
-        if not shape.primary_key and mode != "rows":
-            raise MigrationError(f"{shape.qualified_name} has no primary key: its {mode} cannot be merged by key")
+        if not shape.primary_key:
+            # Without a key, a retried merge could insert rows twice or update the wrong ones.
+            raise MigrationError(f"{shape.qualified_name} has no primary key: what the migration destroyed in it "
+                                 "cannot be merged back safely; restore it by hand from the backup or use point-in-time recovery")
         live_shape = live.tables.get(shape.qualified_name)
         if live_shape is None:
             raise MigrationError(f"{shape.qualified_name} does not exist after the revert: cannot restore its rows")
         report = TableRestore(table=shape.qualified_name, mode=mode, columns=columns)
-        await _merge_table(dsn, backup_path, shape, _Merge(live_shape, mode, columns, system_xids), report,
+        await _merge_table(dsn, backup_path, shape, _Merge(live_shape, mode, columns, system_xids, revert_xid), report,
                            key=key, rows_per_chunk=rows_per_chunk, workers=workers, timeout=timeout, progress=progress)
         result.tables.append(report)
     return result
@@ -387,14 +408,10 @@ async def _merge_table(dsn: str, backup_path: Path, shape: TableShape, merge: _M
                         status = await conn.execute(sql, *args)
                         report.restored += int(status.split()[-1])
                     if merge.mode != "rows":
-                        missing, differing = await conn.fetchrow(merge.check())
+                        missing, failed, kept = await conn.fetchrow(merge.check())
                         report.missing_in_live += missing
-                        # Rewritten rows that still differ are the application's later writes: kept.
-                        # Restored columns that still differ are a failed restore.
-                        if merge.mode == "rewritten":
-                            report.kept_application_version += differing
-                        else:
-                            report.mismatches_after += differing
+                        report.mismatches_after += failed
+                        report.kept_application_version += kept
                     report.backup_rows += chunk.count(b"\n")
                     await conn.execute("INSERT INTO rollback_meta.restore_xids (key, xid) VALUES ($1, txid_current()) "
                                        "ON CONFLICT DO NOTHING", key)

@@ -33,7 +33,7 @@ async def test_db_migrate_and_backups_from_the_cli(shop, client, task_queue, run
 
 @pytest.mark.parametrize("args, expected", [
     (["db", "migrate", "-e", "shop", "--to", "9999"], "unknown revision '9999'"),
-    (["db", "migrate", "-e", "shop", "--to", "abc"], "to_revision"),
+    (["db", "migrate", "-e", "shop", "--to", "../x"], "to_revision"),
     (["db", "backups", "-e", "nowhere"], "'nowhere' has no database target"),
     (["start", "-e", "shop", "-t", "database", "--database-strategy", "pitr"], "point-in-time recovery is not configured"),
     (["start", "-e", "shop", "-t", "database", "--target-time", "2026-01-01T00:00:00"], "needs a timezone"),

@@ -387,9 +387,12 @@ class RollbackWorkflow:
 
     def _activity(self, name: str, arg: BaseModel, result_type: type | None, *, attempts: int, long: bool = False,
                   deadline: timedelta | None = None) -> Awaitable[Any]:
+        # Database steps (restores, recoveries) can take hours on big tables; a dead worker is
+        # still noticed within the heartbeat timeout.
+        limit = timedelta(hours=4) if long and name.startswith("database.") else timedelta(minutes=10 if long else 2)
         return workflow.execute_activity(
             name, arg, result_type=result_type, schedule_to_close_timeout=deadline,
-            start_to_close_timeout=timedelta(minutes=10 if long else 2),
+            start_to_close_timeout=limit,
             heartbeat_timeout=HEARTBEAT if long else None, retry_policy=retry(attempts),
             # On cancellation, wait until a running step has really stopped before
             # compensating, or the undo could race the step it undoes.
