@@ -458,3 +458,22 @@ async def test_retention_schedule_deletes_only_unpinned_expired_backups_and_old_
     assert archives_before == 2 and len(report["archives_dropped"]) == 2
     assert await value(dsn, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'rollback_archive' "
                             "AND table_name LIKE 'rb_%'") == 0
+
+
+async def test_alembic_project_migrated_and_rolled_back_through_the_workflow(shop, tmp_path, client, task_queue, run_worker):
+    """The same path for an Alembic project: its offline SQL runs in our transactions, alembic_version follows."""
+    _, dsn = shop
+    variable = next(k for k, v in os.environ.items() if k.startswith("SHOP_DSN_"))
+    config = shop_config(tmp_path, Path(__file__).parent / "alembic_project" / "alembic.ini", variable)
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "b2c3d4e5f6a7")
+    await migrate(orch, "c3d4e5f6a7b8")  # drops customers.legacy_code
+    await fetch(dsn, "INSERT INTO customers (name, email) VALUES ('after', 'after@example.com')")
+
+    _, status = await rollback_database(orch)
+
+    assert status.state == Phase.SUCCEEDED, status.error
+    rows = {r["name"]: r["legacy_code"] for r in await fetch(dsn, "SELECT name, legacy_code FROM customers")}
+    assert rows == {"Ada": "A-1", "O'Brien": "B-2", "after": None}
+    assert await value(dsn, "SELECT version_num FROM alembic_version") == "b2c3d4e5f6a7"
