@@ -403,7 +403,8 @@ async def _merge_table(dsn: str, backup_path: Path, shape: TableShape, merge: _M
             while (chunk := await queue.get()) is not None:
                 async with conn.transaction():
                     await conn.copy_to_table("rb_side", source=_one(chunk), columns=[c.name for c in shape.columns])
-                    await conn.execute("ANALYZE rb_side")
+                    if not merge.key_range():
+                        await conn.execute("ANALYZE rb_side")  # no key range to steer the plan: statistics must
                     for sql, args in merge.statements():
                         status = await conn.execute(sql, *args)
                         report.restored += int(status.split()[-1])
