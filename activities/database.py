@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -454,7 +454,3 @@ def _backup_summary(manifest: BackupManifest) -> dict[str, Any]:
             "total_bytes": manifest.total_bytes, "files": len(manifest.files), "restore_point": manifest.restore_point,
             "verified_at": manifest.verified_at.isoformat() if manifest.verified_at else None,
             "created_at": manifest.created_at.isoformat()}
-
-
-def utc_now() -> datetime:
-    return datetime.now(timezone.utc)

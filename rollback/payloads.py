@@ -121,7 +121,6 @@ class ValidateDbInput(DbStepInput):
     snapshot: dict[str, Any]
     restore_keys: list[str] = Field(default_factory=list, description="keys of the restore steps whose writes are expected")
     revert_keys: list[str] = Field(default_factory=list)
-    restores: list[dict[str, Any]] = Field(default_factory=list, description="restore results: every mismatch must be 0")
 
 
 class PitrInput(DbStepInput):

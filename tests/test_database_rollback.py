@@ -82,6 +82,17 @@ async def migrate(orch, revision: str) -> None:
     await orch.migrate(MigrateRequest(environment="shop", to_revision=revision, initiated_by="tester"))
 
 
+async def at_second_migration(shop, run_worker, client, task_queue: str, *steps: tuple[str, str], **options: Any):
+    """A worker for the `shop` environment, its database migrated through 0001 then 0002: (config, dsn, orchestrator)."""
+    make, dsn = shop
+    config = make(*steps, **options)
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    await migrate(orch, "0002")
+    return config, dsn, orch
+
+
 async def rollback_database(orch, **extra: Any) -> tuple[str, RollbackStatus]:
     """Run a database rollback to its end; its final status (state, error, steps, reports)."""
     started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester",
@@ -111,12 +122,7 @@ async def value(dsn: str, sql: str, *args: Any) -> Any:
 
 
 async def test_additive_migration_rolled_back_keeps_new_rows_and_archives_new_columns(shop, client, task_queue, run_worker):
-    make, dsn = shop
-    config = make(ADDITIVE)
-    await run_worker(config)
-    orch = orchestrator(client, task_queue)
-    await migrate(orch, "0001")
-    await migrate(orch, "0002")
+    config, dsn, orch = await at_second_migration(shop, run_worker, client, task_queue, ADDITIVE)
     # The application keeps working on the new schema: new rows, values only the new objects hold.
     await fetch(dsn, "INSERT INTO customers (name, email, phone) SELECT 'new' || g, 'n' || g || '@x', '555-' || g FROM generate_series(1, 50) g")
     await fetch(dsn, "INSERT INTO reviews (order_id, stars) SELECT g, 5 FROM generate_series(1, 30) g")
@@ -194,12 +200,7 @@ async def test_failed_migration_leaves_the_database_as_it_was_and_keeps_the_back
 
 
 async def test_corrupt_backup_is_refused_and_nothing_changes(shop, client, task_queue, run_worker):
-    make, dsn = shop
-    config = make(DESTRUCTIVE)
-    await run_worker(config)
-    orch = orchestrator(client, task_queue)
-    await migrate(orch, "0001")
-    await migrate(orch, "0002")
+    config, dsn, orch = await at_second_migration(shop, run_worker, client, task_queue, DESTRUCTIVE)
     newest = BackupCatalog(config.get().environments["shop"].targets.database.backup_dir).list("shop")[0]
     data_file = next(p for p in Path(newest.path).iterdir() if p.name.endswith(".dat.gz"))
     raw = bytearray(data_file.read_bytes())
@@ -215,12 +216,7 @@ async def test_corrupt_backup_is_refused_and_nothing_changes(shop, client, task_
 
 
 async def test_rollback_waits_politely_for_a_long_transaction_without_blocking_the_application(shop, client, task_queue, run_worker):
-    make, dsn = shop
-    config = make(ADDITIVE, lock_attempts=200)
-    await run_worker(config)
-    orch = orchestrator(client, task_queue)
-    await migrate(orch, "0001")
-    await migrate(orch, "0002")
+    config, dsn, orch = await at_second_migration(shop, run_worker, client, task_queue, ADDITIVE, lock_attempts=200)
     holder = await asyncpg.connect(dsn, timeout=10)
     reader = await asyncpg.connect(dsn, timeout=10)
     try:
@@ -248,12 +244,7 @@ async def test_rollback_waits_politely_for_a_long_transaction_without_blocking_t
 
 
 async def test_blocking_session_is_terminated_only_when_the_config_allows_it(shop, client, task_queue, run_worker):
-    make, dsn = shop
-    config = make(ADDITIVE, lock_attempts=4, terminate_blockers=True)
-    await run_worker(config)
-    orch = orchestrator(client, task_queue)
-    await migrate(orch, "0001")
-    await migrate(orch, "0002")
+    config, dsn, orch = await at_second_migration(shop, run_worker, client, task_queue, ADDITIVE, lock_attempts=4, terminate_blockers=True)
     holder = await asyncpg.connect(dsn, timeout=10)
     try:
         await holder.execute("BEGIN; LOCK TABLE customers IN ROW EXCLUSIVE MODE")
@@ -408,12 +399,7 @@ async def test_retention_schedule_deletes_only_unpinned_expired_backups_and_old_
 
     from rollback.backups import BackupManifest
 
-    make, dsn = shop
-    config = make(ADDITIVE, DESTRUCTIVE)
-    await run_worker(config)
-    orch = orchestrator(client, task_queue)
-    await migrate(orch, "0001")
-    await migrate(orch, "0002")
+    config, dsn, orch = await at_second_migration(shop, run_worker, client, task_queue, ADDITIVE, DESTRUCTIVE)
     await fetch(dsn, "INSERT INTO reviews (order_id, stars) VALUES (1, 5)")
     _, status = await rollback_database(orch)  # back to 0001: archives reviews and phone
     assert status.state == Phase.SUCCEEDED, status.error

@@ -285,7 +285,7 @@ class RollbackWorkflow:
                 "database.restore_data", r, dict, attempts=attempts, long=True)))
         validate = ValidateDbInput(environment=environment, key=f"{wf_id}:validate", snapshot=snapshot,
                                    restore_keys=[f"{wf_id}:restore:{i['revision']}" for i in undo],
-                                   revert_keys=[f"{wf_id}:revert:{i['revision']}" for i in undo], restores=restores)
+                                   revert_keys=[f"{wf_id}:revert:{i['revision']}" for i in undo])
         try:
             report = await self._step("validate database integrity", "database", lambda: self._activity(
                 "database.validate", validate, dict, attempts=attempts, long=True))
