@@ -5,7 +5,11 @@ kept-rows table in rollback_archive, dropped after each repetition), 3 repetitio
   - `SELECT count(*)`: the floor, a parallel scan that hashes nothing;
   - take_snapshot(keep_rows=False): fingerprints only (rows/s);
   - take_snapshot(keep_rows=True): plus one narrow UNLOGGED row per source row (rows/s);
-  - compare() against the kept-rows snapshot on unchanged data.
+  - compare() against the kept-rows snapshot on unchanged data;
+then, on a scratch copy of the same rows in a database of its own (rb_bench_integrity, dropped
+at the end), take_snapshot(keep_rows=True) followed by 2,000 inserts and 2,000 updates of
+random rows from another connection (what an application does during a rollback), then
+compare(), which must name all 4,000 rows as concurrent writes.
 Medians are reported with the ratios to count(*), which survive this shared machine's noise
 better than absolute seconds. Target: 2,000,000 rows/s for take_snapshot(keep_rows=False).
 
@@ -18,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -26,10 +31,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _pgbench import ROWS, ensure_pgbench  # noqa: E402
+from _pgbench import ROWS, drop, ensure_pgbench  # noqa: E402
 
 from rollback.integrity import TableSpec, compare, drop_kept_rows, take_snapshot  # noqa: E402
-from rollback.pg import connect  # noqa: E402
+from rollback.pg import connect, ident, local_dsn  # noqa: E402
+
+SCRATCH = "rb_bench_integrity"
+CHANGES = 2_000  # inserts, and as many updates of random existing rows
 
 TARGET_ROWS_PER_SECOND = 2_000_000
 SPEC = TableSpec(table="public.pgbench_accounts", key=["aid"], columns=["aid", "bid", "abalance", "filler"])
@@ -43,6 +51,73 @@ async def _timed(coroutine) -> tuple[float, object]:
     started = time.perf_counter()
     result = await coroutine
     return time.perf_counter() - started, result
+
+
+async def _scratch() -> str:
+    """A database of our own with pgbench_accounts' shape and contents (pgbench -i writes exactly these rows)."""
+    await drop(SCRATCH)
+    admin = await connect(local_dsn())
+    try:
+        await admin.execute(f"CREATE DATABASE {ident(SCRATCH)}", timeout=60)
+    finally:
+        await admin.close()
+    conn = await connect(local_dsn(SCRATCH))
+    try:
+        await conn.execute("CREATE TABLE pgbench_accounts (aid int NOT NULL, bid int, abalance int, filler char(84)) "
+                           "WITH (fillfactor = 100)", timeout=60)
+        await conn.execute("INSERT INTO pgbench_accounts SELECT aid, (aid - 1) / 100000 + 1, 0, '' "
+                           "FROM generate_series(1, $1) aid", ROWS, timeout=900)
+        await conn.execute("ALTER TABLE pgbench_accounts ADD PRIMARY KEY (aid)", timeout=900)
+        await conn.execute("VACUUM ANALYZE pgbench_accounts", timeout=900)
+    finally:
+        await conn.close()
+    return local_dsn(SCRATCH)
+
+
+async def _application_writes(dsn: str, rows: int) -> None:
+    """CHANGES inserts and CHANGES updates of distinct random rows, in small transactions like an application's."""
+    app = await connect(dsn, application_name="bench-integrity-app")
+    try:
+        top = await app.fetchval("SELECT max(aid) FROM pgbench_accounts", timeout=60)
+        new = list(range(top + 1, top + 1 + CHANGES))
+        old = random.sample(range(1, rows + 1), CHANGES)
+        for start in range(0, CHANGES, 100):
+            async with app.transaction():
+                await app.execute("INSERT INTO pgbench_accounts SELECT aid, 1, 0, 'new' FROM unnest($1::int[]) aid",
+                                  new[start:start + 100], timeout=60)
+                await app.execute("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = ANY($1::int[])",
+                                  old[start:start + 100], timeout=60)
+    finally:
+        await app.close()
+
+
+async def run_concurrent(repetitions: int) -> dict[str, list[float]]:
+    """take_snapshot(keep_rows=True), 4,000 application writes, compare(): seconds of both, per repetition."""
+    dsn = await _scratch()
+    times: dict[str, list[float]] = {"snapshot_keep_rows": [], "compare": [], "total": []}
+    conn = await connect(dsn, application_name="bench-integrity")
+    try:
+        for repetition in range(1, repetitions + 1):
+            rows = await conn.fetchval("SELECT count(*) FROM pgbench_accounts", timeout=600)
+            snapshot_seconds, kept = await _timed(take_snapshot(conn, [SPEC], label="bench-concurrent",
+                                                                keep_rows=True))
+            try:
+                await _application_writes(dsn, ROWS)
+                compare_seconds, report = await _timed(compare(conn, kept, [SPEC]))
+            finally:
+                await drop_kept_rows(conn, kept)
+            table = report.tables[SPEC.table]
+            assert report.ok and (table.inserted, table.changed, table.concurrent, table.rows_after) == (
+                CHANGES, CHANGES, 2 * CHANGES, rows + CHANGES), report.summary
+            times["snapshot_keep_rows"].append(snapshot_seconds)
+            times["compare"].append(compare_seconds)
+            times["total"].append(snapshot_seconds + compare_seconds)
+            log(f"concurrent repetition {repetition}: snapshot {snapshot_seconds:.2f} s, "
+                f"compare {compare_seconds:.2f} s")
+    finally:
+        await conn.close()
+        await drop(SCRATCH)
+    return times
 
 
 async def run(repetitions: int) -> dict:
@@ -71,7 +146,9 @@ async def run(repetitions: int) -> dict:
             log(f"repetition {repetition}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
     finally:
         await conn.close()
+    concurrent = await run_concurrent(repetitions)
     median = {k: statistics.median(v) for k, v in times.items()}
+    busy = {k: statistics.median(v) for k, v in concurrent.items()}
     rate = ROWS / median["snapshot"]
     return {
         "benchmark": "integrity_speed",
@@ -84,6 +161,11 @@ async def run(repetitions: int) -> dict:
         "snapshot_keep_rows_rows_per_second": round(ROWS / median["snapshot_keep_rows"]),
         "compare_unchanged_seconds": round(median["compare"], 3),
         "snapshot_json_bytes": snapshot_bytes,
+        "concurrent_changes": 2 * CHANGES,
+        "concurrent_snapshot_keep_rows_seconds": round(busy["snapshot_keep_rows"], 3),
+        "concurrent_compare_seconds": round(busy["compare"], 3),
+        "concurrent_total_seconds": round(busy["total"], 3),
+        "concurrent_all_seconds": {k: [round(s, 3) for s in v] for k, v in concurrent.items()},
         "snapshot_to_count_ratio": round(median["snapshot"] / median["count"], 2),
         "keep_rows_to_snapshot_ratio": round(median["snapshot_keep_rows"] / median["snapshot"], 2),
         "all_seconds": {k: [round(s, 3) for s in v] for k, v in times.items()},
