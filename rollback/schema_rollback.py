@@ -278,12 +278,18 @@ def _cols(names: list[str], prefix: str = "") -> str:
 class _Merge:
     """Merge statements for one table; `s` is the chunk's temporary side table."""
 
-    def __init__(self, live: TableShape, mode: str, columns: list[str], system_xids: list[int], revert_xid: int) -> None:
+    def __init__(self, live: TableShape, mode: str, columns: list[str], system_xids: list[int], revert_xid: int,
+                 defaults: dict[str, str] | None = None) -> None:
         self.live, self.mode, self.columns = live, mode, columns
-        # A row last written after the revert committed was written by the application (the
-        # restored release may already use the re-added column) or by an earlier attempt of
-        # this restore: never overwritten. age() compares transaction ids wraparound-safely.
-        self.written_before_revert = f"age(t.xmin) >= age('{revert_xid & XID_MASK}'::xid)"
+        # Which rows may be restored: those not written since the revert committed (age()
+        # compares transaction ids wraparound-safely), and those written since whose restored
+        # columns still hold what the down SQL left there (NULL, or the column's default): the
+        # application updated other columns of the row. A value the restored release wrote into
+        # a re-added column since the revert is the application's, and stays.
+        untouched = " AND ".join(
+            f"(t.{ident(c)} IS NULL" + (f" OR t.{ident(c)} IS NOT DISTINCT FROM ({defaults[c]})" if defaults and c in defaults else "") + ")"
+            for c in columns)
+        self.restorable = f"(age(t.xmin) >= age('{revert_xid & XID_MASK}'::xid) OR ({untouched}))"
         self.target = qualified(live.schema_name, live.name)
         self.key = live.primary_key
         self.join = " AND ".join(f"t.{ident(k)} = s.{ident(k)}" for k in self.key)
@@ -307,7 +313,7 @@ class _Merge:
         guard = f"{tuple_t} IS DISTINCT FROM {tuple_s}"
         where = f"{self.join}{self.key_range()} AND {guard}"
         if self.mode == "columns":
-            return [(f"UPDATE {self.target} t SET {sets} FROM rb_side s WHERE {where} AND {self.written_before_revert}", [])]
+            return [(f"UPDATE {self.target} t SET {sets} FROM rb_side s WHERE {where} AND {self.restorable}", [])]
         # rewritten: only rows whose last writer is still the migration (or our revert).
         return [(f"UPDATE {self.target} t SET {sets} FROM rb_side s WHERE {where} "
                  f"AND t.xmin::text::bigint = ANY($1::bigint[])", [self.xids])]
@@ -320,7 +326,7 @@ class _Merge:
         differs = f"{present} AND {tuple_t} IS DISTINCT FROM {tuple_s}"
         if self.mode == "columns":
             # Differences in rows written before the revert are a failed restore; after it, the application's.
-            failed, kept = f"{differs} AND {self.written_before_revert}", f"{differs} AND NOT {self.written_before_revert}"
+            failed, kept = f"{differs} AND {self.restorable}", f"{differs} AND NOT {self.restorable}"
         else:  # rewritten: whatever still differs was changed by the application since the migration
             failed, kept = "FALSE", differs
         return (f"SELECT count(*) FILTER (WHERE NOT {present}) AS missing, count(*) FILTER (WHERE {failed}) AS failed, "
@@ -382,10 +388,33 @@ async def restore_data(dsn: str, *, backup_path: Path, target_shape: SchemaSnaps
         if live_shape is None:
             raise MigrationError(f"{shape.qualified_name} does not exist after the revert: cannot restore its rows")
         report = TableRestore(table=shape.qualified_name, mode=mode, columns=columns)
-        await _merge_table(dsn, backup_path, shape, _Merge(live_shape, mode, columns, system_xids, revert_xid), report,
+        defaults = await _constant_defaults(dsn, live_shape, columns) if mode == "columns" else {}
+        await _merge_table(dsn, backup_path, shape, _Merge(live_shape, mode, columns, system_xids, revert_xid, defaults), report,
                            key=key, rows_per_chunk=rows_per_chunk, workers=workers, timeout=timeout, progress=progress)
         result.tables.append(report)
     return result
+
+
+async def _constant_defaults(dsn: str, table: TableShape, columns: list[str]) -> dict[str, str]:
+    """The re-added columns' defaults that are constants (what the down SQL's ADD COLUMN filled in)."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        rows = await conn.fetch(
+            """SELECT a.attname, pg_get_expr(d.adbin, d.adrelid) AS expression, d.adbin::text AS tree
+               FROM pg_attrdef d JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum
+               WHERE d.adrelid = to_regclass($1) AND a.attname = ANY($2::text[])""",
+            qualified(table.schema_name, table.name), columns)
+    finally:
+        await conn.close()
+    return {r["attname"]: r["expression"] for r in rows if _is_constant(r["tree"])}
+
+
+def _is_constant(tree: str) -> bool:
+    """A default's parse tree that is a constant, or one cast of a constant (`''::character(84)`)."""
+    if tree.startswith(("{CONST", "{RELABELTYPE")):
+        return True
+    return (tree.startswith("{FUNCEXPR") and tree.count("{FUNCEXPR") == 1
+            and (":funcformat 1" in tree or ":funcformat 2" in tree) and "{CONST" in tree)
 
 
 async def _merge_table(dsn: str, backup_path: Path, shape: TableShape, merge: _Merge, report: TableRestore, *,

@@ -463,3 +463,34 @@ async def test_alembic_project_migrated_and_rolled_back_through_the_workflow(sho
     rows = {r["name"]: r["legacy_code"] for r in await fetch(dsn, "SELECT name, legacy_code FROM customers")}
     assert rows == {"Ada": "A-1", "O'Brien": "B-2", "after": None}
     assert await value(dsn, "SELECT version_num FROM alembic_version") == "b2c3d4e5f6a7"
+
+
+async def test_restore_respects_what_the_application_wrote_between_revert_and_restore(database, tmp_path):  # noqa: F811
+    """In a full rollback the restored release runs before the database is restored: a value it writes
+    into the re-added column stays; a row it only touched elsewhere still gets its value back."""
+    from rollback.backups import take_backup
+    from rollback.migrations import apply_up, load_migrations
+    from rollback.schema_rollback import restore_data, revert_schema
+
+    dsn = local_dsn(database)
+    migrations = load_migrations(write_migrations(tmp_path / "m", DESTRUCTIVE))
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await apply_up(conn, migrations[0], backup_id=None, lock_timeout_ms=500, attempts=3)
+        backup = await take_backup(dsn=dsn, root=tmp_path / "backups", backup_id="b1", environment="shop",
+                                   revision="0001", next_revision="0002")
+        await apply_up(conn, migrations[1], backup_id="b1", lock_timeout_ms=500, attempts=3)
+        revert = await revert_schema(conn, migration=migrations[1], target_shape=backup.schema_snapshot, key="k:revert",
+                                     lock_timeout_ms=500, attempts=3)
+        # The restored release, between the revert and the restore:
+        await conn.execute("UPDATE customers SET name = 'renamed' WHERE id = 5")          # email untouched (NULL)
+        await conn.execute("UPDATE customers SET email = 'new@example.com' WHERE id = 6")  # its own write
+        result = await restore_data(dsn, backup_path=Path(backup.path), target_shape=backup.schema_snapshot,
+                                    changes=revert.diff, system_xids=[revert.migration_xid, revert.xid],
+                                    revert_xid=revert.xid, key="k:restore", rows_per_chunk=100)
+        rows = {r["id"]: (r["name"], r["email"]) for r in await conn.fetch("SELECT id, name, email FROM customers WHERE id IN (5, 6, 7)")}
+    finally:
+        await conn.close()
+    assert rows == {5: ("renamed", "c5@example.com"), 6: ("c6", "new@example.com"), 7: ("c7", "c7@example.com")}
+    customers = next(t for t in result.tables if t.table == "public.customers" and t.mode == "columns")
+    assert (customers.restored, customers.kept_application_version, customers.mismatches_after) == (399, 1, 0)
