@@ -48,7 +48,7 @@ def build_worker(client: Client, *, task_queue: str, config: ConfigSource, http:
             health.check_http, notifier.send, monitor.settings, monitor.collect, incidents.start_rollback,
             coordination.record_deployed, database.backup, database.apply_migration, database.verify_backup,
             database.integrity_before, database.revert_migration, database.restore_data, database.validate,
-            database.reapply_migration, database.recover_to_point, database.swap_back, database.current_revision,
+            database.reapply_migration, database.discard_snapshot, database.recover_to_point, database.swap_back, database.current_revision,
             database.plan_migration, retention.apply,
         ],
     )

@@ -341,6 +341,14 @@ class DatabaseRollback:
             raise _fail(f"integrity check failed: {report.summary}; {named}"[:1500], "IntegrityViolation")
         return report.model_dump(mode="json")
 
+    @activity.defn(name="database.discard_snapshot")
+    async def discard_snapshot(self, inp: ValidateDbInput) -> dict[str, Any]:
+        """Compensation: drop the per-row hashes of an integrity snapshot that will never be compared."""
+        target = self.target(inp.environment)
+        async with self.connection(target) as conn:
+            await integrity.drop_kept_rows(conn, integrity.Snapshot.model_validate(inp.snapshot))
+        return {"discarded": inp.key}
+
     @activity.defn(name="database.reapply_migration")
     async def reapply_migration(self, inp: MigrationInput) -> dict[str, Any]:
         """Compensation: undo a revert (re-apply the migration, put the archived data back)."""

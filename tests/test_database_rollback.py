@@ -279,8 +279,9 @@ async def test_unexpected_change_fails_integrity_and_compensates(shop, client, t
 
     assert status.state == Phase.COMPENSATED, status.error
     assert "integrity" in status.error and "id=17" in status.error, status.error
-    # Compensation re-applied the migration and put the archived data back.
+    # Compensation re-applied the migration and put the archived data back, and left no per-row hashes behind.
     assert await value(dsn, "SELECT count(*) FROM reviews") == 2
+    assert await _kept_row_tables(dsn) == 0
     assert await value(dsn, "SELECT max(revision) FROM rollback_meta.migrations") == "0002"
 
 
@@ -386,6 +387,8 @@ async def test_pgbouncer_is_resumed_when_the_ddl_fails(shop, pgbouncer, client, 
 
     # The revert was registered for undo before it ran; its undo finds nothing to undo.
     assert status.state == Phase.COMPENSATED and "no_such_column" in status.error, status.error
+    assert any(s.name == "discard the integrity snapshot" and s.state == "compensated" for s in status.steps)
+    assert await _kept_row_tables(dsn) == 0
     assert not await is_paused(settings)
     app = await asyncpg.connect(pgbouncer.client_dsn, timeout=10, statement_cache_size=0)
     try:
@@ -494,3 +497,8 @@ async def test_restore_respects_what_the_application_wrote_between_revert_and_re
     assert rows == {5: ("renamed", "c5@example.com"), 6: ("c6", "new@example.com"), 7: ("c7", "c7@example.com")}
     customers = next(t for t in result.tables if t.table == "public.customers" and t.mode == "columns")
     assert (customers.restored, customers.kept_application_version, customers.mismatches_after) == (399, 1, 0)
+
+
+async def _kept_row_tables(dsn: str) -> int:
+    return await value(dsn, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'rollback_archive' "
+                            "AND table_name NOT LIKE 'rb\\_%'")

@@ -270,6 +270,11 @@ class RollbackWorkflow:
             "database.integrity_before", IntegrityInput(environment=environment, key=f"{wf_id}:integrity",
                                                         target_backup_id=target.params["target_backup_id"]),
             dict, attempts=attempts, long=True))
+        # Undone last: if the rollback fails, the snapshot's per-row hashes (a narrow copy of
+        # every fingerprinted row) would otherwise stay behind in rollback_archive.
+        self._undo.append(("discard the integrity snapshot", "database", lambda: self._activity(
+            "database.discard_snapshot", ValidateDbInput(environment=environment, key=f"{wf_id}:integrity", snapshot=snapshot),
+            dict, attempts=attempts)))
         restores: list[dict[str, Any]] = []
         for item in undo:
             revert_in = MigrationInput(environment=environment, key=f"{wf_id}:revert:{item['revision']}",
