@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -288,7 +287,7 @@ async def test_unexpected_change_fails_integrity_and_compensates(shop, client, t
 async def test_worker_killed_during_restore_resumes_and_restores_each_value_once(shop, client, task_queue, tmp_path):
     """SIGKILL the worker while it merges dropped data back; a new worker finishes, and every row
     was restored by exactly one committed update (a trigger counts them)."""
-    from tests.test_durability import start_worker
+    from tests.test_durability import kill_and_replace, start_worker, stop_workers
 
     make, dsn = shop
     many = ("ALTER TABLE customers DROP COLUMN email;", "ALTER TABLE customers ADD COLUMN email text;")
@@ -317,16 +316,11 @@ async def test_worker_killed_during_restore_resumes_and_restores_each_value_once
         started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester"))
         await eventually(lambda: value(dsn, "SELECT count(DISTINCT id) FROM audit.email_writes"), lambda n: 2000 <= n < 25000,
                          timeout=120, interval=0.05, what="restore under way")
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=10)
-        replacement = start_worker(client, task_queue, config.path, log)
+        replacement = kill_and_replace(worker, client, task_queue, config.path, log)
         await orch.wait(started.execution_id)
         status = await orch.get_rollback_status(started.execution_id)
     finally:
-        for proc in (worker, replacement):
-            if proc and proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=15)
+        stop_workers(worker, replacement)
 
     assert status.state == Phase.SUCCEEDED, (status.error, log.read_text()[-2000:])
     restore = next(s for s in status.steps if s.name.startswith("restore data"))

@@ -26,6 +26,20 @@ def start_worker(client, task_queue: str, config: Path, log: Path) -> subprocess
                             stdout=log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def kill_and_replace(worker: subprocess.Popen, client, task_queue: str, config: Path, log: Path) -> subprocess.Popen:
+    """SIGKILL a worker (no goodbye to Temporal) and start a new one on the same task queue."""
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=10)
+    return start_worker(client, task_queue, config, log)
+
+
+def stop_workers(*workers: subprocess.Popen | None) -> None:
+    for proc in workers:
+        if proc and proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=15)
+
+
 async def test_worker_killed_during_execution_resumes_and_each_effect_happens_once(rolling, tmp_path, client, task_queue):
     rolling.deploy("v2", "errors")
     config = write_config(rolling, tmp_path).path
@@ -39,16 +53,10 @@ async def test_worker_killed_during_execution_resumes_and_each_effect_happens_on
         await status_when(orch, started.execution_id,
                           lambda s: any(x.name.startswith("roll batch 2/3") and x.state == "running" for x in s.steps),
                           what="batch 2 running")
-        os.kill(worker.pid, signal.SIGKILL)
-        worker.wait(timeout=10)
-
-        replacement = start_worker(client, task_queue, config, log)
+        replacement = kill_and_replace(worker, client, task_queue, config, log)
         result = await orch.wait(started.execution_id)
     finally:
-        for proc in (worker, replacement):
-            if proc and proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=15)
+        stop_workers(worker, replacement)
 
     assert result is not None and result.state == Phase.SUCCEEDED, log.read_text()[-2000:]
     assert await front_version(rolling.front_url) == "v1"
