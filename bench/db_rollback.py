@@ -67,7 +67,7 @@ async def create_database() -> str:
     return local_dsn(DATABASE)
 
 
-def write_config(base: Path) -> Path:
+def write_config(base: Path, chunk_rows: int) -> Path:
     migrations = base / "migrations"
     migrations.mkdir()
     (migrations / "0001_baseline.up.sql").write_text("SELECT 1;")
@@ -78,7 +78,8 @@ def write_config(base: Path) -> Path:
     path.write_text(yaml.safe_dump({
         "state_dir": str(base / "state"), "rollback": {"notification_channels": ["log"], "health_check_timeout": 3600},
         "environments": {"bench": {"targets": {"database": {"dsn_env": DSN_ENV, "migrations": str(migrations),
-                                                            "backup_dir": str(base / "backups")}}}},
+                                                            "backup_dir": str(base / "backups"),
+                                                            "restore_chunk_rows": chunk_rows}}}},
     }))
     return path
 
@@ -163,7 +164,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     os.environ[DSN_ENV] = dsn
     app = Application(dsn)
     with tempfile.TemporaryDirectory(prefix="rb-bench-db-") as tmp:
-        config_path = write_config(Path(tmp))
+        config_path = write_config(Path(tmp), args.chunk_rows)
         async with temporal_server() as env, in_process_worker(env.client, config_path) as queue:
             orch = RollbackOrchestrator(client=env.client, settings=TemporalSettings(address="unused", namespace=env.client.namespace, task_queue=queue))
             await orch.migrate(MigrateRequest(environment="bench", to_revision="0001"), on_progress=log)
@@ -190,6 +191,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "db_rollback",
         "rows": ROWS,
+        "restore_chunk_rows": args.chunk_rows,
         "rollback_state": result.state.value,
         "error": result.error,
         "rollback_seconds": seconds,
@@ -213,10 +215,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database afterwards")
+    parser.add_argument("--chunk-rows", type=int, default=50_000, help="targets.database.restore_chunk_rows (default 50000)")
     keep_stdout_for_json()
     try:
         report = asyncio.run(main(parser.parse_args(sys.argv[1:])))
     except KeyboardInterrupt:
         exit_now(130)
-    emit("db_rollback", report)
+    emit("db_rollback" if report["restore_chunk_rows"] == 50_000 else f"db_rollback.chunk{report['restore_chunk_rows']}", report)
     exit_now(0)
