@@ -9,17 +9,15 @@ whatever happened. Progress goes to stderr; stdout is kept for the JSON result.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -208,6 +206,17 @@ def emit(name: str, result: dict[str, Any]) -> None:
     fd = _real_stdout if _real_stdout is not None else 1
     while data:
         data = data[os.write(fd, data):]
+
+
+def run_benchmark(main: Callable[[Any], Awaitable[dict[str, Any]]], args: Any, name: Callable[[Any], str] | str) -> None:
+    """A benchmark's `__main__`: JSON-only stdout, run `main(args)`, emit the report under `name`, exit."""
+    keep_stdout_for_json()
+    try:
+        report = asyncio.run(main(args))
+    except KeyboardInterrupt:
+        exit_now(130)
+    emit(name if isinstance(name, str) else name(args), report)
+    exit_now(0)
 
 
 def exit_now(code: int) -> None:

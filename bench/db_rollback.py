@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _harness import emit, exit_now, in_process_worker, keep_stdout_for_json, log, machine, temporal_server
+from _harness import run_benchmark, in_process_worker, log, machine, temporal_server
 from _pgbench import ROWS, SCALE, _pg_env, drop
 
 import asyncpg
@@ -216,10 +216,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database afterwards")
     parser.add_argument("--chunk-rows", type=int, default=50_000, help="targets.database.restore_chunk_rows (default 50000)")
-    keep_stdout_for_json()
-    try:
-        report = asyncio.run(main(parser.parse_args(sys.argv[1:])))
-    except KeyboardInterrupt:
-        exit_now(130)
-    emit("db_rollback" if report["restore_chunk_rows"] == 50_000 else f"db_rollback.chunk{report['restore_chunk_rows']}", report)
-    exit_now(0)
+    run_benchmark(main, parser.parse_args(sys.argv[1:]),
+                  lambda a: "db_rollback" if a.chunk_rows == 50_000 else f"db_rollback.chunk{a.chunk_rows}")

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from _harness import backend_stack, emit, exit_now, in_process_worker, keep_stdout_for_json, log, machine, summarize, temporal_server
+from _harness import run_benchmark, backend_stack, in_process_worker, log, machine, summarize, temporal_server
 
 from rollback.client import RollbackOrchestrator
 from rollback.monitoring import Collection, MetricSpec, MonitorStatus, ProbeSample, Rule, RuleState, Transition, Windows, evaluate, step
@@ -483,12 +483,5 @@ if __name__ == "__main__":
                           "latency_window_seconds": arguments.latency_window,
                           **noise_model(arguments, arguments.simulate or 1000)}, indent=2))
         sys.exit(0)
-    keep_stdout_for_json()
-    try:
-        report = asyncio.run(main(arguments))
-    except KeyboardInterrupt:
-        exit_now(130)
-    name = "detection" if arguments.noisy_seconds >= 600 or "noisy" not in arguments.scenarios \
-        else f"detection.noisy_{arguments.noisy_seconds}s"
-    emit(name, report)
-    exit_now(0)
+    run_benchmark(main, arguments, lambda a: "detection" if a.noisy_seconds >= 600 or "noisy" not in a.scenarios
+                  else f"detection.noisy_{a.noisy_seconds}s")

@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from _harness import ROOT, backend_stack, emit, exit_now, keep_stdout_for_json, log, machine, seconds, temporal_server
+from _harness import run_benchmark, ROOT, backend_stack, log, machine, seconds, temporal_server
 
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -536,13 +536,5 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments = parse_args(sys.argv[1:])
-    keep_stdout_for_json()
-    try:
-        report = asyncio.run(main(arguments))
-    except KeyboardInterrupt:
-        exit_now(130)
-    name = "monitor_scale" if arguments.environments == 200 and arguments.interval == 15 else \
-        f"monitor_scale.{arguments.environments}envs_{arguments.interval:g}s"
-    emit(name, report)
-    exit_now(0)
+    run_benchmark(main, parse_args(sys.argv[1:]), lambda a: "monitor_scale" if a.environments == 200 and a.interval == 15
+                  else f"monitor_scale.{a.environments}envs_{a.interval:g}s")

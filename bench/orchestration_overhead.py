@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from _harness import (backend_stack, decompose, emit, exit_now, in_process_worker, keep_stdout_for_json, log, machine,
+from _harness import (run_benchmark, backend_stack, decompose, in_process_worker, log, machine,
                       summarize, temporal_server)
 
 from temporalio.client import Client, WorkflowFailureError
@@ -148,11 +148,4 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments = parse_args(sys.argv[1:])
-    keep_stdout_for_json()
-    try:
-        report = asyncio.run(main(arguments))
-    except KeyboardInterrupt:
-        exit_now(130)
-    emit("orchestration_overhead", report)
-    exit_now(0)
+    run_benchmark(main, parse_args(sys.argv[1:]), "orchestration_overhead")

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from _harness import (backend_stack, decompose, emit, exit_now, in_process_worker, keep_stdout_for_json, log, machine,
+from _harness import (run_benchmark, backend_stack, decompose, in_process_worker, log, machine,
                       temporal_server)
 
 from rollback.client import RollbackOrchestrator
@@ -291,15 +291,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments = parse_args(sys.argv[1:])
-    keep_stdout_for_json()
-    try:
-        report = asyncio.run(main(arguments))
-    except KeyboardInterrupt:
-        exit_now(130)
     # A keep-alive experiment never overwrites the figures of the shipped configuration.
-    name = "switch_under_load"
-    if arguments.client_keepalive:
-        name += f".client_keepalive_{arguments.client_keepalive}"
-    emit(name, report)
-    exit_now(0)
+    run_benchmark(main, parse_args(sys.argv[1:]), lambda a: "switch_under_load" + (
+        f".client_keepalive_{a.client_keepalive}" if a.client_keepalive else ""))
