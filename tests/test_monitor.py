@@ -65,7 +65,14 @@ async def status(orch: RollbackOrchestrator, accept, *, timeout: float = 60, wha
 
 
 def rule(current, name: str):
-    return next(v for v in current.rules if v.rule.name == name)
+    found = [v for v in current.rules if v.rule.name == name]
+    assert found, f"rule {name} not in the monitor's status: {[v.rule.name for v in current.rules]}"
+    return found[0]
+
+
+def evaluated(name: str, times: int):
+    """A status the named rule has been judged in, at least `times` evaluations in."""
+    return lambda s: s.evaluations >= times and any(v.rule.name == name and v.state.last for v in s.rules)
 
 
 async def test_fires_on_a_hard_failure_and_restores_traffic(blue_green, tmp_path, client, task_queue, run_worker):
@@ -104,7 +111,7 @@ async def test_no_data_never_rolls_back_and_alerts(blue_green, tmp_path, client,
     # Too little traffic to judge: every evaluation is NO_DATA, although v2 fails.
     orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker, rules=[
         {"name": "api_error_rate", "threshold": 0.05, "window_seconds": 10, "severity": "high", "min_samples": 1000}])
-    final = await status(orch, lambda s: s.evaluations >= 6, what="six evaluations")
+    final = await status(orch, evaluated("api_error_rate", 6), what="six evaluations of api_error_rate")
     state = rule(final, "api_error_rate").state
     assert state.last.outcome.value == "no_data" and not state.firing and state.error_alerted
     assert final.incidents == []
@@ -119,7 +126,7 @@ async def test_provider_down_never_rolls_back_and_alerts(blue_green, tmp_path, c
                                prometheus={"url": "http://127.0.0.1:1", "timeout_seconds": 1},
                                metrics={"http_error_ratio": {"source": "prometheus", "query": "sum(rate(x[{window}]))"}},
                                rules=[{"name": "http_error_ratio", "threshold": 0.05, "window_seconds": 10, "severity": "high"}])
-    final = await status(orch, lambda s: s.evaluations >= 5, what="five evaluations")
+    final = await status(orch, evaluated("http_error_ratio", 5), what="five evaluations of http_error_ratio")
     state = rule(final, "http_error_ratio").state
     assert state.last.outcome.value == "provider_down" and not state.firing
     assert final.incidents == []
