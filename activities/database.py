@@ -36,9 +36,10 @@ from rollback.pg import MissingDsn, database_name, dsn_from_env, ident, qualifie
 from rollback.pgbouncer import PgBouncerError, paused
 from rollback.pgschema import SchemaSnapshot, snapshot
 from rollback.schema_rollback import (
-    ARCHIVE_SCHEMA, RevertResult, diff, ensure_bookkeeping, restore_data, restore_xids, revert_schema,
+    ARCHIVE_SCHEMA, RebuildOptions, RevertResult, diff, ensure_bookkeeping, restore_data, restore_xids, revert_schema,
 )
 from rollback.state import TargetVersions
+from rollback.table_rebuild import LockPolicy
 
 
 def _refuse(message: str) -> ApplicationError:
@@ -262,6 +263,16 @@ class DatabaseRollback:
                 raise ApplicationError(str(err), type="PoolBusy") from None
         return {**result.model_dump(), "attempt": activity.info().attempt}
 
+    def _rebuild_options(self, target: DatabaseTarget, manifest: BackupManifest,
+                         conn: asyncpg.Connection) -> RebuildOptions | None:
+        """Big tables are rebuilt rather than updated row by row, when the backup says which rows it holds."""
+        if target.rebuild_min_rows is None or manifest.pg_snapshot is None:
+            return None  # (backups taken before their snapshot was recorded: merged in place)
+        return RebuildOptions(backup_snapshot=manifest.pg_snapshot, min_rows=target.rebuild_min_rows,
+                              locks=LockPolicy(lock_timeout_ms=target.lock_timeout_ms, attempts=target.lock_attempts,
+                                               around_attempt=self._pause_around(target),
+                                               on_blocked=self._blocker_policy(target, conn)))
+
     def _pause_around(self, target: DatabaseTarget):
         """PAUSE the application's pool for one DDL transaction, RESUME whatever happens."""
         if target.pgbouncer is None:
@@ -278,12 +289,14 @@ class DatabaseRollback:
                 return
             # Half the attempts failed: whoever still holds a lock on an application table is
             # what our ACCESS EXCLUSIVE waits for (it conflicts with every mode). pg_locks needs
-            # no extra privilege, unlike another role's xact_start in pg_stat_activity.
+            # no extra privilege, unlike another role's xact_start in pg_stat_activity. The
+            # rollback's own sessions (a table rebuild's) are not blockers to end.
             rows = await conn.fetch(
                 """SELECT DISTINCT l.pid, a.application_name, a.state FROM pg_locks l
                    JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace
                    LEFT JOIN pg_stat_activity a ON a.pid = l.pid
                    WHERE l.granted AND l.pid <> pg_backend_pid() AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                     AND coalesce(a.application_name, '') NOT LIKE 'rollback-%'
                      AND c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'rollback_meta', 'rollback_archive')""")
             for row in rows:
                 activity.logger.warning("terminating session %s (%s, %s) that blocks the rollback's DDL",
@@ -305,12 +318,16 @@ class DatabaseRollback:
             except BackupCorrupt as err:
                 raise _fail(f"backup {inp.backup_id} refused for restore: {err}", "BackupCorrupt") from None
             try:
-                result = await restore_data(
-                    self.dsn(target), backup_path=Path(manifest.path), target_shape=manifest.schema_snapshot,
-                    changes=revert.diff, system_xids=system_xids, key=inp.key, rows_per_chunk=target.restore_chunk_rows,
-                    workers=target.restore_workers, revert_xid=revert.xid, progress=lambda text: progress.update(last=text))
+                async with self.connection(target) as conn:
+                    result = await restore_data(
+                        self.dsn(target), backup_path=Path(manifest.path), target_shape=manifest.schema_snapshot,
+                        changes=revert.diff, system_xids=system_xids, key=inp.key, rows_per_chunk=target.restore_chunk_rows,
+                        workers=target.restore_workers, revert_xid=revert.xid, rebuild=self._rebuild_options(target, manifest, conn),
+                        progress=lambda text: progress.update(last=text))
             except MigrationError as err:
                 raise _fail(str(err), "RestoreRefused") from None
+            except PgBouncerError as err:
+                raise ApplicationError(str(err), type="PoolBusy") from None
         bad = [t for t in result.tables if t.mismatches_after]
         if bad:
             raise _fail("restored values differ from the backup afterwards: " +

@@ -81,6 +81,8 @@ class BackupManifest(BaseModel):
     total_bytes: int
     # Named schema_snapshot: a field called `schema` shadows BaseModel.schema (pydantic warns).
     schema_snapshot: SchemaSnapshot = Field(description="tables as pg_dump saw them (same MVCC snapshot)")
+    pg_snapshot: str | None = Field(default=None, description="pg_current_snapshot() of the dump: which row "
+                                    "versions the backup holds (lets a restore tell rows changed since)")
     path: str
     verified_at: datetime | None = None
 
@@ -244,6 +246,7 @@ def _fsync_dir(path: Path) -> None:
 
 class _Snapshot(BaseModel):
     id: str
+    pg_snapshot: str
     schema_snapshot: SchemaSnapshot
     server_version: str
 
@@ -286,9 +289,10 @@ async def _exported_snapshot(dsn: str) -> AsyncIterator[_Snapshot]:
         await transaction.start()
         try:
             snapshot_id = await conn.fetchval("SELECT pg_export_snapshot()", timeout=30)
+            pg_snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text", timeout=30)
             schema = await snapshot(conn)
             version = await conn.fetchval("SELECT current_setting('server_version')", timeout=30)
-            yield _Snapshot(id=snapshot_id, schema_snapshot=schema, server_version=version)
+            yield _Snapshot(id=snapshot_id, pg_snapshot=pg_snapshot, schema_snapshot=schema, server_version=version)
         finally:
             await transaction.rollback()
     finally:
@@ -404,7 +408,8 @@ async def _dump(*, dsn: str, partial: Path, final: Path, backup_id: str, environ
         id=backup_id, environment=environment, database=database_name(dsn), revision=revision,
         next_revision=next_revision, created_at=created_at, finished_at=_now(), server_version=snap.server_version,
         restore_point=point, restore_point_lsn=lsn, restore_point_note=note, jobs=jobs, files=files,
-        total_bytes=sum(f.size for f in files), schema_snapshot=snap.schema_snapshot, path=str(final))
+        total_bytes=sum(f.size for f in files), schema_snapshot=snap.schema_snapshot, pg_snapshot=snap.pg_snapshot,
+        path=str(final))
     _write_atomically(partial / MANIFEST, manifest.model_dump_json(indent=2))
     _say(progress, "verifying the backup")
     await asyncio.to_thread(verify_backup, partial, pg_bin_dir=pg_bin_dir)

@@ -6,6 +6,7 @@ DSNs never travel through workflows: configs name an environment variable
 
 from __future__ import annotations
 
+import hashlib
 import os
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -57,6 +58,13 @@ def ident(name: str) -> str:
 
 def qualified(schema: str, table: str) -> str:
     return f"{ident(schema)}.{ident(table)}"
+
+
+def derived_name(key: str, table: str, what: str) -> str:
+    """A name for what a rollback creates: stable (a retry finds its own objects), readable, at most 63 bytes."""
+    digest = hashlib.sha256(f"{key}:{table}:{what}".encode()).hexdigest()[:10]
+    readable = f"{table.replace('.', '_')}_{what}"[:40]
+    return f"rb_{digest}_{readable}"
 
 
 async def connect(dsn: str, *, timeout: float = 10, application_name: str = "rollback") -> asyncpg.Connection:

@@ -19,19 +19,21 @@ Undoing one migration has two halves:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import asyncpg
 from pydantic import BaseModel, Field
 
 from rollback.backups import DEFAULT_PG_BIN
 from rollback.migrations import AttemptWrapper, Migration, MigrationError, in_transaction_with_lock_timeout
-from rollback.pg import ident, qualified
+from rollback.pg import derived_name, ident, qualified
 from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
+from rollback.table_rebuild import LockPolicy, RebuildRefused, rebuild_table
 
 ARCHIVE_SCHEMA = "rollback_archive"
 XID_MASK = 0xFFFFFFFF  # a row's xmin is the low 32 bits of the 64-bit txid
@@ -50,6 +52,13 @@ CREATE TABLE IF NOT EXISTS rollback_meta.restore_xids (
     key  text NOT NULL,
     xid  bigint NOT NULL,
     PRIMARY KEY (key, xid)
+);
+CREATE TABLE IF NOT EXISTS rollback_meta.rebuilds (
+    key        text NOT NULL,
+    table_name text NOT NULL,
+    report     jsonb NOT NULL,
+    done_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (key, table_name)
 );
 """
 
@@ -116,19 +125,12 @@ class RevertResult(BaseModel):
     repeated: bool = Field(default=False, description="True: an earlier attempt had already done it")
 
 
-def archive_table_name(key: str, table: str, what: str) -> str:
-    """A stable name (same key, same name: a retry finds its own archive), at most 63 bytes."""
-    digest = hashlib.sha256(f"{key}:{table}:{what}".encode()).hexdigest()[:10]
-    readable = f"{table.replace('.', '_')}_{what}"[:40]
-    return f"rb_{digest}_{readable}"
-
-
 async def ensure_bookkeeping(conn: asyncpg.Connection) -> None:
     await conn.execute(BOOKKEEPING_DDL)
 
 
 async def _archive(conn: asyncpg.Connection, key: str, live: TableShape, columns: list[str], whole: bool) -> ArchivedObject:
-    name = archive_table_name(key, live.qualified_name, "table" if whole else "columns")
+    name = derived_name(key, live.qualified_name, "table" if whole else "columns")
     keep = [c.name for c in live.columns] if whole or not live.primary_key else live.primary_key + columns
     select = ", ".join(ident(c) for c in keep)
     status = await conn.execute(f"CREATE TABLE {qualified(ARCHIVE_SCHEMA, name)} AS SELECT {select} "
@@ -223,6 +225,9 @@ class TableRestore(BaseModel):
     missing_in_live: int = Field(default=0, description="backup rows whose key is gone from the live table (deleted since)")
     kept_application_version: int = Field(default=0, description="rewritten rows the application changed since: left as they are")
     mismatches_after: int = Field(default=0, description="restored values that do not match the backup afterwards: must be 0")
+    method: Literal["merge", "rebuild"] = Field(default="merge", description="merged in place, or the table rebuilt and swapped")
+    caught_up: int = Field(default=0, description="rebuild: changes the application made during it, re-synced before the swap")
+    note: str | None = Field(default=None, description="why a big table was merged in place rather than rebuilt")
 
 
 class RestoreResult(BaseModel):
@@ -275,21 +280,28 @@ def _cols(names: list[str], prefix: str = "") -> str:
     return ", ".join(f"{prefix}{ident(n)}" for n in names)
 
 
+def restorable_condition(columns: list[str], defaults: dict[str, str] | None, revert_xid: int) -> str:
+    """SQL over the live row `t`: may its restored columns take the backup's values?
+
+    Yes for rows not written since the revert committed (age() compares transaction ids
+    wraparound-safely), and for rows written since whose restored columns still hold what
+    the down SQL left there (NULL, or the column's constant default): the application
+    updated other columns of the row. A value the restored release wrote into a re-added
+    column since the revert is the application's, and stays.
+    """
+    untouched = " AND ".join(
+        f"(t.{ident(c)} IS NULL" + (f" OR t.{ident(c)} IS NOT DISTINCT FROM ({defaults[c]})" if defaults and c in defaults else "") + ")"
+        for c in columns)
+    return f"(age(t.xmin) >= age('{revert_xid & XID_MASK}'::xid) OR ({untouched}))"
+
+
 class _Merge:
     """Merge statements for one table; `s` is the chunk's temporary side table."""
 
     def __init__(self, live: TableShape, mode: str, columns: list[str], system_xids: list[int], revert_xid: int,
                  defaults: dict[str, str] | None = None) -> None:
         self.live, self.mode, self.columns = live, mode, columns
-        # Which rows may be restored: those not written since the revert committed (age()
-        # compares transaction ids wraparound-safely), and those written since whose restored
-        # columns still hold what the down SQL left there (NULL, or the column's default): the
-        # application updated other columns of the row. A value the restored release wrote into
-        # a re-added column since the revert is the application's, and stays.
-        untouched = " AND ".join(
-            f"(t.{ident(c)} IS NULL" + (f" OR t.{ident(c)} IS NOT DISTINCT FROM ({defaults[c]})" if defaults and c in defaults else "") + ")"
-            for c in columns)
-        self.restorable = f"(age(t.xmin) >= age('{revert_xid & XID_MASK}'::xid) OR ({untouched}))"
+        self.restorable = restorable_condition(columns, defaults, revert_xid)
         self.target = qualified(live.schema_name, live.name)
         self.key = live.primary_key
         self.join = " AND ".join(f"t.{ident(k)} = s.{ident(k)}" for k in self.key)
@@ -358,20 +370,25 @@ async def _affected_tables(conn: asyncpg.Connection, target_shape: SchemaSnapsho
     return work
 
 
+@dataclass(frozen=True)
+class RebuildOptions:
+    """When a `columns` restore rebuilds the table instead of updating every row (see table_rebuild)."""
+
+    backup_snapshot: str  # the backup's pg_current_snapshot(): which live rows are still the backup's
+    min_rows: int  # smaller tables are merged in place
+    locks: LockPolicy
+
+
 async def restore_data(dsn: str, *, backup_path: Path, target_shape: SchemaSnapshot, changes: SchemaDiff,
                        system_xids: list[int], revert_xid: int, key: str, rows_per_chunk: int = 50_000, workers: int = 2,
-                       timeout: float = 3600, progress: Callable[[str], None] | None = None) -> RestoreResult:
+                       rebuild: RebuildOptions | None = None, timeout: float = 3600,
+                       progress: Callable[[str], None] | None = None) -> RestoreResult:
     """Merge what the migration destroyed back from the backup, table by table, chunk by chunk."""
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
         await ensure_bookkeeping(conn)
         work = await _affected_tables(conn, target_shape, changes, system_xids)
         live = await snapshot(conn)
-    finally:
-        await conn.close()
-    result = RestoreResult()
-    conn = await asyncpg.connect(dsn, timeout=10)
-    try:
         partitioned = [name for name in {s.qualified_name for s, _, _ in work} if await conn.fetchval(
             "SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)", name)]
     finally:
@@ -379,6 +396,7 @@ async def restore_data(dsn: str, *, backup_path: Path, target_shape: SchemaSnaps
     if partitioned:
         raise MigrationError(f"{', '.join(partitioned)}: partitioned tables are not supported by the schema rollback "
                              "(pg_dump keeps their rows under each partition); use point-in-time recovery")
+    result = RestoreResult()
     for shape, mode, columns in work:
         if not shape.primary_key:
             # Without a key, a retried merge could insert rows twice or update the wrong ones.
@@ -389,10 +407,45 @@ async def restore_data(dsn: str, *, backup_path: Path, target_shape: SchemaSnaps
             raise MigrationError(f"{shape.qualified_name} does not exist after the revert: cannot restore its rows")
         report = TableRestore(table=shape.qualified_name, mode=mode, columns=columns)
         defaults = await _constant_defaults(dsn, live_shape, columns) if mode == "columns" else {}
+        if mode == "columns" and rebuild is not None and await _rebuilt(
+                dsn, backup_path, shape, live_shape, columns, restorable_condition(columns, defaults, revert_xid), report,
+                key=key, rebuild=rebuild, timeout=timeout, progress=progress):
+            result.tables.append(report)
+            continue
         await _merge_table(dsn, backup_path, shape, _Merge(live_shape, mode, columns, system_xids, revert_xid, defaults), report,
                            key=key, rows_per_chunk=rows_per_chunk, workers=workers, timeout=timeout, progress=progress)
         result.tables.append(report)
     return result
+
+
+async def _rebuilt(dsn: str, backup_path: Path, shape: TableShape, live: TableShape, columns: list[str], restorable: str,
+                   report: TableRestore, *, key: str, rebuild: RebuildOptions, timeout: float,
+                   progress: Callable[[str], None] | None) -> bool:
+    """Restore the columns by rebuilding the table if it is big and nothing in it forbids that; False: merge instead."""
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        rows = await conn.fetchval("SELECT reltuples::int8 FROM pg_class WHERE oid = to_regclass($1)", live.qualified_name)
+        if rows is None or rows < 0:  # never analyzed
+            rows = await conn.fetchval(f"SELECT count(*) FROM {qualified(live.schema_name, live.name)}")
+    finally:
+        await conn.close()
+    if rows < rebuild.min_rows:
+        return False
+    if set(columns) & set(live.primary_key):
+        report.note = "a restored column is part of the primary key: merged in place"
+        return False
+    try:
+        counts = await rebuild_table(
+            dsn, copy_stream=copy_chunks(backup_path, shape, rows_per_chunk=10_000, timeout=timeout),
+            backup_columns=[c.name for c in shape.columns], backup_snapshot=rebuild.backup_snapshot, live=live,
+            columns=columns, restorable=restorable, key=key, locks=rebuild.locks, progress=progress)
+    except RebuildRefused as err:
+        report.note = f"{err}: merged in place"
+        return False
+    report.method = "rebuild"
+    for name, value in counts.items():
+        setattr(report, name, value)
+    return True
 
 
 async def _constant_defaults(dsn: str, table: TableShape, columns: list[str]) -> dict[str, str]:
