@@ -67,7 +67,7 @@ async def create_database() -> str:
     return local_dsn(DATABASE)
 
 
-def write_config(base: Path, chunk_rows: int) -> Path:
+def write_config(base: Path, chunk_rows: int, method: str) -> Path:
     migrations = base / "migrations"
     migrations.mkdir()
     (migrations / "0001_baseline.up.sql").write_text("SELECT 1;")
@@ -79,7 +79,9 @@ def write_config(base: Path, chunk_rows: int) -> Path:
         "state_dir": str(base / "state"), "rollback": {"notification_channels": ["log"], "health_check_timeout": 3600},
         "environments": {"bench": {"targets": {"database": {"dsn_env": DSN_ENV, "migrations": str(migrations),
                                                             "backup_dir": str(base / "backups"),
-                                                            "restore_chunk_rows": chunk_rows}}}},
+                                                            "restore_chunk_rows": chunk_rows,
+                                                            # merge: never rebuild, update every row in place
+                                                            "rebuild_min_rows": 1_000_000 if method == "rebuild" else None}}}},
     }))
     return path
 
@@ -164,7 +166,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     os.environ[DSN_ENV] = dsn
     app = Application(dsn)
     with tempfile.TemporaryDirectory(prefix="rb-bench-db-") as tmp:
-        config_path = write_config(Path(tmp), args.chunk_rows)
+        config_path = write_config(Path(tmp), args.chunk_rows, args.method)
         async with temporal_server() as env, in_process_worker(env.client, config_path) as queue:
             orch = RollbackOrchestrator(client=env.client, settings=TemporalSettings(address="unused", namespace=env.client.namespace, task_queue=queue))
             await orch.migrate(MigrateRequest(environment="bench", to_revision="0001"), on_progress=log)
@@ -191,6 +193,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "db_rollback",
         "rows": ROWS,
+        "restore_method": args.method,
         "restore_chunk_rows": args.chunk_rows,
         "rollback_state": result.state.value,
         "error": result.error,
@@ -216,5 +219,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database afterwards")
     parser.add_argument("--chunk-rows", type=int, default=50_000, help="targets.database.restore_chunk_rows (default 50000)")
+    parser.add_argument("--method", choices=["rebuild", "merge"], default="rebuild",
+                        help="rebuild the table (the default for tables of 1M rows and more) or merge in place")
     run_benchmark(main, parser.parse_args(sys.argv[1:]),
-                  lambda a: "db_rollback" if a.chunk_rows == 50_000 else f"db_rollback.chunk{a.chunk_rows}")
+                  lambda a: "db_rollback" + ("" if a.method == "rebuild" else ".merge")
+                  + ("" if a.chunk_rows == 50_000 else f".chunk{a.chunk_rows}"))

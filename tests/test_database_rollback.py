@@ -148,9 +148,11 @@ async def test_additive_migration_rolled_back_keeps_new_rows_and_archives_new_co
     await history_without(client, workflow_id, [PLANTED_PASSWORD])
 
 
-async def test_destructive_migration_rolled_back_restores_dropped_data_and_keeps_new_rows(shop, client, task_queue, run_worker):
+@pytest.mark.parametrize("rebuild_min_rows", [None, 1], ids=["merged", "rebuilt"])
+async def test_destructive_migration_rolled_back_restores_dropped_data_and_keeps_new_rows(shop, client, task_queue, run_worker,
+                                                                                          rebuild_min_rows):
     make, dsn = shop
-    config = make(DESTRUCTIVE)
+    config = make(DESTRUCTIVE, rebuild_min_rows=rebuild_min_rows)
     await run_worker(config)
     orch = orchestrator(client, task_queue)
     await migrate(orch, "0001")
@@ -176,6 +178,7 @@ async def test_destructive_migration_rolled_back_restores_dropped_data_and_keeps
     assert str(now[3]) == "99.99"  # the application's later write wins over the backup
     detail = next(s for s in status.steps if s.name.startswith("restore data")).detail
     assert "public.coupons rows: 60 restored" in detail and "public.customers columns: 400 restored" in detail, detail
+    assert ("table rebuilt" in detail) == (rebuild_min_rows is not None), detail
     assert status.reports["database_integrity"]["ok"] is True
     await history_without(client, workflow_id, [PLANTED_PASSWORD])
 
@@ -330,6 +333,44 @@ async def test_worker_killed_during_restore_resumes_and_restores_each_value_once
     assert per_row == []  # each value restored by exactly one committed write
     assert await value(dsn, "SELECT count(*) FROM audit.email_writes") == len(emails)
     assert await value(dsn, "SELECT count(*) FROM rollback_meta.reverts") == 1  # the revert happened once
+
+
+async def test_worker_killed_during_a_table_rebuild_resumes_and_rebuilds_once(shop, client, task_queue, tmp_path):
+    """SIGKILL the worker while it builds the new copy of a table; a new worker starts the rebuild
+    again from the backup and swaps once: every value back, nothing left behind."""
+    from tests.test_durability import kill_and_replace, start_worker, stop_workers
+
+    make, dsn = shop
+    config = make(("ALTER TABLE customers DROP COLUMN email;", "ALTER TABLE customers ADD COLUMN email text;"), rebuild_min_rows=1)
+    log = tmp_path / "worker.log"
+    worker = start_worker(client, task_queue, config.path, log)
+    replacement = None
+    try:
+        orch = orchestrator(client, task_queue)
+        await migrate(orch, "0001")
+        await fetch(dsn, "INSERT INTO customers (name, email) SELECT 'bulk' || g, 'bulk' || g || '@example.com' "
+                         "FROM generate_series(1, 400000) g")
+        emails = dict(await fetch(dsn, "SELECT id, email FROM customers"))
+        await migrate(orch, "0002")
+        started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester"))
+        building = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rollback-rebuild' "
+                    "AND state = 'active' AND xact_start IS NOT NULL AND query NOT LIKE '%TRIGGER%'")
+        await eventually(lambda: value(dsn, building), lambda n: n > 0, timeout=120, interval=0.02, what="the rebuild under way")
+        replacement = kill_and_replace(worker, client, task_queue, config.path, log)
+        await orch.wait(started.execution_id)
+        status = await orch.get_rollback_status(started.execution_id)
+    finally:
+        stop_workers(worker, replacement)
+
+    assert status.state == Phase.SUCCEEDED, (status.error, log.read_text()[-2000:])
+    restore = next(s for s in status.steps if s.name.startswith("restore data"))
+    assert restore.attempts >= 2 and "table rebuilt" in restore.detail, restore
+    assert dict(await fetch(dsn, "SELECT id, email FROM customers")) == emails
+    assert await value(dsn, "SELECT count(*) FROM rollback_meta.rebuilds") == 1  # swapped once
+    leftovers = await fetch(dsn, "SELECT relname FROM pg_class WHERE relname LIKE 'rb\\_%rebuild' OR relname LIKE 'rb\\_%changes' "
+                                 "UNION ALL SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")
+    assert leftovers == []
+    assert status.reports["database_integrity"]["ok"] is True
 
 
 async def test_pgbouncer_holds_application_queries_during_the_ddl_and_always_resumes(shop, pgbouncer, client, task_queue, run_worker):

@@ -459,6 +459,12 @@ def _summary(result: Any) -> str:
     return ""
 
 
+def _restore_method(table: dict[str, Any]) -> str:
+    if table.get("method") == "rebuild":
+        return f" (table rebuilt; {table.get('caught_up', 0)} changes made during the rebuild re-synced)"
+    return f" ({table['note'][:200]})" if table.get("note") else ""
+
+
 def _database_summary(result: dict[str, Any]) -> str:
     """One line for a database step's result (plain dicts: their models live beside asyncpg code)."""
     if "archived" in result:
@@ -467,7 +473,8 @@ def _database_summary(result: dict[str, Any]) -> str:
         return f"down SQL applied{again}; archived: {archived or 'nothing'}"
     if "tables" in result and isinstance(result["tables"], list):
         parts = [f"{t['table']} {t['mode']}: {t['restored']} restored, {t['missing_in_live']} deleted since, "
-                 f"{t['kept_application_version']} kept as the application wrote them" for t in result["tables"]]
+                 f"{t['kept_application_version']} kept as the application wrote them{_restore_method(t)}"
+                 for t in result["tables"]]
         return "; ".join(parts) or "nothing to restore"
     if "pg_snapshot" in result:
         tables = result.get("tables", {})
