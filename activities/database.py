@@ -25,7 +25,7 @@ from rollback import integrity, pitr
 from rollback.backups import BackupCatalog, BackupCorrupt, BackupError, BackupManifest, take_backup, verify_backup
 from rollback.config import ConfigSource, DatabaseTarget
 from rollback.migrations import (
-    Migration, MigrationError, applied, apply_up, find, in_transaction_with_lock_timeout, load_migrations, plan_upgrade,
+    Migration, MigrationError, applied, apply_up, edited_since_applied, find, in_transaction_with_lock_timeout, load_migrations, plan_upgrade,
     position,
 )
 from rollback.models import RollbackTarget, TargetPlan
@@ -144,6 +144,9 @@ class DatabaseRollback:
             steps_undo.append({"revision": record.revision, "label": migration.label, "backup_id": record.backup_id})
         oldest = self.manifest(target, steps_undo[-1]["backup_id"])
         evidence["schema_changes_since_known_good"] = diff(oldest.schema_snapshot, live).describe()
+        edited = edited_since_applied(migrations, undo)
+        if edited:  # a down SQL fixed after the fact is legitimate: said, not refused
+            evidence["edited_since_applied"] = edited
         steps = [f"verify backup {s['backup_id']}" for s in steps_undo] + ["integrity snapshot before"]
         for s in steps_undo:
             steps += [f"revert schema {s['label']}", f"restore data destroyed by {s['label']}"]
@@ -204,6 +207,11 @@ class DatabaseRollback:
         async with self.connection(target) as conn:
             done = await applied(conn)
         current = done[-1].revision if done else None
+        edited = edited_since_applied(migrations, done)
+        if edited:
+            # What the database ran is no longer what the files say: a later rollback would trust the wrong down SQL.
+            raise _fail(f"migration files changed after they were applied: {', '.join(edited)}; restore them, or write the "
+                        "change as a new migration", "InvalidRequest")
         try:
             pending = plan_upgrade(migrations, current, inp.revision)
         except MigrationError as err:

@@ -82,6 +82,13 @@ class Retention:
                     if drop:
                         await conn.execute(f"DROP TABLE IF EXISTS {qualified(ARCHIVE_SCHEMA, item['archive_table'])}")
                     dropped.append(item["archive_table"])
+            if await conn.fetchval("SELECT to_regclass('rollback_meta.rebuilds') IS NOT NULL"):
+                # Who wrote the rows of a rebuilt table: needed only by that rollback's integrity check.
+                for authors in await conn.fetch("SELECT report->>'authors' FROM rollback_meta.rebuilds "
+                                                "WHERE done_at < $1 AND report ? 'authors'", cutoff):
+                    if drop and await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", authors[0]):
+                        await conn.execute(f"DROP TABLE {authors[0]}")  # a name this tool built with qualified()
+                    dropped.append(authors[0])
             return {"dropped": dropped, "recent_revisions": recent}
         finally:
             await conn.close()

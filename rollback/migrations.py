@@ -60,6 +60,7 @@ class AppliedMigration(BaseModel):
     name: str
     xid: int
     backup_id: str | None = None
+    checksum: str | None = None
 
 
 def revision_key(revision: str) -> int:
@@ -132,9 +133,20 @@ async def applied(conn: asyncpg.Connection) -> list[AppliedMigration]:
     exists = await conn.fetchval("SELECT to_regclass('rollback_meta.migrations') IS NOT NULL")
     if not exists:
         return []
-    rows = await conn.fetch("SELECT revision, name, xid, backup_id FROM rollback_meta.migrations")
+    rows = await conn.fetch("SELECT revision, name, xid, backup_id, checksum FROM rollback_meta.migrations")
     # Transaction ids grow with time: the order in which they were applied.
     return sorted((AppliedMigration(**dict(r)) for r in rows), key=lambda m: m.xid)
+
+
+def edited_since_applied(migrations: list[Migration], done: list[AppliedMigration]) -> list[str]:
+    """Applied migrations whose files no longer match what ran (sha256 of up and down SQL), as sentences."""
+    by_revision = {revision_key(m.revision): m for m in migrations}
+    edited = []
+    for record in done:
+        migration = by_revision.get(revision_key(record.revision))
+        if migration is not None and record.checksum and record.checksum != migration.checksum:
+            edited.append(f"{migration.label} (checksum {record.checksum[:12]} when applied, {migration.checksum[:12]} now)")
+    return edited
 
 
 async def current_revision(conn: asyncpg.Connection) -> str | None:

@@ -227,6 +227,9 @@ class TableRestore(BaseModel):
     mismatches_after: int = Field(default=0, description="restored values that do not match the backup afterwards: must be 0")
     method: Literal["merge", "rebuild"] = Field(default="merge", description="merged in place, or the table rebuilt and swapped")
     caught_up: int = Field(default=0, description="rebuild: changes the application made during it, re-synced before the swap")
+    authors: str | None = Field(default=None, description="rebuild: the table (in rollback_archive) of who last wrote each "
+                                "row it re-synced from the live table, for the integrity check")
+    rebuild_xids: list[int] = Field(default_factory=list, description="rebuild: the transactions that wrote the new table")
     note: str | None = Field(default=None, description="why a big table was merged in place rather than rebuilt")
 
 

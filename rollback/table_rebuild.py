@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -133,6 +133,7 @@ class _Names:
     new_name: str  # unquoted, in the live table's schema
     new: str
     log: str
+    authors: str  # who last wrote each re-synced row, for the integrity check
     function: str
     trigger: str  # unquoted
 
@@ -142,6 +143,7 @@ class _Names:
         return cls(live=qualified(table.schema_name, table.name), new_name=new_name,
                    new=qualified(table.schema_name, new_name),
                    log=qualified(ARCHIVE_SCHEMA, _name(key, table, "changes")),
+                   authors=qualified(ARCHIVE_SCHEMA, _name(key, table, "authors")),
                    function=qualified(ARCHIVE_SCHEMA, _name(key, table, "capture")),
                    trigger=_name(key, table, "trigger"))
 
@@ -186,11 +188,16 @@ CREATE OR REPLACE TRIGGER {ident(n.trigger + '_t')} AFTER TRUNCATE ON {n.live}
         return f"""
 DROP TABLE IF EXISTS pg_temp.rb_batch, pg_temp.rb_vals;
 CREATE TEMP TABLE rb_batch ({self.key_defs});
-CREATE TEMP TABLE rb_vals ({self.key_defs}, {restored}, _rb_in_backup bool NOT NULL, PRIMARY KEY ({self.key_cols}));
+CREATE TEMP TABLE rb_vals ({self.key_defs}, {restored}, _rb_in_backup bool NOT NULL, _rb_source_xmin int8,
+                      PRIMARY KEY ({self.key_cols}));
 """
 
     def sync(self) -> list[str]:
-        """Re-sync the keys in rb_batch: remember their backup values once, then rewrite them from the live table."""
+        """Re-sync the keys in rb_batch: remember their backup values once, then rewrite them from the live table.
+
+        The live row's xmin is remembered too (`_rb_source_xmin`): the new row's own xmin is the
+        rebuild's, and the integrity check must still tell who really wrote its values.
+        """
         n = self.names
         restored = ", ".join(f"n.{ident(c)}" for c in self.columns)
         first_key = ident(self.key[0])
@@ -205,6 +212,8 @@ CREATE TEMP TABLE rb_vals ({self.key_defs}, {restored}, _rb_in_backup bool NOT N
             f"DELETE FROM {n.new} n USING rb_batch b WHERE {self.on('n', 'b')}",
             f"INSERT INTO {n.new} ({all_cols}) SELECT {values} FROM rb_batch b "
             f"JOIN {n.live} t ON {self.on('t', 'b')} JOIN rb_vals v ON {self.on('v', 'b')}",
+            f"UPDATE rb_vals v SET _rb_source_xmin = t.xmin::text::int8 FROM rb_batch b "
+            f"JOIN {n.live} t ON {self.on('t', 'b')} WHERE {self.on('v', 'b')}",
         ]
 
     def take_logged(self, limit: int | None) -> str:
@@ -220,7 +229,7 @@ SELECT count(*) AS changes, bool_or(truncated) AS truncated FROM taken
 
 async def rebuild_table(dsn: str, *, copy_stream: AsyncIterator[bytes], backup_columns: list[str], backup_snapshot: str,
                         live: TableShape, columns: list[str], restorable: str, key: str, locks: LockPolicy,
-                        progress: Callable[[str], None] | None = None) -> dict[str, int]:
+                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Rebuild `live` with `columns` restored from the backup's COPY stream; the counts of what happened.
 
     `restorable` is the SQL condition (over the live row aliased `t`) under which a restored
@@ -246,7 +255,7 @@ async def rebuild_table(dsn: str, *, copy_stream: AsyncIterator[bytes], backup_c
                 attempts=locks.attempts, what=f"change capture on {live.qualified_name}", on_blocked=locks.on_blocked)
             await conn.execute(sql.temp_tables())
             counts = await _build(conn, sql, copy_stream, backup_columns, backup_snapshot, key, say)
-            counts["caught_up"] = await _catch_up(conn, sql, key, say)
+            counts["caught_up"] = await _catch_up(conn, sql, key, counts["xids"], say)
             report = await _swap(conn, sql, key, locks, counts, say)
         except BaseException:
             await _clean_up(conn, names, locks)
@@ -258,7 +267,7 @@ async def rebuild_table(dsn: str, *, copy_stream: AsyncIterator[bytes], backup_c
 
 
 async def _build(conn: asyncpg.Connection, sql: _Sql, copy_stream: AsyncIterator[bytes], backup_columns: list[str],
-                 backup_snapshot: str, key: str, say: Callable[[str], None]) -> dict[str, int]:
+                 backup_snapshot: str, key: str, say: Callable[[str], None]) -> dict[str, Any]:
     n, live = sql.names, sql.live
     async with conn.transaction(isolation="repeatable_read"):
         # The first query fixes the snapshot S that the new table is built from.
@@ -284,8 +293,8 @@ async def _build(conn: asyncpg.Connection, sql: _Sql, copy_stream: AsyncIterator
             await conn.execute(statement)
         await conn.execute("TRUNCATE rb_batch")
         await conn.execute(f"ANALYZE {n.new}")
-        await _record_xid(conn, key)
-    return {"backup_rows": backup_rows, "deleted_before_build": deleted}
+        xid = await _record_xid(conn, key)
+    return {"backup_rows": backup_rows, "xids": [xid]}
 
 
 async def _build_indexes(conn: asyncpg.Connection, sql: _Sql) -> None:
@@ -342,13 +351,13 @@ async def _changed_since_backup(conn: asyncpg.Connection, sql: _Sql, backup_snap
     return changed, deleted
 
 
-async def _record_xid(conn: asyncpg.Connection, key: str) -> None:
+async def _record_xid(conn: asyncpg.Connection, key: str) -> int:
     # Every transaction that writes rows of the new table: the integrity check recognises them as the rollback's.
-    await conn.execute("INSERT INTO rollback_meta.restore_xids (key, xid) VALUES ($1, txid_current()) "
-                       "ON CONFLICT DO NOTHING", key)
+    return await conn.fetchval("INSERT INTO rollback_meta.restore_xids (key, xid) VALUES ($1, txid_current()) "
+                               "ON CONFLICT (key, xid) DO UPDATE SET xid = excluded.xid RETURNING xid", key)
 
 
-async def _sync_logged(conn: asyncpg.Connection, sql: _Sql, key: str, limit: int | None) -> int:
+async def _sync_logged(conn: asyncpg.Connection, sql: _Sql, key: str, limit: int | None, xids: list[int]) -> int:
     row = await conn.fetchrow(sql.take_logged(limit))
     if row["truncated"]:
         raise MigrationError(f"{sql.live.qualified_name} was truncated during the rebuild: rebuild abandoned, "
@@ -356,16 +365,16 @@ async def _sync_logged(conn: asyncpg.Connection, sql: _Sql, key: str, limit: int
     if row["changes"]:
         for statement in sql.sync():
             await conn.execute(statement)
-        await _record_xid(conn, key)
+        xids.append(await _record_xid(conn, key))
     await conn.execute("TRUNCATE rb_batch")
     return row["changes"]
 
 
-async def _catch_up(conn: asyncpg.Connection, sql: _Sql, key: str, say: Callable[[str], None]) -> int:
+async def _catch_up(conn: asyncpg.Connection, sql: _Sql, key: str, xids: list[int], say: Callable[[str], None]) -> int:
     total = 0
     for _ in range(CATCH_UP_ROUNDS):
         async with conn.transaction():
-            changes = await _sync_logged(conn, sql, key, CATCH_UP_BATCH)
+            changes = await _sync_logged(conn, sql, key, CATCH_UP_BATCH, xids)
         total += changes
         say(f"{sql.live.qualified_name}: caught up with {changes} changes made during the rebuild")
         if changes <= SWAP_BACKLOG:
@@ -373,14 +382,15 @@ async def _catch_up(conn: asyncpg.Connection, sql: _Sql, key: str, say: Callable
     return total
 
 
-async def _swap(conn: asyncpg.Connection, sql: _Sql, key: str, locks: LockPolicy, counts: dict[str, int],
-                say: Callable[[str], None]) -> dict[str, int]:
+async def _swap(conn: asyncpg.Connection, sql: _Sql, key: str, locks: LockPolicy, counts: dict[str, Any],
+                say: Callable[[str], None]) -> dict[str, Any]:
     n, live = sql.names, sql.live
     renames = await conn.fetch("SELECT temporary, original FROM rb_index_names")
 
-    async def body(c: asyncpg.Connection) -> dict[str, int]:
+    async def body(c: asyncpg.Connection) -> dict[str, Any]:
+        xids = list(counts["xids"])
         await c.execute(f"LOCK TABLE {n.live} IN ACCESS EXCLUSIVE MODE")
-        last = await _sync_logged(c, sql, key, None)  # nobody writes now: the log is complete
+        last = await _sync_logged(c, sql, key, None, xids)  # nobody writes now: the log is complete
         facts = await c.fetchrow("SELECT pg_get_userbyid(relowner) AS owner, obj_description(oid, 'pg_class') AS comment, "
                                  "ARRAY(SELECT format('GRANT %s ON %s TO %s%s', a.privilege_type, $2::text, "
                                  "CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END, "
@@ -403,8 +413,12 @@ async def _swap(conn: asyncpg.Connection, sql: _Sql, key: str, locks: LockPolicy
         await c.execute(f"ALTER TABLE {n.new} RENAME TO {ident(live.name)}")
         for r in renames:
             await c.execute(f"ALTER INDEX {qualified(live.schema_name, r['temporary'])} RENAME TO {r['original']}")
-        await _record_xid(c, key)
+        xids.append(await _record_xid(c, key))
+        await c.execute(f"DROP TABLE IF EXISTS {n.authors}; CREATE TABLE {n.authors} AS SELECT {sql.key_cols}, "
+                        f"_rb_source_xmin AS source_xmin FROM rb_vals WHERE _rb_source_xmin IS NOT NULL; "
+                        f"ALTER TABLE {n.authors} ADD PRIMARY KEY ({sql.key_cols})")
         report = await _counts(c, sql, {**counts, "caught_up": counts["caught_up"] + last})
+        report.update(authors=n.authors, rebuild_xids=sorted(set(xids)))
         await c.execute("INSERT INTO rollback_meta.rebuilds (key, table_name, report) VALUES ($1, $2, $3)",
                         key, live.qualified_name, json.dumps(report))
         return report
@@ -415,7 +429,7 @@ async def _swap(conn: asyncpg.Connection, sql: _Sql, key: str, locks: LockPolicy
         what=f"swap of the rebuilt {live.qualified_name}", on_blocked=locks.on_blocked, around_attempt=locks.around_attempt)
 
 
-async def _counts(conn: asyncpg.Connection, sql: _Sql, counts: dict[str, int]) -> dict[str, int]:
+async def _counts(conn: asyncpg.Connection, sql: _Sql, counts: dict[str, Any]) -> dict[str, Any]:
     """How the backup's rows ended up, from the keys that were re-synced (rb_vals); run after the rename."""
     row = await conn.fetchrow(
         f"SELECT count(*) FILTER (WHERE t.{ident(sql.key[0])} IS NULL) AS missing, "

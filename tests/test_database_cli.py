@@ -61,6 +61,19 @@ async def test_bad_migration_file_name_fails_the_migration_naming_the_file(shop,
     assert "0003-oops.up.sql" in line and "0001_create_users.up.sql" in line, line
 
 
+async def test_a_migration_edited_after_it_was_applied_stops_the_next_migrate(shop, client, task_queue, run_worker, tmp_path):  # noqa: F811
+    make, dsn = shop
+    config = make(DESTRUCTIVE)
+    await run_worker(config)
+    await migrate(orchestrator(client, task_queue), "0001")
+    edited = tmp_path / "migrations" / "0001_step1.up.sql"
+    edited.write_text(edited.read_text() + "\nCREATE INDEX orders_by_customer ON orders (customer_id);")
+
+    line = one_line_error(await cli(client, task_queue, "db", "migrate", "-e", "shop", "--to", "0002", config=config.path))
+
+    assert "migration files changed after they were applied: 0001_step1 (checksum" in line, line
+
+
 async def test_json_from_the_ui_with_a_bad_database_option_fails_at_once(client, task_queue, run_worker, shop):  # noqa: F811
     make, _ = shop
     await run_worker(make(DESTRUCTIVE))
