@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +33,7 @@ from rollback.models import RollbackTarget, TargetPlan
 from rollback.payloads import (
     BackupInput, IntegrityInput, MigrationInput, PitrInput, RestoreInput, SwapBackInput, ValidateDbInput,
 )
-from rollback.pg import MissingDsn, database_name, dsn_from_env, ident, qualified, with_database
+from rollback.pg import MissingDsn, database_name, derived_name, dsn_from_env, ident, qualified, with_database
 from rollback.pgbouncer import PgBouncerError, paused
 from rollback.pgschema import SchemaSnapshot, snapshot
 from rollback.schema_rollback import (
@@ -432,6 +433,8 @@ class DatabaseRollback:
                 async with instance:
                     await pitr.copy_database(source_dsn=instance.dsn(live), target_admin_dsn=dsn, new_database=replacement,
                                              pg_bin_dir=target.pitr.pg_bin_dir)
+                # The scratch instance is stopped: its data directory (a whole cluster's size) has served.
+                await asyncio.to_thread(shutil.rmtree, work, True)
             await self.close()  # our own pooled sessions on the live database would block the rename
             await pitr.swap_databases(admin_dsn=with_database(dsn, "postgres"), live=live, replacement=replacement,
                                       retired=inp.retired_name, terminate_sessions=target.pitr.terminate_sessions,
@@ -448,7 +451,7 @@ class DatabaseRollback:
             return {"swapped_back": False, "why": f"{inp.retired_name} does not exist: the recovery never swapped"}
         await self.close()
         await pitr.swap_databases(admin_dsn=with_database(dsn, "postgres"), live=live, replacement=inp.retired_name,
-                                  retired=f"{live}_pitr_failed"[:63], terminate_sessions=target.pitr.terminate_sessions if target.pitr else False,
+                                  retired=derived_name(inp.retired_name, live, "pitr_failed"), terminate_sessions=target.pitr.terminate_sessions if target.pitr else False,
                                   timeout=target.pitr.swap_timeout_seconds if target.pitr else 120)
         return {"swapped_back": True}
 

@@ -69,5 +69,6 @@ async def test_pitr_needs_approval_states_the_loss_and_swaps_in_the_recovered_da
     assert await _execute(shop, "SELECT count(*) FROM customers WHERE email IS NOT NULL") == 400  # emails back
     assert await _execute(shop, "SELECT count(*) FROM coupons") == 60
     assert await _execute(shop, "SELECT count(*) FROM customers WHERE name LIKE 'lost%'") == 0  # the stated loss
+    assert list((cluster.base_dir / "pitr").iterdir()) == [], "the scratch instance's data directory is removed"
     retired = await _execute(cluster.dsn(), "SELECT datname FROM pg_database WHERE datname LIKE 'retired_%'")
     assert retired and await _execute(cluster.dsn(str(retired)), "SELECT count(*) FROM customers WHERE name LIKE 'lost%'") == 30
