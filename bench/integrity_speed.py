@@ -9,7 +9,10 @@ kept-rows table in rollback_archive, dropped after each repetition), 3 repetitio
 then, on a scratch copy of the same rows in a database of its own (rb_bench_integrity, dropped
 at the end), take_snapshot(keep_rows=True) followed by 2,000 inserts and 2,000 updates of
 random rows from another connection (what an application does during a rollback), then
-compare(), which must name all 4,000 rows as concurrent writes.
+compare(), which must name all 4,000 rows as concurrent writes; and "rewrite-all": the same after
+a rollback transaction rewrote every one of the 7M rows with the same values (one UPDATE, then
+VACUUM) before the 4,000 application writes, compared with that transaction's xid in
+rollback_xids (all 4,000 concurrent, 0 unexplained).
 Medians are reported with the ratios to count(*), which survive this shared machine's noise
 better than absolute seconds. Target: 2,000,000 rows/s for take_snapshot(keep_rows=False).
 
@@ -91,33 +94,48 @@ async def _application_writes(dsn: str, rows: int) -> None:
         await app.close()
 
 
-async def run_concurrent(repetitions: int) -> dict[str, list[float]]:
-    """take_snapshot(keep_rows=True), 4,000 application writes, compare(): seconds of both, per repetition."""
+async def _rewrite_all(conn) -> int:
+    """A rollback transaction that rewrites every row with the same values; its xid."""
+    async with conn.transaction():
+        await conn.execute("UPDATE pgbench_accounts SET abalance = abalance", timeout=1800)
+        xid = await conn.fetchval("SELECT pg_current_xact_id()::text::int8", timeout=60)
+    await conn.execute("VACUUM pgbench_accounts", timeout=1800)  # let the next rewrite reuse the dead rows' space
+    return xid
+
+
+async def run_concurrent(repetitions: int) -> dict[str, dict[str, list[float]]]:
+    """take_snapshot(keep_rows=True), [a rewrite of every row,] 4,000 application writes, compare():
+    seconds of both, per repetition, for the scenarios "concurrent" and "rewrite_all"."""
     dsn = await _scratch()
-    times: dict[str, list[float]] = {"snapshot_keep_rows": [], "compare": [], "total": []}
+    scenarios: dict[str, dict[str, list[float]]] = {}
     conn = await connect(dsn, application_name="bench-integrity")
     try:
-        for repetition in range(1, repetitions + 1):
-            rows = await conn.fetchval("SELECT count(*) FROM pgbench_accounts", timeout=600)
-            snapshot_seconds, kept = await _timed(take_snapshot(conn, [SPEC], label="bench-concurrent",
-                                                                keep_rows=True))
-            try:
-                await _application_writes(dsn, ROWS)
-                compare_seconds, report = await _timed(compare(conn, kept, [SPEC]))
-            finally:
-                await drop_kept_rows(conn, kept)
-            table = report.tables[SPEC.table]
-            assert report.ok and (table.inserted, table.changed, table.concurrent, table.rows_after) == (
-                CHANGES, CHANGES, 2 * CHANGES, rows + CHANGES), report.summary
-            times["snapshot_keep_rows"].append(snapshot_seconds)
-            times["compare"].append(compare_seconds)
-            times["total"].append(snapshot_seconds + compare_seconds)
-            log(f"concurrent repetition {repetition}: snapshot {snapshot_seconds:.2f} s, "
-                f"compare {compare_seconds:.2f} s")
+        for scenario in ("concurrent", "rewrite_all"):
+            times = scenarios[scenario] = {"snapshot_keep_rows": [], "compare": [], "total": []}
+            for repetition in range(1, repetitions + 1):
+                rows = await conn.fetchval("SELECT count(*) FROM pgbench_accounts", timeout=600)
+                snapshot_seconds, kept = await _timed(take_snapshot(conn, [SPEC], label=f"bench-{scenario}",
+                                                                    keep_rows=True))
+                try:
+                    rewriters = {await _rewrite_all(conn)} if scenario == "rewrite_all" else set()
+                    await _application_writes(dsn, ROWS)
+                    compare_seconds, report = await _timed(compare(conn, kept, [SPEC], rollback_xids=rewriters,
+                                                                   expected_xids=rewriters))
+                finally:
+                    await drop_kept_rows(conn, kept)
+                table = report.tables[SPEC.table]
+                assert report.ok and (table.inserted, table.changed, table.concurrent, table.unexplained,
+                                      table.rows_after) == (CHANGES, CHANGES, 2 * CHANGES, 0, rows + CHANGES), \
+                    report.summary
+                times["snapshot_keep_rows"].append(snapshot_seconds)
+                times["compare"].append(compare_seconds)
+                times["total"].append(snapshot_seconds + compare_seconds)
+                log(f"{scenario} repetition {repetition}: snapshot {snapshot_seconds:.2f} s, "
+                    f"compare {compare_seconds:.2f} s")
     finally:
         await conn.close()
         await drop(SCRATCH)
-    return times
+    return scenarios
 
 
 async def run(repetitions: int) -> dict:
@@ -146,7 +164,8 @@ async def run(repetitions: int) -> dict:
             log(f"repetition {repetition}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()))
     finally:
         await conn.close()
-    concurrent = await run_concurrent(repetitions)
+    scenarios = await run_concurrent(repetitions)
+    concurrent, rewrite_all = scenarios["concurrent"], scenarios["rewrite_all"]
     median = {k: statistics.median(v) for k, v in times.items()}
     busy = {k: statistics.median(v) for k, v in concurrent.items()}
     rate = ROWS / median["snapshot"]
@@ -166,6 +185,8 @@ async def run(repetitions: int) -> dict:
         "concurrent_compare_seconds": round(busy["compare"], 3),
         "concurrent_total_seconds": round(busy["total"], 3),
         "concurrent_all_seconds": {k: [round(s, 3) for s in v] for k, v in concurrent.items()},
+        "rewrite_all_compare_seconds": round(statistics.median(rewrite_all["compare"]), 3),
+        "rewrite_all_all_seconds": {k: [round(s, 3) for s in v] for k, v in rewrite_all.items()},
         "snapshot_to_count_ratio": round(median["snapshot"] / median["count"], 2),
         "keep_rows_to_snapshot_ratio": round(median["snapshot_keep_rows"] / median["snapshot"], 2),
         "all_seconds": {k: [round(s, 3) for s in v] for k, v in times.items()},

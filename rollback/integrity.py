@@ -11,10 +11,12 @@ drills down only into the buckets that differ. With kept rows compare first trie
 equally exact check (see `_recent_differences`): only the few live rows whose xmin is not
 older than the before-snapshot are looked at row by row, and every other live row is proven
 unchanged by exact totals; when that proof fails (deletes, rewrites of most rows) the bucket
-drill-down names the differences instead. With `keep_rows=True` the snapshot also keeps
-(bucket, key, row hash) per row in an UNLOGGED table in schema `rollback_archive`, which lets
-compare NAME the primary keys that are missing, inserted or changed; without kept rows it can
-only name buckets.
+drill-down names the differences instead. A rollback that rewrote more rows than that (every
+row of a table, with the same values) keeps the fast path: the rows its own transactions wrote
+are then proven unchanged by the same exact totals instead of being looked at one by one.
+With `keep_rows=True` the snapshot also keeps (bucket, key, row hash) per row in an UNLOGGED
+table in schema `rollback_archive`, which lets compare NAME the primary keys that are missing,
+inserted or changed; without kept rows it can only name buckets.
 
 Tables without a primary key get a row-count and row-hash multiset fingerprint only; their
 differences are reported per bucket (bucketed by the row hash), where an update looks like a
@@ -569,14 +571,23 @@ async def _bucket_differences(conn: asyncpg.Connection, spec: TableSpec, h: _Has
 # minus the kept versions of the recent keys, which is as strong as the bucket fingerprints
 # (the same sums, without the per-bucket split). A delete, a key rewritten in place, or a
 # change that left no new row version breaks that equation, and the bucket drill-down runs.
-def _recent_sql(h: _Hashes, limit: int) -> str:
-    """Live rows at least as new as the before-snapshot's xmin ($4: its age), at most `limit` + 1."""
+#
+# A rollback that rewrote more rows than the limit (a restore that updates every row, a table
+# rebuilt by the rollback) would defeat this and cost a join of every kept row with every live
+# row (8 s for 7M rows). Then the rows written by the rollback's own transactions ($2, $3) are
+# left out of the selection, and so go into the equation with the old rows: if it holds, they
+# are all unchanged too (rewritten with the same values), and only the application's few rows
+# are looked at one by one. If the rollback changed values, the equation fails as before.
+def _recent_sql(h: _Hashes, limit: int, *, skip_rollback_writes: bool = False) -> str:
+    """Live rows at least as new as the before-snapshot's xmin ($4: its age), at most `limit` + 1,
+    without the rows the rollback transactions wrote if `skip_rollback_writes`."""
     key_text = ", ".join(f"{ident(c)}::text" for c in h.key_columns)
+    skip = " AND NOT xmin::text::int8 = ANY($2::int8[] || $3::int8[])" if skip_rollback_writes else ""
     return f"""
 SELECT l._rb_key, l._rb_bucket, l._rb_key_hash, l._rb_row_hash, l._rb_xmin, {_writer('l')} AS writer
 FROM (SELECT ARRAY[{key_text}] AS _rb_key, {h.bucket} AS _rb_bucket, {h.key_hash} AS _rb_key_hash,
              {h.row_hash} AS _rb_row_hash, xmin::text::int8 AS _rb_xmin
-      FROM {h.source} WHERE age(xmin) <= $4::int4 LIMIT {limit + 1}) l
+      FROM {h.source} WHERE age(xmin) <= $4::int4{skip} LIMIT {limit + 1}) l
 """
 
 
@@ -612,6 +623,9 @@ async def _recent_differences(conn: asyncpg.Connection, spec: TableSpec, h: _Has
     if not 0 <= age < 2**30:  # the before-snapshot is implausibly old or the xid counter wrapped: do not guess
         return None
     recent = await conn.fetch(_recent_sql(h, RECENT_ROWS_LIMIT), *params[:3], age, params[3], timeout=timeout)
+    if len(recent) > RECENT_ROWS_LIMIT and (params[1] or params[2]):
+        recent = await conn.fetch(_recent_sql(h, RECENT_ROWS_LIMIT, skip_rollback_writes=True), *params[:3], age,
+                                  params[3], timeout=timeout)
     if len(recent) > RECENT_ROWS_LIMIT:
         return None
     row = await conn.fetchrow(f"SELECT count(*) AS rows, sum({h.key_hash}) AS keys, sum({h.row_hash}) AS values "

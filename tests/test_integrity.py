@@ -9,6 +9,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
+from rollback import integrity
 from rollback.integrity import (
     IntegrityReport,
     KeptRowsMissing,
@@ -309,3 +310,54 @@ async def test_rollback_rewriting_every_row_hides_no_application_change(
     assert report.ok and report.differences_total == 1
     assert _named(report) == {("42",): ("changed", "concurrent_write")}
     assert report.differences[0].after_xmin == app_xid % 2**32
+
+
+async def test_rewrite_of_every_row_beyond_the_recent_limit(conn: asyncpg.Connection, database: str,  # noqa: F811
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # More rows rewritten by the rollback than RECENT_ROWS_LIMIT: the rollback's own rows are
+    # proven unchanged by the exact totals, and only the application's rows are looked at.
+    monkeypatch.setattr("rollback.integrity.RECENT_ROWS_LIMIT", 10)
+    drill_downs = []
+    real_fingerprint = integrity._fingerprint_table
+
+    async def counting_fingerprint(*args, **kwargs):
+        drill_downs.append(args[1].table)
+        return await real_fingerprint(*args, **kwargs)
+
+    monkeypatch.setattr("rollback.integrity._fingerprint_table", counting_fingerprint)
+    await _accounts(conn, 3000)
+    before = await take_snapshot(conn, [ACCOUNTS], label="rewrite-all", keep_rows=True, buckets=64)
+    drill_downs.clear()
+    rollback_xid = await _plant(database, "UPDATE accounts SET name = name")
+    app_xid = await _plant(database, "INSERT INTO accounts VALUES (5000, 'new', 1, NULL)",
+                           "UPDATE accounts SET note = '' WHERE id = 21",
+                           *(f"UPDATE accounts SET balance = 0 WHERE id = {i}" for i in range(100, 108)))
+    planted = {("5000",): ("inserted", "concurrent_write"), ("21",): ("changed", "concurrent_write"),
+               **{(str(i),): ("changed", "concurrent_write") for i in range(100, 108)}}
+
+    report = await compare(conn, before, [ACCOUNTS], rollback_xids={rollback_xid}, expected_xids={rollback_xid})
+    assert drill_downs == []  # the fast path held
+    assert report.ok and _named(report) == planted and report.differences_total == 10
+    assert {d.after_xmin for d in report.differences} == {app_xid % 2**32}
+    table = report.tables["public.accounts"]
+    assert (table.rows_after, table.inserted, table.changed, table.concurrent, table.unexplained) == (3001, 1, 9, 10, 0)
+
+    # The rewriter not named: its 3,000 rows are not skipped, and the bucket drill-down names the same rows.
+    assert _named(await compare(conn, before, [ACCOUNTS])) == planted and drill_downs == ["public.accounts"]
+
+    # A delete, and a value a rollback transaction changed, break the totals:
+    # the drill-down must name every one of them, unexplained first, within the limit.
+    drill_downs.clear()
+    await _plant(database, "DELETE FROM accounts WHERE id = 10")
+    second_rollback = await _plant(database, "UPDATE accounts SET name = 'restored' WHERE id = 30")
+    report = await compare(conn, before, [ACCOUNTS], rollback_xids={rollback_xid, second_rollback},
+                           expected_xids={rollback_xid, second_rollback}, limit=5)
+    assert drill_downs == ["public.accounts"] and not report.ok
+    table = report.tables["public.accounts"]
+    assert (table.missing, table.inserted, table.changed, table.concurrent, table.rollback, table.unexplained) == (
+        1, 1, 10, 10, 1, 1)
+    assert report.differences_total == 12 and len(report.differences) == 5
+    assert (report.differences[0].key, report.differences[0].cause) == ({"id": "10"}, "unexplained")
+    full = await compare(conn, before, [ACCOUNTS], rollback_xids={rollback_xid, second_rollback},
+                         expected_xids={rollback_xid, second_rollback})
+    assert _named(full) == {**planted, ("10",): ("missing", "unexplained"), ("30",): ("changed", "rollback_write")}
