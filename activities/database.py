@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -358,7 +359,8 @@ class DatabaseRollback:
                     reverts.add(xid)
             specs = [integrity.TableSpec(table=t.table, key=t.key, columns=t.columns) for t in before.tables.values()]
             report = await integrity.compare(conn, before, specs, rollback_xids=expected | reverts, expected_xids=expected,
-                                             allow_deletes=target.allow_concurrent_deletes)
+                                             allow_deletes=target.allow_concurrent_deletes,
+                                             rebuilt=await _rebuilt_tables(conn, inp.restore_keys))
             # The report names what differs; the per-row hashes have served their purpose either way.
             await integrity.drop_kept_rows(conn, before)
         if not report.ok:
@@ -461,6 +463,18 @@ class DatabaseRollback:
         async with self.connection(target) as conn:
             done = await applied(conn)
         return done[-1].revision if done else None
+
+
+async def _rebuilt_tables(conn: asyncpg.Connection, restore_keys: list[str]) -> dict[str, integrity.RebuiltTable]:
+    """The tables these restores rebuilt: the integrity check reads who wrote their rows from the rebuild's record."""
+    if not await conn.fetchval("SELECT to_regclass('rollback_meta.rebuilds') IS NOT NULL"):
+        return {}
+    rows = await conn.fetch("SELECT table_name, report FROM rollback_meta.rebuilds WHERE key = ANY($1::text[])", restore_keys)
+    rebuilt = {}
+    for row in rows:
+        report = json.loads(row["report"])
+        rebuilt[row["table_name"]] = integrity.RebuiltTable(authors=report["authors"], xids=report["rebuild_xids"])
+    return rebuilt
 
 
 def _integrity_specs(target: SchemaSnapshot, live: SchemaSnapshot) -> list[integrity.TableSpec]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -246,6 +246,14 @@ async def _hash_expression(conn: asyncpg.Connection, columns: Sequence[str], typ
     return f"hashint8extended({' # '.join(parts)}, 0)"
 
 
+class RebuiltTable(BaseModel):
+    """A table the rollback rebuilt (rollback/table_rebuild.py): the transactions that wrote it, and
+    the table (schema.name, quoted) of who last wrote each row it copied from the live table."""
+
+    authors: str
+    xids: list[int]
+
+
 class _Hashes(BaseModel):
     """The SQL of one table's per-row hashes (bigint expressions over the table's columns).
 
@@ -259,11 +267,43 @@ class _Hashes(BaseModel):
     key_hash: str
     row_hash: str
     buckets: int
+    rebuilt: RebuiltTable | None = None
 
     @property
     def bucket(self) -> str:
         # The high half of the key hash picks the bucket; sums use the whole hash.
         return f"((({self.key_hash} >> 32) & 2147483647) % {self.buckets})::int4"
+
+    # Compare reads live rows through these: a rebuilt table's rows all carry the rebuild's
+    # xmin, so who really wrote a row is its author's xmin (kept by the rebuild), and a row the
+    # rebuild copied from the backup has no author: it counts as older than the before-snapshot.
+
+    @property
+    def rows(self) -> str:
+        """FROM clause of the live rows (system column xmin as _rb_xid)."""
+        if self.rebuilt is None:
+            return f"(SELECT *, xmin AS _rb_xid FROM {self.source}) t"
+        on = " AND ".join(f"a.{ident(k)} = s.{ident(k)}" for k in self.key_columns)
+        return (f"(SELECT s.*, s.xmin AS _rb_xid, a.source_xmin AS _rb_author FROM {self.source} s "
+                f"LEFT JOIN {self.rebuilt.authors} a ON {on}) t")
+
+    @property
+    def writer_xmin(self) -> str:
+        """The 32-bit xmin of whoever wrote the row's values."""
+        if self.rebuilt is None:
+            return "t._rb_xid::text::int8"
+        xids = ",".join(str(int(x) % XID_MODULUS) for x in self.rebuilt.xids) or "-1"
+        return f"(CASE WHEN t._rb_xid::text::int8 = ANY(ARRAY[{xids}]::int8[]) THEN coalesce(t._rb_author, 0) ELSE t._rb_xid::text::int8 END)"
+
+    def written_since(self, skip_rollback_writes: bool) -> str:
+        """Rows whose writer may be newer than the before-snapshot ($4: its xmin's age; $2, $3: rollback xids)."""
+        if self.rebuilt is not None:
+            xids = ",".join(str(int(x) % XID_MODULUS) for x in self.rebuilt.xids) or "-1"
+            return (f"((age(t._rb_xid) <= $4::int4 AND NOT t._rb_xid::text::int8 = ANY(ARRAY[{xids}]::int8[])) "
+                    "OR t._rb_author IS NOT NULL)")
+        skip = " AND NOT t._rb_xid::text::int8 = ANY($2::int8[] || $3::int8[])" if skip_rollback_writes else ""
+        return f"age(t._rb_xid) <= $4::int4{skip}"
+
 
 
 async def _hashes(conn: asyncpg.Connection, spec: TableSpec, buckets: int, *, timeout: float) -> _Hashes:
@@ -386,8 +426,8 @@ def _live(h: _Hashes, *, every_bucket: bool = False) -> str:
     keys = "".join(f"{ident(c)}, " for c in h.key_columns)
     # Every bucket: no bucket filter to compute, but $4 must still be referenced to have a type.
     where = "$4::int4[] IS NOT NULL" if every_bucket else f"{h.bucket} = ANY($4::int4[])"
-    return (f"SELECT {keys}{h.bucket} AS _rb_bucket, {h.row_hash} AS _rb_row_hash, xmin::text::int8 AS _rb_xmin "
-            f"FROM {h.source} WHERE {where}")
+    return (f"SELECT {keys}{h.bucket} AS _rb_bucket, {h.row_hash} AS _rb_row_hash, {h.writer_xmin} AS _rb_xmin "
+            f"FROM {h.rows} WHERE {where}")
 
 
 def _keyed_sql(h: _Hashes, kept: str, limit: int, *, every_bucket: bool = False) -> str:
@@ -582,12 +622,11 @@ def _recent_sql(h: _Hashes, limit: int, *, skip_rollback_writes: bool = False) -
     """Live rows at least as new as the before-snapshot's xmin ($4: its age), at most `limit` + 1,
     without the rows the rollback transactions wrote if `skip_rollback_writes`."""
     key_text = ", ".join(f"{ident(c)}::text" for c in h.key_columns)
-    skip = " AND NOT xmin::text::int8 = ANY($2::int8[] || $3::int8[])" if skip_rollback_writes else ""
     return f"""
 SELECT l._rb_key, l._rb_bucket, l._rb_key_hash, l._rb_row_hash, l._rb_xmin, {_writer('l')} AS writer
 FROM (SELECT ARRAY[{key_text}] AS _rb_key, {h.bucket} AS _rb_bucket, {h.key_hash} AS _rb_key_hash,
-             {h.row_hash} AS _rb_row_hash, xmin::text::int8 AS _rb_xmin
-      FROM {h.source} WHERE age(xmin) <= $4::int4{skip} LIMIT {limit + 1}) l
+             {h.row_hash} AS _rb_row_hash, {h.writer_xmin} AS _rb_xmin
+      FROM {h.rows} WHERE {h.written_since(skip_rollback_writes)} LIMIT {limit + 1}) l
 """
 
 
@@ -661,7 +700,7 @@ async def compare(conn: asyncpg.Connection, before: Snapshot, specs: Sequence[Ta
                   rollback_xids: set[int] | frozenset[int] = frozenset(),
                   expected_xids: set[int] | frozenset[int] = frozenset(),
                   allow_concurrent_writes: bool = True, allow_deletes: bool = False, limit: int = 100,
-                  timeout: float = 1800) -> IntegrityReport:
+                  rebuilt: Mapping[str, RebuiltTable] | None = None, timeout: float = 1800) -> IntegrityReport:
     """Fingerprint the tables again and explain every difference from `before` (see the module doc)."""
     _check_specs(before, specs)
     started = time.monotonic()
@@ -681,6 +720,8 @@ async def compare(conn: asyncpg.Connection, before: Snapshot, specs: Sequence[Ta
             for spec in specs:
                 taken = before.tables[spec.table]
                 h = await _hashes(conn, spec, before.buckets, timeout=timeout)
+                if rebuilt and spec.table in rebuilt and spec.key:
+                    h = h.model_copy(update={"rebuilt": rebuilt[spec.table]})
                 if spec.key and taken.kept_rows:
                     quick = await _recent_differences(conn, spec, h, taken, params, rules, timeout=timeout)
                     if quick is not None:

@@ -140,11 +140,13 @@ async def applied(conn: asyncpg.Connection) -> list[AppliedMigration]:
 
 def edited_since_applied(migrations: list[Migration], done: list[AppliedMigration]) -> list[str]:
     """Applied migrations whose files no longer match what ran (sha256 of up and down SQL), as sentences."""
-    by_revision = {revision_key(m.revision): m for m in migrations}
     edited = []
     for record in done:
-        migration = by_revision.get(revision_key(record.revision))
-        if migration is not None and record.checksum and record.checksum != migration.checksum:
+        try:
+            migration = find(migrations, record.revision)
+        except MigrationError:
+            continue  # a file that is gone is reported where it is needed (plan, revert)
+        if record.checksum and record.checksum != migration.checksum:
             edited.append(f"{migration.label} (checksum {record.checksum[:12]} when applied, {migration.checksum[:12]} now)")
     return edited
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
@@ -69,3 +70,19 @@ def derived_name(key: str, table: str, what: str) -> str:
 
 async def connect(dsn: str, *, timeout: float = 10, application_name: str = "rollback") -> asyncpg.Connection:
     return await asyncpg.connect(dsn, timeout=timeout, server_settings={"application_name": application_name})
+
+
+def written_after(snapshot: str, *, xmax: int, alias: str = "t") -> str:
+    """SQL: the row `alias` was written by a transaction the snapshot (pg_current_snapshot() text) could not see.
+
+    xmin is 32 bits: its 64-bit xid is rebuilt relative to `xmax` (the xmax of the current
+    transaction's snapshot; live rows are less than 2^31 transactions older). Rows older than
+    the snapshot's xmin are ruled out first, cheaply; frozen and bootstrap xids (< 3) are old.
+    The snapshot text is checked by the pattern before it is pasted in.
+    """
+    if not re.fullmatch(r"\d+:\d+:[\d,]*", snapshot):
+        raise ValueError(f"not a pg_snapshot: {snapshot[:80]!r}")
+    oldest = int(snapshot.partition(":")[0]) & 0xFFFFFFFF
+    full = f"({int(xmax)} - (({int(xmax)} - {alias}.xmin::text::int8) % 4294967296 + 4294967296) % 4294967296)"
+    return (f"(age({alias}.xmin) <= age('{oldest}'::xid) AND {alias}.xmin::text::int8 >= 3 "
+            f"AND NOT pg_visible_in_snapshot({full}::text::xid8, '{snapshot}'::pg_snapshot))")

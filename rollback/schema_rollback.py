@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from rollback.backups import DEFAULT_PG_BIN
 from rollback.migrations import AttemptWrapper, Migration, MigrationError, in_transaction_with_lock_timeout
-from rollback.pg import derived_name, ident, qualified
+from rollback.pg import derived_name, ident, qualified, written_after
 from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
 from rollback.table_rebuild import LockPolicy, RebuildRefused, rebuild_table
 
@@ -129,14 +129,73 @@ async def ensure_bookkeeping(conn: asyncpg.Connection) -> None:
     await conn.execute(BOOKKEEPING_DDL)
 
 
-async def _archive(conn: asyncpg.Connection, key: str, live: TableShape, columns: list[str], whole: bool) -> ArchivedObject:
-    name = derived_name(key, live.qualified_name, "table" if whole else "columns")
-    keep = [c.name for c in live.columns] if whole or not live.primary_key else live.primary_key + columns
-    select = ", ".join(ident(c) for c in keep)
-    status = await conn.execute(f"CREATE TABLE {qualified(ARCHIVE_SCHEMA, name)} AS SELECT {select} "
-                                f"FROM {qualified(live.schema_name, live.name)}")
+def _archive_name(key: str, live: TableShape, whole: bool) -> str:
+    return derived_name(key, live.qualified_name, "table" if whole else "columns")
+
+
+def _archived_columns(live: TableShape, columns: list[str], whole: bool) -> list[str]:
+    return [c.name for c in live.columns] if whole or not live.primary_key else live.primary_key + columns
+
+
+async def _archive(conn: asyncpg.Connection, key: str, live: TableShape, columns: list[str], whole: bool,
+                   copied_at: str | None = None) -> ArchivedObject:
+    """Copy what an added table or column holds into rollback_archive (under the revert's lock).
+
+    With `copied_at` (the snapshot of a copy made before the lock, see `_copy_ahead`) only the
+    rows written since are copied again, and rows deleted since are dropped from the copy.
+    """
+    name = _archive_name(key, live, whole)
+    keep = _archived_columns(live, columns, whole)
+    target, source = qualified(ARCHIVE_SCHEMA, name), qualified(live.schema_name, live.name)
+    if copied_at is None:
+        status = await conn.execute(f"CREATE TABLE {target} AS SELECT {_cols(keep)} FROM {source}")
+        rows = int(status.split()[-1])
+    else:
+        def on(left: str, right: str) -> str:
+            return " AND ".join(f"{left}.{ident(k)} = {right}.{ident(k)}" for k in live.primary_key)
+
+        xmax = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8")
+        await conn.execute(f"DROP TABLE IF EXISTS pg_temp.rb_changed_since_copy; CREATE TEMP TABLE rb_changed_since_copy "
+                           f"ON COMMIT DROP AS SELECT {_cols(live.primary_key, 't.')} FROM {source} t "
+                           f"WHERE {written_after(copied_at, xmax=xmax)}")
+        await conn.execute(f"DELETE FROM {target} a USING rb_changed_since_copy c WHERE {on('a', 'c')}")
+        await conn.execute(f"INSERT INTO {target} ({_cols(keep)}) SELECT {_cols(keep, 't.')} FROM {source} t "
+                           f"JOIN rb_changed_since_copy c ON {on('t', 'c')}")
+        rows, live_rows = (await conn.fetchval(f"SELECT count(*) FROM {target}"),
+                           await conn.fetchval(f"SELECT count(*) FROM {source}"))
+        if rows != live_rows:  # keys deleted since the copy (never fewer: every live key is in it now)
+            await conn.execute(f"DELETE FROM {target} a WHERE NOT EXISTS (SELECT FROM {source} c WHERE {on('a', 'c')})")
+            rows = live_rows
     return ArchivedObject(source=live.qualified_name, archive_table=name, columns=keep if whole else columns,
-                          key=live.primary_key, rows=int(status.split()[-1]), whole_table=whole)
+                          key=live.primary_key, rows=rows, whole_table=whole)
+
+
+async def _copy_ahead(conn: asyncpg.Connection, key: str, migration: Migration, target_shape: SchemaSnapshot) -> dict[str, str]:
+    """Copy what the migration's added objects hold BEFORE the revert takes its locks, one snapshot each.
+
+    A big added table or column then costs the application only the copy of the rows written
+    since (under the lock), not the whole copy. {archive table: pg_snapshot of its copy}.
+    """
+    if await conn.fetchval("SELECT EXISTS (SELECT FROM rollback_meta.reverts WHERE key = $1)", key):
+        return {}
+    record = await conn.fetchrow("SELECT shape_after FROM rollback_meta.migrations WHERE revision = $1", migration.revision)
+    if record is None or not record["shape_after"]:
+        return {}
+    live = await snapshot(conn)
+    changes = _existing(diff(target_shape, SchemaSnapshot.model_validate_json(record["shape_after"])), live)
+    objects = [(t, [], True) for t in changes.added_tables] + [(t, c, False) for t, c in changes.added_columns.items()]
+    copied: dict[str, str] = {}
+    for table, columns, whole in objects:
+        shape = live.tables[table]
+        if not shape.primary_key:
+            continue  # without a key, rows written since cannot be matched: copied under the lock
+        name = qualified(ARCHIVE_SCHEMA, _archive_name(key, shape, whole))
+        async with conn.transaction(isolation="repeatable_read"):
+            taken = await conn.fetchval("SELECT pg_current_snapshot()::text")
+            await conn.execute(f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} AS SELECT "
+                               f"{_cols(_archived_columns(shape, columns, whole))} FROM {qualified(shape.schema_name, shape.name)}")
+        copied[_archive_name(key, shape, whole)] = taken
+    return copied
 
 
 def _shape_problems(target: SchemaSnapshot, now: SchemaSnapshot, tables: set[str]) -> list[str]:
@@ -171,6 +230,7 @@ async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, targe
     if not migration.down_sql:
         raise MigrationError(f"migration {migration.label} has no .down.sql: its schema change cannot be reverted")
     await ensure_bookkeeping(conn)
+    copied = await _copy_ahead(conn, key, migration, target_shape)
 
     async def body(c: asyncpg.Connection) -> RevertResult:
         done = await c.fetchval("SELECT result FROM rollback_meta.reverts WHERE key = $1", key)
@@ -189,8 +249,10 @@ async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, targe
         for name in involved:  # sorted: two rollbacks never lock in opposite orders
             shape = live.tables[name]
             await c.execute(f"LOCK TABLE {qualified(shape.schema_name, shape.name)} IN ACCESS EXCLUSIVE MODE")
-        archived = [await _archive(c, key, live.tables[t], [], True) for t in changes.added_tables]
-        archived += [await _archive(c, key, live.tables[t], cols, False) for t, cols in changes.added_columns.items()]
+        archived = [await _archive(c, key, live.tables[t], [], True, copied.get(_archive_name(key, live.tables[t], True)))
+                    for t in changes.added_tables]
+        archived += [await _archive(c, key, live.tables[t], cols, False, copied.get(_archive_name(key, live.tables[t], False)))
+                     for t, cols in changes.added_columns.items()]
         await c.execute(migration.down_sql)
         after = await snapshot(c)
         problems = _shape_problems(target_shape, after, set(involved) | set(changes.dropped_tables))
@@ -210,8 +272,18 @@ async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, targe
                                                       what=f"revert of {migration.label}", on_blocked=on_blocked,
                                                       around_attempt=around_attempt)  # type: ignore[return-value]
     except asyncpg.PostgresError as err:
+        await _drop_copies(conn, copied)
         raise MigrationError(f"the down SQL of {migration.label} failed and was rolled back, nothing changed: "
                              f"{type(err).__name__}: {err}".replace("\n", " ")) from None
+    except MigrationError:
+        await _drop_copies(conn, copied)
+        raise
+
+
+async def _drop_copies(conn: asyncpg.Connection, copied: dict[str, str]) -> None:
+    """A revert that did not happen leaves no archive copies behind."""
+    for name in copied:
+        await conn.execute(f"DROP TABLE IF EXISTS {qualified(ARCHIVE_SCHEMA, name)}")
 
 
 # -- restoring destroyed data from the backup -------------------------------------------

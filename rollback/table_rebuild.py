@@ -49,7 +49,7 @@ from typing import Any
 import asyncpg
 
 from rollback.migrations import AttemptWrapper, MigrationError, in_transaction_with_lock_timeout
-from rollback.pg import derived_name, ident, qualified
+from rollback.pg import derived_name, ident, qualified, written_after
 from rollback.pgschema import TableShape
 
 ARCHIVE_SCHEMA = "rollback_archive"
@@ -331,15 +331,9 @@ async def _changed_since_backup(conn: asyncpg.Connection, sql: _Sql, backup_snap
                                 backup_rows: int) -> tuple[int, int]:
     """Fill rb_batch with the keys whose live row differs from the backup's; (changed, deleted) counts."""
     n = sql.names
-    backup_xmin = int(backup_snapshot.partition(":")[0]) & 0xFFFFFFFF
-    # A live row is the backup's own version if the backup's snapshot could see its xmin. Its
-    # 64-bit xid is rebuilt from the 32-bit xmin relative to S's xmax (rows are less than 2^31
-    # transactions old); rows older than the backup's xmin are skipped before that arithmetic.
-    full = f"({xmax} - (({xmax} - t.xmin::text::int8) % 4294967296 + 4294967296) % 4294967296)"
-    await conn.execute(
-        f"INSERT INTO rb_batch SELECT {', '.join(f't.{ident(k)}' for k in sql.key)} FROM {n.live} t "
-        f"WHERE age(t.xmin) <= age('{backup_xmin}'::xid) AND t.xmin::text::int8 >= 3 "
-        f"AND NOT pg_visible_in_snapshot({full}::text::xid8, $1::text::pg_snapshot)", backup_snapshot)
+    # A live row is the backup's own version if the backup's snapshot could see its xmin.
+    await conn.execute(f"INSERT INTO rb_batch SELECT {', '.join(f't.{ident(k)}' for k in sql.key)} FROM {n.live} t "
+                       f"WHERE {written_after(backup_snapshot, xmax=xmax)}")
     changed = await conn.fetchval("SELECT count(*) FROM rb_batch")
     live_rows = await conn.fetchval(f"SELECT count(*) FROM {n.live}")
     changed_in_backup = await conn.fetchval(f"SELECT count(*) FROM rb_batch b JOIN {n.new} n ON {sql.on('n', 'b')}")

@@ -16,9 +16,12 @@ import asyncpg
 import pytest
 
 from rollback.backups import BackupManifest, take_backup
+from rollback.integrity import RebuiltTable, TableSpec, compare, take_snapshot
 from rollback.migrations import MigrationError, apply_up, load_migrations
 from rollback.pg import local_dsn
-from rollback.schema_rollback import RebuildOptions, RestoreResult, RevertResult, restore_data, revert_schema
+from rollback.schema_rollback import (
+    RebuildOptions, RestoreResult, RevertResult, restore_data, restore_xids, revert_schema,
+)
 from rollback.table_rebuild import LockPolicy
 from tests.postgres import database  # noqa: F401 - fixture
 
@@ -34,6 +37,7 @@ INSERT INTO customers (code, name, email) SELECT 'C' || g, 'c' || g, 'c' || g ||
 """
 DROP_EMAIL = ("ALTER TABLE customers DROP COLUMN email;", "ALTER TABLE customers ADD COLUMN email text;")
 LOCKS = LockPolicy(lock_timeout_ms=200, attempts=3)
+SPEC = TableSpec(table="public.customers", key=["id"], columns=["id", "code", "name", "tier"])  # not the restored e-mail
 
 
 def write(directory: Path, *steps: tuple[str, str]) -> Path:
@@ -106,6 +110,7 @@ async def test_rebuild_restores_the_column_and_keeps_every_application_write(dat
                            "UPDATE customers SET name = 'renamed' WHERE id = 15")
         facts = await table_facts(conn)
         oid = await conn.fetchval("SELECT 'customers'::regclass::oid")
+        before = await take_snapshot(conn, [SPEC], label="rebuild-test", keep_rows=True)
 
         # The application keeps writing throughout the rebuild; every committed write is remembered.
         expected = {r["id"]: (r["name"], r["email"]) for r in await conn.fetch("SELECT id, name, email FROM customers")}
@@ -138,6 +143,17 @@ async def test_rebuild_restores_the_column_and_keeps_every_application_write(dat
             done.set()
             await writer
         rows = {r["id"]: (r["name"], r["email"]) for r in await conn.fetch("SELECT id, name, email FROM customers")}
+        rebuilt = {"public.customers": RebuiltTable(authors=result.tables[0].authors or "", xids=result.tables[0].rebuild_xids)}
+        xids = set(await restore_xids(conn, "k:restore"))
+        report = await compare(conn, before, [SPEC], rollback_xids=xids, expected_xids=xids, rebuilt=rebuilt, allow_deletes=True)
+        # A rebuild that got a row wrong: a row its own transaction wrote, that no application write explains.
+        async with conn.transaction():
+            await conn.execute("UPDATE customers SET name = 'corrupted' WHERE id = 50")
+            bad_xid = await conn.fetchval("SELECT txid_current()")
+        rebuilt["public.customers"].xids.append(bad_xid)
+        caught = await compare(conn, before, [SPEC], rollback_xids=xids | {bad_xid}, expected_xids=xids | {bad_xid},
+                               rebuilt=rebuilt, allow_deletes=True)
+        await conn.execute("UPDATE customers SET name = 'c50' WHERE id = 50")
         after_facts = await table_facts(conn)
         new_oid = await conn.fetchval("SELECT 'customers'::regclass::oid")
         can_read = await conn.fetchval(f"SELECT has_table_privilege('{reader}', 'customers', 'SELECT')")
@@ -170,6 +186,11 @@ async def test_rebuild_restores_the_column_and_keeps_every_application_write(dat
     assert 11 not in rows and 13 not in rows
     assert table.kept_application_version == 1 and table.missing_in_live >= 2
     assert authors == 4, "who wrote each row changed since the backup is kept for the integrity check"
+    # The integrity check names the application's writes during the rebuild as concurrent, not as the rollback's...
+    assert report.ok and report.tables["public.customers"].concurrent > 0, report.summary
+    assert report.tables["public.customers"].rollback == 0, report.summary
+    # ...and a row the rebuild itself got wrong as unexplained.
+    assert not caught.ok and [(d.key, d.cause) for d in caught.differences if d.cause == "unexplained"] == [({"id": "50"}, "unexplained")]
     assert after_facts == facts  # indexes, constraints, comments, sequence, defaults as they were
     assert can_read and not can_insert
     assert leftovers == []
