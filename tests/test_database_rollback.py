@@ -537,3 +537,55 @@ async def test_restore_respects_what_the_application_wrote_between_revert_and_re
 async def _kept_row_tables(dsn: str) -> int:
     return await value(dsn, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'rollback_archive' "
                             "AND table_name NOT LIKE 'rb\\_%'")
+
+
+async def test_revert_copies_added_data_before_its_locks_and_only_rows_written_since_under_them(database, tmp_path):  # noqa: F811
+    """The archive of an added column and an added table is copied before the revert locks anything;
+    under the lock only what the application wrote since is copied again (deleted rows dropped)."""
+    from rollback.backups import take_backup
+    from rollback.migrations import apply_up, load_migrations
+    from rollback.schema_rollback import revert_schema
+
+    dsn = local_dsn(database)
+    added = ("ALTER TABLE customers ADD COLUMN phone text; UPDATE customers SET phone = 'p' || id; "
+             "CREATE TABLE reviews (id bigserial PRIMARY KEY, stars int); INSERT INTO reviews (stars) SELECT g % 5 FROM generate_series(1, 300) g;",
+             "DROP TABLE reviews; ALTER TABLE customers DROP COLUMN phone;")
+    migrations = load_migrations(write_migrations(tmp_path / "m", added))
+    conn = await asyncpg.connect(dsn, timeout=10)
+    app = await asyncpg.connect(dsn, timeout=10)
+    blocker = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await apply_up(conn, migrations[0], backup_id=None, lock_timeout_ms=500, attempts=3)
+        backup = await take_backup(dsn=dsn, root=tmp_path / "backups", backup_id="b1", environment="shop",
+                                   revision="0001", next_revision="0002")
+        await apply_up(conn, migrations[1], backup_id="b1", lock_timeout_ms=500, attempts=3)
+        reading = blocker.transaction()
+        await reading.start()
+        await blocker.fetchval("SELECT count(*) FROM customers")  # the revert's first attempt cannot lock
+
+        async def application_writes_then_unblock(attempt: int) -> None:
+            if attempt == 1:  # after the copy made ahead, before the revert got its locks
+                await app.execute("UPDATE customers SET phone = 'changed' WHERE id = 1; DELETE FROM customers WHERE id = 2; "
+                                  "INSERT INTO customers (name, phone) VALUES ('late', 'late-phone'); "
+                                  "DELETE FROM reviews WHERE id = 3; UPDATE reviews SET stars = 9 WHERE id = 4; "
+                                  "INSERT INTO reviews (stars) VALUES (7)")
+                await reading.rollback()
+
+        result = await revert_schema(conn, migration=migrations[1], target_shape=backup.schema_snapshot, key="k:revert",
+                                     lock_timeout_ms=100, attempts=5, on_blocked=application_writes_then_unblock)
+        archives = {a.source: a for a in result.archived}
+        phones = dict(await conn.fetch(f"SELECT id, phone FROM rollback_archive.{archives['public.customers'].archive_table}"))
+        reviews = dict(await conn.fetch(f"SELECT id, stars FROM rollback_archive.{archives['public.reviews'].archive_table}"))
+        recopied = await conn.fetchval(f"SELECT count(*) FROM rollback_archive.{archives['public.customers'].archive_table} "
+                                       "WHERE xmin::text::int8 = $1", result.xid & 0xFFFFFFFF)
+        names = dict(await conn.fetch("SELECT id, name FROM customers"))
+    finally:
+        await blocker.close()
+        await app.close()
+        await conn.close()
+    # The archives hold what the application left just before the revert locked.
+    assert phones[1] == "changed" and 2 not in phones and phones[max(phones)] == "late-phone"
+    assert set(phones) == set(names) and all(phones[i] == f"p{i}" for i in phones if i != 1 and names[i] != "late")
+    assert 3 not in reviews and reviews[4] == 9 and len(reviews) == 300 and reviews[301] == 7
+    assert archives["public.customers"].rows == len(names) and archives["public.reviews"].rows == 300
+    assert recopied == 2, "under the lock only the rows written since the copy made ahead are copied again"
