@@ -366,8 +366,12 @@ async def _fingerprint_table(conn: asyncpg.Connection, spec: TableSpec, h: _Hash
         source = (f"SELECT _rb_bucket AS bucket, {_aggregates('_rb_key_hash', '_rb_row_hash', bool(spec.key))} "
                   f"FROM {target} GROUP BY 1")
     else:
-        source = (f"SELECT {h.bucket} AS bucket, {_aggregates(h.key_hash, h.row_hash, bool(spec.key))} "
-                  f"FROM {h.source} GROUP BY 1")
+        # Grouping by the bucket expression, PostgreSQL 15 expects one group per row and will not
+        # aggregate in the parallel workers: the leader hashes every row. Joined to the list of
+        # bucket numbers it knows there are `buckets` groups, and each worker sums its share
+        # (1.5 s against 1.9 s for 7M rows). Every row is in exactly one bucket: same sums.
+        source = (f"SELECT g.bucket, {_aggregates(h.key_hash, h.row_hash, bool(spec.key))} "
+                  f"FROM generate_series(0, {h.buckets - 1}) g(bucket) JOIN {h.source} ON g.bucket = {h.bucket} GROUP BY 1")
     return _fingerprint(spec, await conn.fetch(source, timeout=timeout), kept and f"{ARCHIVE_SCHEMA}.{kept}")
 
 
