@@ -6,14 +6,15 @@ md5(aid), so a restored value can be checked) gets two migrations through the sy
 4 connections reading accounts by key, 1 inserting new accounts (rows written after the
 migration) and updating balances. Then RollbackWorkflow rolls the database back to 0001:
 verified backup, integrity snapshot, revert (ADD COLUMN under lock_timeout), restore of
-7M filler values from the pre-migration backup merged by primary key, integrity check.
+7M filler values from the pre-migration backup (by default the table is rebuilt from the
+backup and swapped in; `--method merge` updates every row in place), integrity check.
 
 Measured in one run: the rollback's wall time and its steps, the application's query
 latency (p50/p99/max) before and during the rollback, and the checks: every original
 filler restored, every row the application wrote after the migration present, every
 balance it changed kept. Target: under 45 s (a naive batched-UPDATE merge measured ~92 s).
 
-    .venv/bin/python bench/db_rollback.py
+    .venv/bin/python bench/db_rollback.py [--method merge] [--keep]
 """
 
 from __future__ import annotations
