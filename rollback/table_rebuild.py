@@ -59,7 +59,8 @@ CATCH_UP_ROUNDS = 50  # an application writing faster than we catch up still get
 
 
 class RebuildRefused(MigrationError):
-    """The table has something a rebuild would lose or break: restore it in place instead."""
+    """The table cannot be rebuilt (something a rebuild would lose or break), or a rebuild was
+    abandoned before its swap with the live table untouched: restore it in place instead."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +243,8 @@ async def rebuild_table(dsn: str, *, copy_stream: AsyncIterator[bytes], backup_c
     try:
         done = await conn.fetchval("SELECT report FROM rollback_meta.rebuilds WHERE key = $1 AND table_name = $2",
                                    key, live.qualified_name)
-        if done is not None:
+        if done is not None:  # swapped by an earlier attempt
+            await conn.execute(f"DROP FUNCTION IF EXISTS {names.function}(); DROP TABLE IF EXISTS {names.log}")
             return json.loads(done)
         reasons = await rebuild_blockers(conn, live, trigger=names.trigger)
         if reasons:
@@ -257,8 +259,13 @@ async def rebuild_table(dsn: str, *, copy_stream: AsyncIterator[bytes], backup_c
             counts = await _build(conn, sql, copy_stream, backup_columns, backup_snapshot, key, say)
             counts["caught_up"] = await _catch_up(conn, sql, key, counts["xids"], say)
             report = await _swap(conn, sql, key, locks, counts, say)
-        except BaseException:
+        except BaseException as err:
             await _clean_up(conn, names, locks)
+            if isinstance(err, (asyncpg.PostgresError, MigrationError)) and not isinstance(err, RebuildRefused):
+                # A swap that cannot get its lock, DDL the catalog checks did not foresee, a TRUNCATE
+                # meanwhile: the live table is untouched, and an in-place merge needs none of that.
+                raise RebuildRefused(f"{live.qualified_name}: rebuild abandoned, nothing changed "
+                                     f"({type(err).__name__}: {err})".replace("\n", " ")) from None
             raise
         await conn.execute(f"DROP FUNCTION IF EXISTS {names.function}(); DROP TABLE IF EXISTS {names.log}")
         return report
