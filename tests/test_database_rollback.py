@@ -120,6 +120,35 @@ async def value(dsn: str, sql: str, *args: Any) -> Any:
     return (await fetch(dsn, sql, *args))[0][0]
 
 
+DROP_EMAIL = ("ALTER TABLE customers DROP COLUMN email;", "ALTER TABLE customers ADD COLUMN email text;")
+
+
+async def killed_mid_rollback(client, task_queue: str, config: ConfigSource, log: Path, dsn: str, *, bulk: int, prepare: str,
+                              when: str, accept, what: str) -> tuple[RollbackStatus, dict[int, str]]:
+    """Migrate to 0002 (dropping e-mails of `bulk` more customers), run `prepare`, start a database
+    rollback, SIGKILL its worker once `when` (SQL) satisfies `accept`, finish on a new worker:
+    (final status, the e-mails before the migration)."""
+    from tests.test_durability import kill_and_replace, start_worker, stop_workers
+
+    workers = [start_worker(client, task_queue, config.path, log)]
+    try:
+        orch = orchestrator(client, task_queue)
+        await migrate(orch, "0001")
+        await fetch(dsn, f"INSERT INTO customers (name, email) SELECT 'bulk' || g, 'bulk' || g || '@example.com' "
+                         f"FROM generate_series(1, {bulk}) g")
+        emails = dict(await fetch(dsn, "SELECT id, email FROM customers"))
+        await migrate(orch, "0002")
+        if prepare:
+            await execute(dsn, prepare)
+        started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester"))
+        await eventually(lambda: value(dsn, when), accept, timeout=120, interval=0.02, what=what)
+        workers.append(kill_and_replace(workers[0], client, task_queue, config.path, log))
+        await orch.wait(started.execution_id)
+        return await orch.get_rollback_status(started.execution_id), emails
+    finally:
+        stop_workers(*workers)
+
+
 async def test_additive_migration_rolled_back_keeps_new_rows_and_archives_new_columns(shop, client, task_queue, run_worker):
     config, dsn, orch = await at_second_migration(shop, run_worker, client, task_queue, ADDITIVE)
     # The application keeps working on the new schema: new rows, values only the new objects hold.
@@ -290,40 +319,24 @@ async def test_unexpected_change_fails_integrity_and_compensates(shop, client, t
 async def test_worker_killed_during_restore_resumes_and_restores_each_value_once(shop, client, task_queue, tmp_path):
     """SIGKILL the worker while it merges dropped data back; a new worker finishes, and every row
     was restored by exactly one committed update (a trigger counts them)."""
-    from tests.test_durability import kill_and_replace, start_worker, stop_workers
-
     make, dsn = shop
-    many = ("ALTER TABLE customers DROP COLUMN email;", "ALTER TABLE customers ADD COLUMN email text;")
-    config = make(many, restore_chunk_rows=500, restore_workers=1)
+    config = make(DROP_EMAIL, restore_chunk_rows=500, restore_workers=1)
     log = tmp_path / "worker.log"
-    worker = start_worker(client, task_queue, config.path, log)
-    replacement = None
-    try:
-        orch = orchestrator(client, task_queue)
-        await migrate(orch, "0001")
-        await fetch(dsn, "INSERT INTO customers (name, email) SELECT 'bulk' || g, 'bulk' || g || '@example.com' FROM generate_series(1, 30000) g")
-        emails = dict(await fetch(dsn, "SELECT id, email FROM customers"))
-        await migrate(orch, "0002")
-        # Outside the migrations: an audit of every committed change to a customer's e-mail.
-        await execute(dsn, """
-            CREATE SCHEMA audit;
-            CREATE TABLE audit.email_writes (id bigint NOT NULL);
-            CREATE FUNCTION audit.log_email() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-              IF to_jsonb(NEW)->>'email' IS DISTINCT FROM to_jsonb(OLD)->>'email' THEN
-                INSERT INTO audit.email_writes VALUES (NEW.id);
-              END IF;
-              RETURN NEW;
-            END $$;
-            CREATE TRIGGER log_email AFTER UPDATE ON customers FOR EACH ROW EXECUTE FUNCTION audit.log_email();""")
-        started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester"))
-        await eventually(lambda: value(dsn, "SELECT count(DISTINCT id) FROM audit.email_writes"), lambda n: 2000 <= n < 25000,
-                         timeout=120, interval=0.05, what="restore under way")
-        replacement = kill_and_replace(worker, client, task_queue, config.path, log)
-        await orch.wait(started.execution_id)
-        status = await orch.get_rollback_status(started.execution_id)
-    finally:
-        stop_workers(worker, replacement)
+    # Outside the migrations: an audit of every committed change to a customer's e-mail.
+    audit = """
+        CREATE SCHEMA audit;
+        CREATE TABLE audit.email_writes (id bigint NOT NULL);
+        CREATE FUNCTION audit.log_email() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF to_jsonb(NEW)->>'email' IS DISTINCT FROM to_jsonb(OLD)->>'email' THEN
+            INSERT INTO audit.email_writes VALUES (NEW.id);
+          END IF;
+          RETURN NEW;
+        END $$;
+        CREATE TRIGGER log_email AFTER UPDATE ON customers FOR EACH ROW EXECUTE FUNCTION audit.log_email();"""
+    status, emails = await killed_mid_rollback(
+        client, task_queue, config, log, dsn, bulk=30000, prepare=audit,
+        when="SELECT count(DISTINCT id) FROM audit.email_writes", accept=lambda n: 2000 <= n < 25000, what="restore under way")
 
     assert status.state == Phase.SUCCEEDED, (status.error, log.read_text()[-2000:])
     restore = next(s for s in status.steps if s.name.startswith("restore data"))
@@ -338,29 +351,14 @@ async def test_worker_killed_during_restore_resumes_and_restores_each_value_once
 async def test_worker_killed_during_a_table_rebuild_resumes_and_rebuilds_once(shop, client, task_queue, tmp_path):
     """SIGKILL the worker while it builds the new copy of a table; a new worker starts the rebuild
     again from the backup and swaps once: every value back, nothing left behind."""
-    from tests.test_durability import kill_and_replace, start_worker, stop_workers
-
     make, dsn = shop
-    config = make(("ALTER TABLE customers DROP COLUMN email;", "ALTER TABLE customers ADD COLUMN email text;"), rebuild_min_rows=1)
+    config = make(DROP_EMAIL, rebuild_min_rows=1)
     log = tmp_path / "worker.log"
-    worker = start_worker(client, task_queue, config.path, log)
-    replacement = None
-    try:
-        orch = orchestrator(client, task_queue)
-        await migrate(orch, "0001")
-        await fetch(dsn, "INSERT INTO customers (name, email) SELECT 'bulk' || g, 'bulk' || g || '@example.com' "
-                         "FROM generate_series(1, 400000) g")
-        emails = dict(await fetch(dsn, "SELECT id, email FROM customers"))
-        await migrate(orch, "0002")
-        started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester"))
-        building = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rollback-rebuild' "
-                    "AND state = 'active' AND xact_start IS NOT NULL AND query NOT LIKE '%TRIGGER%'")
-        await eventually(lambda: value(dsn, building), lambda n: n > 0, timeout=120, interval=0.02, what="the rebuild under way")
-        replacement = kill_and_replace(worker, client, task_queue, config.path, log)
-        await orch.wait(started.execution_id)
-        status = await orch.get_rollback_status(started.execution_id)
-    finally:
-        stop_workers(worker, replacement)
+    # Killed while it COPYs the backup into the new table: the build transaction has seconds left to run.
+    building = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rollback-rebuild' "
+                "AND state = 'active' AND query LIKE 'COPY %'")
+    status, emails = await killed_mid_rollback(client, task_queue, config, log, dsn, bulk=400000, prepare="",
+                                               when=building, accept=lambda n: n > 0, what="the rebuild under way")
 
     assert status.state == Phase.SUCCEEDED, (status.error, log.read_text()[-2000:])
     restore = next(s for s in status.steps if s.name.startswith("restore data"))
