@@ -123,6 +123,19 @@ async def value(dsn: str, sql: str, *args: Any) -> Any:
 DROP_EMAIL = ("ALTER TABLE customers DROP COLUMN email;", "ALTER TABLE customers ADD COLUMN email text;")
 
 
+async def applied_with_backup(conn: asyncpg.Connection, dsn: str, tmp_path: Path, step: tuple[str, str]):
+    """Without the workflow: the shop as 0001, a backup, then `step` as 0002: (migrations, backup manifest)."""
+    from rollback.backups import take_backup
+    from rollback.migrations import apply_up, load_migrations
+
+    migrations = load_migrations(write_migrations(tmp_path / "m", step))
+    await apply_up(conn, migrations[0], backup_id=None, lock_timeout_ms=500, attempts=3)
+    backup = await take_backup(dsn=dsn, root=tmp_path / "backups", backup_id="b1", environment="shop",
+                               revision="0001", next_revision="0002")
+    await apply_up(conn, migrations[1], backup_id="b1", lock_timeout_ms=500, attempts=3)
+    return migrations, backup
+
+
 async def killed_mid_rollback(client, task_queue: str, config: ConfigSource, log: Path, dsn: str, *, bulk: int, prepare: str,
                               when: str, accept, what: str) -> tuple[RollbackStatus, dict[int, str]]:
     """Migrate to 0002 (dropping e-mails of `bulk` more customers), run `prepare`, start a database
@@ -504,18 +517,12 @@ async def test_alembic_project_migrated_and_rolled_back_through_the_workflow(sho
 async def test_restore_respects_what_the_application_wrote_between_revert_and_restore(database, tmp_path):  # noqa: F811
     """In a full rollback the restored release runs before the database is restored: a value it writes
     into the re-added column stays; a row it only touched elsewhere still gets its value back."""
-    from rollback.backups import take_backup
-    from rollback.migrations import apply_up, load_migrations
     from rollback.schema_rollback import restore_data, revert_schema
 
     dsn = local_dsn(database)
-    migrations = load_migrations(write_migrations(tmp_path / "m", DESTRUCTIVE))
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        await apply_up(conn, migrations[0], backup_id=None, lock_timeout_ms=500, attempts=3)
-        backup = await take_backup(dsn=dsn, root=tmp_path / "backups", backup_id="b1", environment="shop",
-                                   revision="0001", next_revision="0002")
-        await apply_up(conn, migrations[1], backup_id="b1", lock_timeout_ms=500, attempts=3)
+        migrations, backup = await applied_with_backup(conn, dsn, tmp_path, DESTRUCTIVE)
         revert = await revert_schema(conn, migration=migrations[1], target_shape=backup.schema_snapshot, key="k:revert",
                                      lock_timeout_ms=500, attempts=3)
         # The restored release, between the revert and the restore:
@@ -540,23 +547,17 @@ async def _kept_row_tables(dsn: str) -> int:
 async def test_revert_copies_added_data_before_its_locks_and_only_rows_written_since_under_them(database, tmp_path):  # noqa: F811
     """The archive of an added column and an added table is copied before the revert locks anything;
     under the lock only what the application wrote since is copied again (deleted rows dropped)."""
-    from rollback.backups import take_backup
-    from rollback.migrations import apply_up, load_migrations
     from rollback.schema_rollback import revert_schema
 
     dsn = local_dsn(database)
     added = ("ALTER TABLE customers ADD COLUMN phone text; UPDATE customers SET phone = 'p' || id; "
              "CREATE TABLE reviews (id bigserial PRIMARY KEY, stars int); INSERT INTO reviews (stars) SELECT g % 5 FROM generate_series(1, 300) g;",
              "DROP TABLE reviews; ALTER TABLE customers DROP COLUMN phone;")
-    migrations = load_migrations(write_migrations(tmp_path / "m", added))
     conn = await asyncpg.connect(dsn, timeout=10)
     app = await asyncpg.connect(dsn, timeout=10)
     blocker = await asyncpg.connect(dsn, timeout=10)
     try:
-        await apply_up(conn, migrations[0], backup_id=None, lock_timeout_ms=500, attempts=3)
-        backup = await take_backup(dsn=dsn, root=tmp_path / "backups", backup_id="b1", environment="shop",
-                                   revision="0001", next_revision="0002")
-        await apply_up(conn, migrations[1], backup_id="b1", lock_timeout_ms=500, attempts=3)
+        migrations, backup = await applied_with_backup(conn, dsn, tmp_path, added)
         reading = blocker.transaction()
         await reading.start()
         await blocker.fetchval("SELECT count(*) FROM customers")  # the revert's first attempt cannot lock
