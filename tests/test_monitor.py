@@ -164,6 +164,26 @@ async def test_cooldown_pause_and_external_triggers(blue_green, tmp_path, client
     assert replay.incidents[-1].outcome == "duplicate"
 
 
+async def test_what_was_measured_while_paused_is_not_acted_on_after_the_resume(blue_green, tmp_path, client, task_queue,
+                                                                              run_worker):
+    """An SRE pauses the monitor, sees the broken release and fixes it by hand, then resumes: the errors
+    measured during the pause must not start a rollback of a release that is already gone."""
+    rules = [{"name": "api_error_rate", "threshold": 0.05, "window_seconds": 10, "severity": "high", "min_samples": 5,
+              "for_evaluations": 8}]
+    orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker, rules=rules)
+    await orch.pause_monitor("demo", by="sre", reason="handling v2 by hand")
+    blue_green.deploy("v2", "errors")
+    await status(orch, lambda s: rule(s, "api_error_rate").state.breaches >= 1, what="a breach while paused")
+    blue_green.deploy("v3")  # fixed by hand
+    await orch.resume_monitor("demo", by="sre")
+    resumed = await orch.monitor_status("demo")
+
+    later = await status(orch, lambda s: s.evaluations >= resumed.evaluations + 15, what="15 evaluations after the resume")
+    assert [i.outcome for i in later.incidents if i.outcome == "started"] == [], later.incidents
+    assert not rule(later, "api_error_rate").state.firing
+    assert await front_version(blue_green.front_url) == "v3"
+
+
 async def test_update_rules_validates_before_recording(blue_green, tmp_path, client, task_queue, run_worker):
     orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker)
     with pytest.raises(WorkflowUpdateFailedError) as bad:

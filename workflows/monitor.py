@@ -22,7 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from rollback.models import RollbackRequest, RollbackTrigger
     from rollback.monitoring import (
         Action, Collection, Evaluation, Incident, MonitorInput, MonitorSettings, MonitorState, MonitorStatus,
-        PauseRequest, Reading, Rule, RuleState, RuleView, Transition, TriggerRequest, evaluate, step,
+        PauseRequest, Reading, Rule, RuleState, RuleView, Transition, TriggerRequest, Windows, evaluate, step,
     )
     from rollback.payloads import CollectInput, Notification, StartRollbackInput, StartRollbackResult
     from workflows.rollback import describe_failure
@@ -91,6 +91,12 @@ class HealthMonitorWorkflow:
 
     @workflow.signal
     def resume(self, payload: Any) -> None:
+        if self._state.paused is not None and workflow.patched("resume-starts-fresh"):
+            # What was measured while paused describes a time someone chose to handle by hand (a
+            # manual rollback, maintenance): judged after the resume, a rule would act on a past
+            # that is over (roll back a release already rolled back). Windows and rule states restart.
+            self._state.windows = Windows()
+            self._state.rules = {}
         self._state.paused = None
 
     @workflow.signal
