@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,6 +33,30 @@ def sh(*args: str, check: bool = True, capture: bool = False) -> subprocess.Comp
     if check and done.returncode != 0:
         raise SystemExit(f"demo: command failed ({done.returncode}): {' '.join(args)}\n{done.stderr or ''}")
     return done
+
+
+def fresh_start(rollback: str) -> None:
+    """Every run starts from nothing: what an earlier run left (a failed one leaves a broken release
+    recorded as known-good, the database at 0003) would make this one fail for reasons of its own."""
+    import asyncio
+
+    import asyncpg
+
+    from rollback.dev.stack import DevStack
+    from rollback.pg import ident, local_dsn
+
+    subprocess.run([rollback, "dev", "down"], cwd=ROOT, capture_output=True, timeout=120)  # nothing running is fine
+    stack = DevStack()
+    shutil.rmtree(stack.base_dir, ignore_errors=True)
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(local_dsn(), timeout=10)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {ident(stack.database_name)} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
 
 
 def front(path: str) -> tuple[int, str]:
@@ -150,6 +175,7 @@ def main() -> int:
     ok = False
     try:
         say("Starting the local stack: Temporal dev server, nginx, blue and green backends, a worker")
+        fresh_start(rollback)
         sh(rollback, "dev", "up")
         print("Temporal UI: http://127.0.0.1:%s" % os.environ.get("ROLLBACK_DEV_UI_PORT", "8233"))
         print("front door /version:", front("/version"))
