@@ -434,7 +434,7 @@ class DatabaseRollback:
                 instance = await pitr.recover(source=source, target=point, work_dir=work)
                 async with instance:
                     await pitr.copy_database(source_dsn=instance.dsn(live), target_admin_dsn=dsn, new_database=replacement,
-                                             pg_bin_dir=target.pitr.pg_bin_dir)
+                                             pg_bin_dir=target.pitr.pg_bin_dir, settings_from=live)
                 # The scratch instance is stopped: its data directory (a whole cluster's size) has served.
                 await asyncio.to_thread(shutil.rmtree, work, True)
             await self.close()  # our own pooled sessions on the live database would block the rename

@@ -437,8 +437,12 @@ async def _wait_promoted(instance: RecoveredInstance, *, target: RecoveryTarget,
 
 async def copy_database(*, source_dsn: str, target_admin_dsn: str, new_database: str, jobs: int = 2,
                         pg_bin_dir: Path = DEFAULT_PG_BIN, dump_dir: Path | None = None, timeout: float = 3600,
-                        progress: Progress | None = None) -> None:
+                        settings_from: str | None = None, progress: Progress | None = None) -> None:
     """Copy source_dsn's database into a NEW database on target_admin_dsn's server (pg_dump/pg_restore -Fd).
+
+    `settings_from`: a database on the target server whose database-level privileges and
+    `ALTER DATABASE / ALTER ROLE ... IN DATABASE ... SET` settings the copy gets (the live one:
+    a dump restored into an existing database carries neither).
 
     The new database is marked with a comment while it is being built: a retry drops such a
     half-made copy and starts over, returns at once when the copy is complete, and refuses to
@@ -470,10 +474,49 @@ async def copy_database(*, source_dsn: str, target_admin_dsn: str, new_database:
             await _run([str(pg_bin_dir / "pg_restore"), "-d", _without_password(target_dsn), "-j", str(jobs),
                         "--exit-on-error", "--no-password", str(dump)], timeout=timeout,
                        what=f"pg_restore into {new_database}", password=_password(target_dsn), error=CopyFailed)
+        if settings_from:
+            await _carry_database_settings(admin, settings_from, new_database)
         await admin.execute(f"COMMENT ON DATABASE {ident(new_database)} IS {_literal(COPY_COMPLETE)}")
         _say(progress, f"{new_database} holds the recovered data")
     finally:
         await admin.close(timeout=10)
+
+
+# Settings whose value is a list: written back element by element, as pg_dump does (GUC_LIST_QUOTE).
+_LIST_SETTINGS = {"search_path", "temp_tablespaces", "local_preload_libraries", "session_preload_libraries",
+                  "shared_preload_libraries", "unix_socket_directories"}
+
+
+def _setting_value(name: str, value: str) -> str:
+    if name.lower() not in _LIST_SETTINGS:
+        return _literal(value)
+    elements = re.findall(r'\s*("(?:[^"]|"")*"|[^,]+)\s*(?:,|$)', value)
+    return ", ".join(_literal(e[1:-1].replace('""', '"') if e.startswith('"') else e.strip()) for e in elements)
+
+
+async def _carry_database_settings(admin: asyncpg.Connection, source: str, target: str) -> None:
+    """Give `target` the privileges and per-database settings `source` has."""
+    row = await admin.fetchrow("SELECT oid, datacl IS NOT NULL AS has_acl, ARRAY(SELECT format('GRANT %s ON DATABASE %I TO %s%s', "
+                               "a.privilege_type, $2::text, CASE WHEN a.grantee = 0 THEN 'PUBLIC' "
+                               "ELSE quote_ident(pg_get_userbyid(a.grantee)) END, "
+                               "CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) "
+                               "FROM aclexplode(datacl) a WHERE a.grantee <> datdba) AS grants "
+                               "FROM pg_database WHERE datname = $1", source, target)
+    if row is None:
+        raise CopyFailed(f"database {source} (whose privileges and settings the copy should get) does not exist")
+    if row["has_acl"]:  # otherwise both have the defaults
+        await admin.execute(f"REVOKE ALL ON DATABASE {ident(target)} FROM PUBLIC")
+        for grant in row["grants"]:
+            await admin.execute(grant)
+    for setting in await admin.fetch("SELECT pg_get_userbyid(setrole) AS role, setrole, setconfig FROM pg_db_role_setting "
+                                     "WHERE setdatabase = $1", row["oid"]):
+        scope = (f"DATABASE {ident(target)}" if setting["setrole"] == 0
+                 else f"ROLE {ident(setting['role'])} IN DATABASE {ident(target)}")
+        for item in setting["setconfig"]:
+            name, _, value = item.partition("=")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name):
+                raise CopyFailed(f"setting {name[:60]!r} of database {source} has a name this tool will not paste into SQL")
+            await admin.execute(f"ALTER {scope} SET {name} = {_setting_value(name, value)}")
 
 
 async def _connect(dsn: str, *, error: type[PitrError], what: str) -> asyncpg.Connection:

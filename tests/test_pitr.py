@@ -143,8 +143,18 @@ async def test_unknown_restore_point_fails_clearly_and_leaves_nothing(
     assert not (work / "data" / "postmaster.pid").exists()  # no scratch server left running
 
 
+async def database_settings(admin: asyncpg.Connection, name: str) -> list[tuple]:
+    """Who may do what on the database (grantee, privilege), and its settings per role."""
+    acl = await admin.fetch("SELECT a.grantee::regrole::text, a.privilege_type FROM pg_database d, aclexplode(d.datacl) a "
+                            "WHERE d.datname = $1 AND a.grantee <> d.datdba ORDER BY 1, 2", name)
+    settings = await admin.fetch("SELECT setrole::regrole::text, setconfig FROM pg_db_role_setting s "
+                                 "JOIN pg_database d ON d.oid = s.setdatabase WHERE d.datname = $1 ORDER BY 1", name)
+    return [tuple(r) for r in acl] + [(r[0], sorted(r[1])) for r in settings]
+
+
 async def test_copy_database_replaces_a_half_made_copy_and_spares_other_databases(database: str) -> None:  # noqa: F811
     source = local_dsn(database)
+    role = f"rb_pitr_app_{database[-10:]}"
     conn = await asyncpg.connect(source, timeout=10)
     await conn.execute("CREATE TABLE items (id bigserial PRIMARY KEY, batch text NOT NULL, n int NOT NULL)")
     await conn.close()
@@ -158,8 +168,17 @@ async def test_copy_database_replaces_a_half_made_copy_and_spares_other_database
         partial = await asyncpg.connect(local_dsn(half_made), timeout=10)
         await partial.execute("CREATE TABLE items (id int)")
         await partial.close()
-        await copy_database(source_dsn=source, target_admin_dsn=local_dsn(), new_database=half_made)
+        # Database-level privileges and settings, which a dump restored into an existing database lacks.
+        await admin.execute(f"CREATE ROLE {role}; REVOKE CONNECT, TEMPORARY ON DATABASE {ident(database)} FROM PUBLIC; "
+                            f"GRANT CONNECT ON DATABASE {ident(database)} TO {role}; "
+                            f"ALTER DATABASE {ident(database)} SET search_path = \"$user\", public, \"odd,name\"; "
+                            f"ALTER DATABASE {ident(database)} SET work_mem = '7MB'; "
+                            f"ALTER ROLE {role} IN DATABASE {ident(database)} SET statement_timeout = '5s'")
+        await copy_database(source_dsn=source, target_admin_dsn=local_dsn(), new_database=half_made, settings_from=database)
         assert await batches(local_dsn(half_made)) == {"A": 50}
+        assert await database_settings(admin, half_made) == await database_settings(admin, database)
+        assert await admin.fetchval(f"SELECT has_database_privilege('{role}', $1, 'CONNECT') "
+                                    "AND NOT has_database_privilege('public', $1, 'TEMPORARY')", half_made)
 
         with pytest.raises(CopyFailed, match=f"database {foreign} already exists and was not made by rollback"):
             await copy_database(source_dsn=source, target_admin_dsn=local_dsn(), new_database=foreign)
@@ -174,6 +193,12 @@ async def test_copy_database_replaces_a_half_made_copy_and_spares_other_database
         await admin.close()
         for name in (half_made, f"{half_made}2", foreign):
             await drop_database(name)
+        await drop_database(database)
+        cleanup = await asyncpg.connect(local_dsn(), timeout=10)
+        try:
+            await cleanup.execute(f"DROP ROLE IF EXISTS {role}")
+        finally:
+            await cleanup.close()
 
 
 def test_recovery_target_is_validated() -> None:
