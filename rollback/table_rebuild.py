@@ -77,6 +77,8 @@ _FACTS = """
 SELECT c.relkind::text, c.relpersistence::text, c.relrowsecurity, c.relhasrules, c.relreplident::text,
        pg_has_role(c.relowner, 'USAGE') AS can_act_as_owner, pg_get_userbyid(c.relowner) AS owner,
        EXISTS (SELECT FROM pg_inherits WHERE inhrelid = c.oid OR inhparent = c.oid) AS inherits,
+       c.reltablespace <> 0 OR EXISTS (SELECT FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+                                       WHERE x.indrelid = c.oid AND i.reltablespace <> 0) AS own_tablespace,
        EXISTS (SELECT FROM pg_policy WHERE polrelid = c.oid) AS policies,
        EXISTS (SELECT FROM pg_publication_rel WHERE prrelid = c.oid)
          OR EXISTS (SELECT FROM pg_publication WHERE puballtables) AS published,
@@ -108,6 +110,7 @@ async def rebuild_blockers(conn: asyncpg.Connection, table: TableShape, *, trigg
         (facts["relkind"] != "r", "it is not an ordinary table"),
         (facts["relpersistence"] != "p", "it is unlogged or temporary"),
         (facts["inherits"], "it has inheritance parents or children"),
+        (facts["own_tablespace"], "it or one of its indexes is in a tablespace of its own"),
         (facts["relrowsecurity"] or facts["policies"], "it has row-level security"),
         (facts["relhasrules"], "it has rules"),
         (facts["relreplident"] not in ("d", "n"), "it has a non-default replica identity"),

@@ -22,7 +22,8 @@ from rollback.pg import local_dsn
 from rollback.schema_rollback import (
     RebuildOptions, RestoreResult, RevertResult, restore_data, restore_xids, revert_schema,
 )
-from rollback.table_rebuild import LockPolicy
+from rollback.pgschema import snapshot
+from rollback.table_rebuild import LockPolicy, rebuild_blockers
 from tests.postgres import database  # noqa: F401 - fixture
 
 ROWS = 20_000
@@ -239,3 +240,26 @@ async def test_a_blocked_swap_abandons_the_rebuild_untouched_and_the_column_is_m
     assert table.method == "merge" and "swap of the rebuilt public.customers: could not get its locks" in (table.note or ""), table
     assert still_reading == ROWS and same_table and wrong == 0 and leftovers == 0
     assert table.restored == ROWS
+
+
+async def test_what_a_rebuild_would_lose_or_break_is_named(database):  # noqa: F811
+    conn = await asyncpg.connect(local_dsn(database), timeout=10)
+    try:
+        await conn.execute("""
+            CREATE TABLE parent (id int PRIMARY KEY, n int GENERATED ALWAYS AS IDENTITY, note text);
+            CREATE TABLE child (id int PRIMARY KEY, parent_id int REFERENCES parent (id));
+            CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+            CREATE TRIGGER audit BEFORE UPDATE ON parent FOR EACH ROW EXECUTE FUNCTION touch();
+            CREATE VIEW parent_notes AS SELECT id, note FROM parent;
+            ALTER TABLE parent ENABLE ROW LEVEL SECURITY;
+            CREATE TABLE plain (id int PRIMARY KEY, note text);""")
+        shapes = (await snapshot(conn)).tables
+        parent = await rebuild_blockers(conn, shapes["public.parent"])
+        child = await rebuild_blockers(conn, shapes["public.child"])
+        plain = await rebuild_blockers(conn, shapes["public.plain"])
+    finally:
+        await conn.close()
+    assert {"it has row-level security", "triggers audit", "foreign keys from child", "dependent views parent_notes",
+            "identity or generated columns n"} <= set(parent), parent
+    assert child == ["foreign keys child_parent_id_fkey"]
+    assert plain == []
