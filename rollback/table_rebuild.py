@@ -192,14 +192,13 @@ CREATE OR REPLACE TRIGGER {ident(n.trigger + '_t')} AFTER TRUNCATE ON {n.live}
         return f"""
 DROP TABLE IF EXISTS pg_temp.rb_batch, pg_temp.rb_vals;
 CREATE TEMP TABLE rb_batch ({self.key_defs});
-CREATE TEMP TABLE rb_vals ({self.key_defs}, {restored}, _rb_in_backup bool NOT NULL, _rb_source_xmin int8,
-                      PRIMARY KEY ({self.key_cols}));
+CREATE TEMP TABLE rb_vals ({self.key_defs}, {restored}, _rb_in_backup bool NOT NULL, PRIMARY KEY ({self.key_cols}));
 """
 
     def sync(self) -> list[str]:
         """Re-sync the keys in rb_batch: remember their backup values once, then rewrite them from the live table.
 
-        The live row's xmin is remembered too (`_rb_source_xmin`): the new row's own xmin is the
+        The live row's xmin goes to the authors table too: the new row's own xmin is the
         rebuild's, and the integrity check must still tell who really wrote its values.
         """
         n = self.names
@@ -216,8 +215,9 @@ CREATE TEMP TABLE rb_vals ({self.key_defs}, {restored}, _rb_in_backup bool NOT N
             f"DELETE FROM {n.new} n USING rb_batch b WHERE {self.on('n', 'b')}",
             f"INSERT INTO {n.new} ({all_cols}) SELECT {values} FROM rb_batch b "
             f"JOIN {n.live} t ON {self.on('t', 'b')} JOIN rb_vals v ON {self.on('v', 'b')}",
-            f"UPDATE rb_vals v SET _rb_source_xmin = t.xmin::text::int8 FROM rb_batch b "
-            f"JOIN {n.live} t ON {self.on('t', 'b')} WHERE {self.on('v', 'b')}",
+            f"INSERT INTO {n.authors} SELECT {', '.join(f't.{ident(k)}' for k in self.key)}, t.xmin::text::int8 "
+            f"FROM rb_batch b JOIN {n.live} t ON {self.on('t', 'b')} "
+            f"ON CONFLICT ({self.key_cols}) DO UPDATE SET source_xmin = excluded.source_xmin",
         ]
 
     def take_logged(self, limit: int | None) -> str:
@@ -263,14 +263,19 @@ async def rebuild_table(dsn: str, *, copy_stream: AsyncIterator[bytes], backup_c
             counts["caught_up"] = await _catch_up(conn, sql, key, counts["xids"], say)
             report = await _swap(conn, sql, key, locks, counts, say)
         except BaseException as err:
-            await _clean_up(conn, names, locks)
+            await _clean_up(conn, names, locks, key=key, table=live.qualified_name)
             if isinstance(err, (asyncpg.PostgresError, MigrationError)) and not isinstance(err, RebuildRefused):
                 # A swap that cannot get its lock, DDL the catalog checks did not foresee, a TRUNCATE
                 # meanwhile: the live table is untouched, and an in-place merge needs none of that.
                 raise RebuildRefused(f"{live.qualified_name}: rebuild abandoned, nothing changed "
                                      f"({type(err).__name__}: {err})".replace("\n", " ")) from None
             raise
+        # Swapped. Counted after the lock is released (the keys re-synced can be many), outside the
+        # clean-up above: from here on nothing may undo what is done.
         await conn.execute(f"DROP FUNCTION IF EXISTS {names.function}(); DROP TABLE IF EXISTS {names.log}")
+        report.update(await _counts(conn, sql, report["backup_rows"]))
+        await conn.execute("UPDATE rollback_meta.rebuilds SET report = $3 WHERE key = $1 AND table_name = $2",
+                           key, live.qualified_name, json.dumps(report))
         return report
     finally:
         await conn.close()
@@ -285,6 +290,8 @@ async def _build(conn: asyncpg.Connection, sql: _Sql, copy_stream: AsyncIterator
         await conn.execute("SET LOCAL maintenance_work_mem = '512MB'; SET LOCAL work_mem = '256MB'; "
                            "SET LOCAL jit = off; SET LOCAL synchronous_commit = off")
         await conn.execute(f"DELETE FROM {n.log}")  # changes S already sees
+        await conn.execute(f"DROP TABLE IF EXISTS {n.authors}; CREATE TABLE {n.authors} ({sql.key_defs}, "
+                           f"source_xmin int8 NOT NULL, PRIMARY KEY ({sql.key_cols}))")
         reloptions = await conn.fetchval("SELECT array_to_string(reloptions, ', ') FROM pg_class WHERE oid = to_regclass($1)",
                                          n.live)
         await conn.execute(
@@ -418,38 +425,35 @@ async def _swap(conn: asyncpg.Connection, sql: _Sql, key: str, locks: LockPolicy
         for r in renames:
             await c.execute(f"ALTER INDEX {qualified(live.schema_name, r['temporary'])} RENAME TO {r['original']}")
         xids.append(await _record_xid(c, key))
-        await c.execute(f"DROP TABLE IF EXISTS {n.authors}; CREATE TABLE {n.authors} AS SELECT {sql.key_cols}, "
-                        f"_rb_source_xmin AS source_xmin FROM rb_vals WHERE _rb_source_xmin IS NOT NULL; "
-                        f"ALTER TABLE {n.authors} ADD PRIMARY KEY ({sql.key_cols})")
-        report = await _counts(c, sql, {**counts, "caught_up": counts["caught_up"] + last})
-        report.update(authors=n.authors, rebuild_xids=sorted(set(xids)))
+        report = {"backup_rows": counts["backup_rows"], "caught_up": counts["caught_up"] + last,
+                  "authors": n.authors, "rebuild_xids": sorted(set(xids))}
         await c.execute("INSERT INTO rollback_meta.rebuilds (key, table_name, report) VALUES ($1, $2, $3)",
                         key, live.qualified_name, json.dumps(report))
         return report
 
     say(f"{live.qualified_name}: swapping the rebuilt table in")
-    return await in_transaction_with_lock_timeout(  # type: ignore[return-value]
+    report: dict[str, Any] = await in_transaction_with_lock_timeout(  # type: ignore[assignment]
         conn, body, lock_timeout_ms=locks.lock_timeout_ms, attempts=locks.attempts,
         what=f"swap of the rebuilt {live.qualified_name}", on_blocked=locks.on_blocked, around_attempt=locks.around_attempt)
+    return report
 
 
-async def _counts(conn: asyncpg.Connection, sql: _Sql, counts: dict[str, Any]) -> dict[str, Any]:
+async def _counts(conn: asyncpg.Connection, sql: _Sql, backup_rows: int) -> dict[str, Any]:
     """How the backup's rows ended up, from the keys that were re-synced (rb_vals); run after the rename."""
     row = await conn.fetchrow(
         f"SELECT count(*) FILTER (WHERE t.{ident(sql.key[0])} IS NULL) AS missing, "
         f"count(*) FILTER (WHERE t.{ident(sql.key[0])} IS NOT NULL AND ({', '.join(f't.{ident(c)}' for c in sql.columns)}) "
         f"IS DISTINCT FROM ({', '.join(f'v.{ident(c)}' for c in sql.columns)})) AS kept "
         f"FROM rb_vals v LEFT JOIN {sql.names.live} t ON {sql.on('t', 'v')} WHERE v._rb_in_backup")
-    backup_rows = counts["backup_rows"]
-    return {"backup_rows": backup_rows, "restored": backup_rows - row["missing"] - row["kept"],
-            "missing_in_live": row["missing"], "kept_application_version": row["kept"], "caught_up": counts["caught_up"]}
+    return {"restored": backup_rows - row["missing"] - row["kept"], "missing_in_live": row["missing"],
+            "kept_application_version": row["kept"]}
 
 
 def _literal(text: str | None) -> str:
     return "NULL" if text is None else "'" + text.replace("'", "''") + "'"
 
 
-async def _clean_up(conn: asyncpg.Connection, names: _Names, locks: LockPolicy) -> None:
+async def _clean_up(conn: asyncpg.Connection, names: _Names, locks: LockPolicy, *, key: str, table: str) -> None:
     """After a failed or cancelled attempt: the live table as it was, no half-built copy, no capture.
 
     Replacing the trigger's function with a no-op needs no lock on the live table, so the
@@ -461,9 +465,12 @@ async def _clean_up(conn: asyncpg.Connection, names: _Names, locks: LockPolicy) 
     try:
         if conn.is_in_transaction():
             await conn.execute("ROLLBACK")
+        if await conn.fetchval("SELECT EXISTS (SELECT FROM rollback_meta.rebuilds WHERE key = $1 AND table_name = $2)",
+                               key, table):
+            return  # the swap committed (an error came after it): its authors table is needed, nothing to undo
         await conn.execute(f"CREATE OR REPLACE FUNCTION {names.function}() RETURNS trigger LANGUAGE plpgsql "
                            "AS $rb$ BEGIN RETURN NULL; END $rb$; "
-                           f"DROP TABLE IF EXISTS {names.new}; DROP TABLE IF EXISTS {names.log}")
+                           f"DROP TABLE IF EXISTS {names.new}, {names.log}, {names.authors}")
         await in_transaction_with_lock_timeout(
             conn, lambda c: c.execute(f"DROP TRIGGER IF EXISTS {ident(names.trigger)} ON {names.live}; "
                                       f"DROP TRIGGER IF EXISTS {ident(names.trigger + '_t')} ON {names.live}; "
