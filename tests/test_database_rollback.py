@@ -420,14 +420,13 @@ async def test_pgbouncer_holds_application_queries_during_the_ddl_and_always_res
 async def test_pgbouncer_is_paused_around_a_rebuild_swap_and_resumed(shop, pgbouncer, client, task_queue, run_worker):
     from rollback.pgbouncer import is_paused
 
-    make, dsn = shop
     settings = pgbouncer.settings(pause_timeout_seconds=20)
-    config, dsn, orch = await at_second_migration(shop, run_worker, client, task_queue, DESTRUCTIVE,
+    _, _, orch = await at_second_migration(shop, run_worker, client, task_queue, DESTRUCTIVE,
                                                   pgbouncer=settings.model_dump(mode="json"), rebuild_min_rows=1)
     emails = {i: f"c{i}@example.com" for i in range(1, 401)}
     app = await asyncpg.connect(pgbouncer.client_dsn, timeout=10, statement_cache_size=0)
     try:
-        workflow_id, status = await rollback_database(orch)
+        _, status = await rollback_database(orch)
         after = dict(await app.fetch("SELECT id, email FROM customers", timeout=10))  # through the resumed pool
     finally:
         await app.close()
