@@ -288,18 +288,22 @@ class _Hashes(BaseModel):
                 f"LEFT JOIN {self.rebuilt.authors} a ON {on}) t")
 
     @property
+    def _rebuild_xids(self) -> str:
+        assert self.rebuilt is not None
+        return "ARRAY[" + (",".join(str(int(x) % XID_MODULUS) for x in self.rebuilt.xids) or "-1") + "]::int8[]"
+
+    @property
     def writer_xmin(self) -> str:
         """The 32-bit xmin of whoever wrote the row's values."""
         if self.rebuilt is None:
             return "t._rb_xid::text::int8"
-        xids = ",".join(str(int(x) % XID_MODULUS) for x in self.rebuilt.xids) or "-1"
-        return f"(CASE WHEN t._rb_xid::text::int8 = ANY(ARRAY[{xids}]::int8[]) THEN coalesce(t._rb_author, 0) ELSE t._rb_xid::text::int8 END)"
+        return (f"(CASE WHEN t._rb_xid::text::int8 = ANY({self._rebuild_xids}) THEN coalesce(t._rb_author, 0) "
+                "ELSE t._rb_xid::text::int8 END)")
 
     def written_since(self, skip_rollback_writes: bool) -> str:
         """Rows whose writer may be newer than the before-snapshot ($4: its xmin's age; $2, $3: rollback xids)."""
         if self.rebuilt is not None:
-            xids = ",".join(str(int(x) % XID_MODULUS) for x in self.rebuilt.xids) or "-1"
-            return (f"((age(t._rb_xid) <= $4::int4 AND NOT t._rb_xid::text::int8 = ANY(ARRAY[{xids}]::int8[])) "
+            return (f"((age(t._rb_xid) <= $4::int4 AND NOT t._rb_xid::text::int8 = ANY({self._rebuild_xids})) "
                     "OR t._rb_author IS NOT NULL)")
         skip = " AND NOT t._rb_xid::text::int8 = ANY($2::int8[] || $3::int8[])" if skip_rollback_writes else ""
         return f"age(t._rb_xid) <= $4::int4{skip}"

@@ -61,6 +61,11 @@ def qualified(schema: str, table: str) -> str:
     return f"{ident(schema)}.{ident(table)}"
 
 
+def literal(text: str | None) -> str:
+    """A SQL string literal (NULL for None), for the few statements that take no parameters (DDL)."""
+    return "NULL" if text is None else "'" + text.replace("'", "''") + "'"
+
+
 def derived_name(key: str, table: str, what: str) -> str:
     """A name for what a rollback creates: stable (a retry finds its own objects), readable, at most 63 bytes."""
     digest = hashlib.sha256(f"{key}:{table}:{what}".encode()).hexdigest()[:10]

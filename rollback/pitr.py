@@ -29,7 +29,7 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from rollback.dev.stack import free_port
-from rollback.pg import connect, database_name, ident, with_database
+from rollback.pg import connect, database_name, ident, literal, with_database
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 # Marks a database copy_database is building, so a retry may drop it but never someone else's.
@@ -458,9 +458,9 @@ async def copy_database(*, source_dsn: str, target_admin_dsn: str, new_database:
         # template0 + the source's encoding and locale, so every dumped object restores as it was;
         # owned like the source, so the application's role owns the database after the swap.
         await admin.execute(
-            f"CREATE DATABASE {ident(new_database)} TEMPLATE template0 ENCODING {_literal(encoding)} "
-            f"LC_COLLATE {_literal(collate)} LC_CTYPE {_literal(ctype)}", timeout=120)
-        await admin.execute(f"COMMENT ON DATABASE {ident(new_database)} IS {_literal(COPY_IN_PROGRESS)}")
+            f"CREATE DATABASE {ident(new_database)} TEMPLATE template0 ENCODING {literal(encoding)} "
+            f"LC_COLLATE {literal(collate)} LC_CTYPE {literal(ctype)}", timeout=120)
+        await admin.execute(f"COMMENT ON DATABASE {ident(new_database)} IS {literal(COPY_IN_PROGRESS)}")
         if await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner):
             await admin.execute(f"ALTER DATABASE {ident(new_database)} OWNER TO {ident(owner)}")
         target_dsn = with_database(target_admin_dsn, new_database)
@@ -476,7 +476,7 @@ async def copy_database(*, source_dsn: str, target_admin_dsn: str, new_database:
                        what=f"pg_restore into {new_database}", password=_password(target_dsn), error=CopyFailed)
         if settings_from:
             await _carry_database_settings(admin, settings_from, new_database)
-        await admin.execute(f"COMMENT ON DATABASE {ident(new_database)} IS {_literal(COPY_COMPLETE)}")
+        await admin.execute(f"COMMENT ON DATABASE {ident(new_database)} IS {literal(COPY_COMPLETE)}")
         _say(progress, f"{new_database} holds the recovered data")
     finally:
         await admin.close(timeout=10)
@@ -489,9 +489,9 @@ _LIST_SETTINGS = {"search_path", "temp_tablespaces", "local_preload_libraries", 
 
 def _setting_value(name: str, value: str) -> str:
     if name.lower() not in _LIST_SETTINGS:
-        return _literal(value)
+        return literal(value)
     elements = re.findall(r'\s*("(?:[^"]|"")*"|[^,]+)\s*(?:,|$)', value)
-    return ", ".join(_literal(e[1:-1].replace('""', '"') if e.startswith('"') else e.strip()) for e in elements)
+    return ", ".join(literal(e[1:-1].replace('""', '"') if e.startswith('"') else e.strip()) for e in elements)
 
 
 async def _carry_database_settings(admin: asyncpg.Connection, source: str, target: str) -> None:
@@ -526,9 +526,6 @@ async def _connect(dsn: str, *, error: type[PitrError], what: str) -> asyncpg.Co
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise error(f"cannot connect to {what} ({database_name(dsn)}): {exc}") from None
 
-
-def _literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
 
 
 async def _existing_copy(admin: asyncpg.Connection, name: str) -> str | None:

@@ -49,7 +49,7 @@ from typing import Any
 import asyncpg
 
 from rollback.migrations import AttemptWrapper, MigrationError, in_transaction_with_lock_timeout
-from rollback.pg import derived_name, ident, qualified, written_after
+from rollback.pg import derived_name, ident, literal, qualified, written_after
 from rollback.pgschema import TableShape
 
 ARCHIVE_SCHEMA = "rollback_archive"
@@ -337,7 +337,7 @@ async def _build_indexes(conn: asyncpg.Connection, sql: _Sql) -> None:
             kind = "PRIMARY KEY" if row["contype"] == "p" else "UNIQUE"
             await conn.execute(f"ALTER TABLE {n.new} ADD CONSTRAINT {ident(temporary)} {kind} USING INDEX {ident(temporary)}")
         if row["comment"] is not None:
-            await conn.execute(f"COMMENT ON INDEX {qualified(sql.live.schema_name, temporary)} IS {_literal(row['comment'])}")
+            await conn.execute(f"COMMENT ON INDEX {qualified(sql.live.schema_name, temporary)} IS {literal(row['comment'])}")
     # Remember which temporary index takes which name at the swap.
     await conn.execute("DROP TABLE IF EXISTS pg_temp.rb_index_names; CREATE TEMP TABLE rb_index_names (temporary text, original text)")
     await conn.executemany("INSERT INTO rb_index_names VALUES ($1, $2)",
@@ -419,7 +419,7 @@ async def _swap(conn: asyncpg.Connection, sql: _Sql, key: str, locks: LockPolicy
             await c.execute(grant)
         for s in sequences:
             await c.execute(f"ALTER SEQUENCE {s['sequence']} OWNED BY {n.new}.{s['col']}")
-        await c.execute(f"COMMENT ON TABLE {n.new} IS {_literal(facts['comment'])}")
+        await c.execute(f"COMMENT ON TABLE {n.new} IS {literal(facts['comment'])}")
         await c.execute(f"DROP TABLE {n.live}")
         await c.execute(f"ALTER TABLE {n.new} RENAME TO {ident(live.name)}")
         for r in renames:
@@ -448,9 +448,6 @@ async def _counts(conn: asyncpg.Connection, sql: _Sql, backup_rows: int) -> dict
     return {"restored": backup_rows - row["missing"] - row["kept"], "missing_in_live": row["missing"],
             "kept_application_version": row["kept"]}
 
-
-def _literal(text: str | None) -> str:
-    return "NULL" if text is None else "'" + text.replace("'", "''") + "'"
 
 
 async def _clean_up(conn: asyncpg.Connection, names: _Names, locks: LockPolicy, *, key: str, table: str) -> None:
