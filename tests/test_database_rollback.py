@@ -478,7 +478,7 @@ async def test_retention_schedule_deletes_only_unpinned_expired_backups_and_old_
     await migrate(orch, "0003")  # current 0003, known-good 0002
     catalog = BackupCatalog(config.get().environments["shop"].targets.database.backup_dir)
     everything = catalog.list("shop")
-    assert [m.next_revision for m in everything] == ["0003", "0002", "0002", "0001"]
+    assert [m.next_revision for m in everything] == ["0003", "0002", "0002", "0001"], [(m.id, m.created_at.isoformat()) for m in everything]
     needed = everything[0]  # taken before 0003: what a rollback of the current migration restores from
     for manifest in everything:  # all of them 40 days old now
         catalog.record(BackupManifest.model_validate({**manifest.model_dump(), "created_at": manifest.created_at - timedelta(days=40)}))

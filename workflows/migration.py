@@ -67,7 +67,8 @@ class DatabaseMigrationWorkflow:
         for revision, label in zip(plan["pending"], plan["labels"]):
             # Unique per run: two migrations started in the same second (one workflow id, reused
             # once the first ended) must not share a backup, or the second would reuse the first's.
-            run = f"-{workflow.info().run_id[:8]}" if workflow.patched("backup-id-per-run") else ""
+            # (Run ids are UUIDv7: their head is a timestamp, their tail is random.)
+            run = f"-{workflow.info().run_id[-8:]}" if workflow.patched("backup-id-per-run") else ""
             backup_id = f"{env}-{revision}-{wf_id.rsplit('-', 1)[-1]}{run}"
             self._say(f"backing up before {label} ({backup_id})")
             backup = await self._call("database.backup", BackupInput(environment=env, key=f"{wf_id}:backup:{revision}",
