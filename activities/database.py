@@ -334,7 +334,7 @@ class DatabaseRollback:
                         changes=revert.diff, system_xids=system_xids, key=inp.key, rows_per_chunk=target.restore_chunk_rows,
                         workers=target.restore_workers, revert_xid=revert.xid, rebuild=self._rebuild_options(target, manifest, conn),
                         progress=lambda text: progress.update(last=text))
-            except MigrationError as err:
+            except (MigrationError, BackupError) as err:  # BackupError: the backup has no rows for a table it should
                 raise _fail(str(err), "RestoreRefused") from None
             except PgBouncerError as err:
                 raise ApplicationError(str(err), type="PoolBusy") from None

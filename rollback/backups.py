@@ -617,6 +617,50 @@ async def _load(*, backup_path: Path, dsn: str, table: TableShape, into_schema: 
 
 async def _stream_into(*, backup_path: Path, dsn: str, shape: TableShape, into_schema: str, into_table: str,
                        pg_bin_dir: Path) -> int:
+    async with open_table_copy(backup_path, shape, pg_bin_dir=pg_bin_dir) as copy:
+        return await _copy(dsn=dsn, shape=shape, copy=copy, into_schema=into_schema, into_table=into_table)
+
+
+class TableCopy:
+    """One table's rows in a backup, as pg_restore prints them.
+
+    `columns` are the columns pg_dump saved, in its COPY order (STORED generated columns are
+    not saved: COPY into a table that has them must name the columns), and `encoding` is the
+    dump's client_encoding (the database's own: a LATIN1 database's rows are LATIN1 bytes).
+    Every reader of a backup's rows goes through this one parser.
+    """
+
+    def __init__(self, block: _CopyBlock) -> None:
+        assert block.header is not None
+        self._block = block
+        self.columns = block.header[2]
+        self.encoding = block.encoding
+
+    def rows(self) -> AsyncIterator[bytes]:
+        """COPY text, whole lines, in blocks of whatever size the pipe gave."""
+        return self._block.rows()
+
+    async def chunks(self, rows_per_chunk: int) -> AsyncIterator[bytes]:
+        """COPY text, `rows_per_chunk` lines at a time (a COPY text row is one line: newlines in values are escaped)."""
+        buffer = bytearray()
+        async for block in self._block.rows():
+            buffer += block
+            while buffer.count(b"\n") >= rows_per_chunk:
+                cut = -1
+                for _ in range(rows_per_chunk):
+                    cut = buffer.index(b"\n", cut + 1)
+                yield bytes(buffer[:cut + 1])
+                del buffer[:cut + 1]
+        if buffer:
+            yield bytes(buffer)
+
+
+@contextlib.asynccontextmanager
+async def open_table_copy(backup_path: Path, shape: TableShape, *,
+                          pg_bin_dir: Path = DEFAULT_PG_BIN) -> AsyncIterator[TableCopy]:
+    """pg_restore's COPY block of one table of a directory-format backup, checked on the way out:
+    no data for the table (not in the dump), another table's data, or a failed pg_restore is a
+    BackupError, never an empty restore."""
     argv = [str(pg_bin_dir / "pg_restore"), "--data-only", f"--schema={shape.schema_name}",
             f"--table={shape.name}", "--file=-", str(backup_path)]
     process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
@@ -630,16 +674,14 @@ async def _stream_into(*, backup_path: Path, dsn: str, shape: TableShape, into_s
             await process.wait()
             raise BackupError(f"backup {backup_path} holds no data for table {shape.qualified_name}"
                               + _stderr_tail(await errors))
-        schema, name, columns = block.header or ("", "", [])
+        schema, name, _ = block.header or ("", "", [])
         if (schema, name) != (shape.schema_name, shape.name):
             raise BackupError(f"pg_restore returned data for {schema}.{name}, not {shape.qualified_name}")
-        count = await _copy(dsn=dsn, shape=shape, columns=columns, block=block, into_schema=into_schema,
-                            into_table=into_table)
+        yield TableCopy(block)
         await process.stdout.read()  # the dump's trailer; pg_restore exits once it is read
         if await process.wait() != 0:
             raise BackupError(f"pg_restore of {shape.qualified_name} from {backup_path} failed "
                               f"(exit {process.returncode})" + _stderr_tail(await errors))
-        return count
     finally:
         if process.returncode is None:
             process.kill()
@@ -652,9 +694,9 @@ def _stderr_tail(err: bytes) -> str:
     return f": {text[-500:]}" if text else ""
 
 
-async def _copy(*, dsn: str, shape: TableShape, columns: list[str], block: _CopyBlock, into_schema: str,
-                into_table: str) -> int:
+async def _copy(*, dsn: str, shape: TableShape, copy: TableCopy, into_schema: str, into_table: str) -> int:
     types = {c.name: c.type for c in shape.columns}
+    columns = copy.columns
     if unknown := [c for c in columns if c not in types]:
         raise BackupError(f"the backup's data for {shape.qualified_name} has column {unknown[0]} "
                           "that its manifest's schema does not list")
@@ -668,8 +710,8 @@ async def _copy(*, dsn: str, shape: TableShape, columns: list[str], block: _Copy
             await conn.execute(f"DROP TABLE IF EXISTS {qualified(into_schema, into_table)}", timeout=60)
             await conn.execute(f"CREATE UNLOGGED TABLE {qualified(into_schema, into_table)} ({definition})",
                                timeout=60)
-            status = await conn.copy_to_table(into_table, schema_name=into_schema, source=block.rows(),
-                                              columns=columns or None, format="text", encoding=block.encoding,
+            status = await conn.copy_to_table(into_table, schema_name=into_schema, source=copy.rows(),
+                                              columns=columns or None, format="text", encoding=copy.encoding,
                                               freeze=True)
     finally:
         await conn.close(timeout=10)

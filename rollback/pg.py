@@ -61,9 +61,11 @@ def qualified(schema: str, table: str) -> str:
     return f"{ident(schema)}.{ident(table)}"
 
 
-def literal(text: str | None) -> str:
-    """A SQL string literal (NULL for None), for the few statements that take no parameters (DDL)."""
-    return "NULL" if text is None else "'" + text.replace("'", "''") + "'"
+async def quote_literal(conn: asyncpg.Connection, text: str | None) -> str:
+    """A SQL string literal (NULL for None) for the few statements that take no parameters (DDL),
+    quoted by the server itself: doubling quotes client-side is wrong under
+    standard_conforming_strings = off, where a backslash escapes the quote that follows it."""
+    return await conn.fetchval("SELECT quote_nullable($1::text)", text)
 
 
 def derived_name(key: str, table: str, what: str) -> str:

@@ -29,7 +29,7 @@ import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from rollback.dev.stack import free_port
-from rollback.pg import connect, database_name, ident, literal, with_database
+from rollback.pg import connect, database_name, ident, quote_literal, with_database
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 # Marks a database copy_database is building, so a retry may drop it but never someone else's.
@@ -458,9 +458,9 @@ async def copy_database(*, source_dsn: str, target_admin_dsn: str, new_database:
         # template0 + the source's encoding and locale, so every dumped object restores as it was;
         # owned like the source, so the application's role owns the database after the swap.
         await admin.execute(
-            f"CREATE DATABASE {ident(new_database)} TEMPLATE template0 ENCODING {literal(encoding)} "
-            f"LC_COLLATE {literal(collate)} LC_CTYPE {literal(ctype)}", timeout=120)
-        await admin.execute(f"COMMENT ON DATABASE {ident(new_database)} IS {literal(COPY_IN_PROGRESS)}")
+            f"CREATE DATABASE {ident(new_database)} TEMPLATE template0 ENCODING {await quote_literal(admin, encoding)} "
+            f"LC_COLLATE {await quote_literal(admin, collate)} LC_CTYPE {await quote_literal(admin, ctype)}", timeout=120)
+        await admin.execute(f"COMMENT ON DATABASE {ident(new_database)} IS {await quote_literal(admin, COPY_IN_PROGRESS)}")
         if await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", owner):
             await admin.execute(f"ALTER DATABASE {ident(new_database)} OWNER TO {ident(owner)}")
         target_dsn = with_database(target_admin_dsn, new_database)
@@ -476,7 +476,7 @@ async def copy_database(*, source_dsn: str, target_admin_dsn: str, new_database:
                        what=f"pg_restore into {new_database}", password=_password(target_dsn), error=CopyFailed)
         if settings_from:
             await _carry_database_settings(admin, settings_from, new_database)
-        await admin.execute(f"COMMENT ON DATABASE {ident(new_database)} IS {literal(COPY_COMPLETE)}")
+        await admin.execute(f"COMMENT ON DATABASE {ident(new_database)} IS {await quote_literal(admin, COPY_COMPLETE)}")
         _say(progress, f"{new_database} holds the recovered data")
     finally:
         await admin.close(timeout=10)
@@ -487,11 +487,12 @@ _LIST_SETTINGS = {"search_path", "temp_tablespaces", "local_preload_libraries", 
                   "shared_preload_libraries", "unix_socket_directories"}
 
 
-def _setting_value(name: str, value: str) -> str:
+async def _setting_value(conn: asyncpg.Connection, name: str, value: str) -> str:
     if name.lower() not in _LIST_SETTINGS:
-        return literal(value)
+        return await quote_literal(conn, value)
     elements = re.findall(r'\s*("(?:[^"]|"")*"|[^,]+)\s*(?:,|$)', value)
-    return ", ".join(literal(e[1:-1].replace('""', '"') if e.startswith('"') else e.strip()) for e in elements)
+    return ", ".join([await quote_literal(conn, e[1:-1].replace('""', '"') if e.startswith('"') else e.strip())
+                      for e in elements])
 
 
 async def _carry_database_settings(admin: asyncpg.Connection, source: str, target: str) -> None:
@@ -516,7 +517,7 @@ async def _carry_database_settings(admin: asyncpg.Connection, source: str, targe
             name, _, value = item.partition("=")
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name):
                 raise CopyFailed(f"setting {name[:60]!r} of database {source} has a name this tool will not paste into SQL")
-            await admin.execute(f"ALTER {scope} SET {name} = {_setting_value(name, value)}")
+            await admin.execute(f"ALTER {scope} SET {name} = {await _setting_value(admin, name, value)}")
 
 
 async def _connect(dsn: str, *, error: type[PitrError], what: str) -> asyncpg.Connection:

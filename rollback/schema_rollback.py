@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Literal
 import asyncpg
 from pydantic import BaseModel, Field
 
-from rollback.backups import DEFAULT_PG_BIN
+from rollback.backups import TableCopy, open_table_copy
 from rollback.migrations import AttemptWrapper, Migration, MigrationError, in_transaction_with_lock_timeout
 from rollback.pg import derived_name, ident, qualified, written_after
 from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
@@ -313,44 +312,6 @@ class RestoreResult(BaseModel):
         return sum(t.restored for t in self.tables)
 
 
-async def copy_chunks(backup_path: Path, table: TableShape, *, rows_per_chunk: int, timeout: float,
-                      env: dict[str, str] | None = None) -> AsyncIterator[bytes]:
-    """The table's rows from a directory-format dump, as COPY text, `rows_per_chunk` lines at a time."""
-    process = await asyncio.create_subprocess_exec(
-        str(DEFAULT_PG_BIN / "pg_restore"), "--data-only", f"--schema={table.schema_name}", f"--table={table.name}", "-f", "-", str(backup_path),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env or dict(os.environ),
-    )
-    assert process.stdout is not None
-    in_copy, lines, size = False, [], 0
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                line = await process.stdout.readline()
-                if not line:
-                    break
-                if not in_copy:
-                    in_copy = line.startswith(b"COPY ")
-                    continue
-                if line == b"\\.\n":
-                    in_copy = False
-                    continue
-                lines.append(line)
-                size += 1
-                if size >= rows_per_chunk:
-                    yield b"".join(lines)
-                    lines, size = [], 0
-            if lines:
-                yield b"".join(lines)
-            stderr = await process.stderr.read() if process.stderr else b""
-            if await process.wait() != 0:
-                raise MigrationError(f"pg_restore of {table.qualified_name} from {backup_path} failed: "
-                                     f"{stderr.decode(errors='replace').strip()[:300]}")
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-
-
 def _cols(names: list[str], prefix: str = "") -> str:
     return ", ".join(f"{prefix}{ident(n)}" for n in names)
 
@@ -374,8 +335,11 @@ class _Merge:
     """Merge statements for one table; `s` is the chunk's temporary side table."""
 
     def __init__(self, live: TableShape, mode: str, columns: list[str], system_xids: list[int], revert_xid: int,
-                 defaults: dict[str, str] | None = None) -> None:
-        self.live, self.mode, self.columns = live, mode, columns
+                 defaults: dict[str, str] | None = None, *, saved: list[str]) -> None:
+        # Only the columns the backup saved: a STORED generated column is not in the dump (nor
+        # writable); the database computes it again from the restored values.
+        self.live, self.mode, self.saved = live, mode, saved
+        self.columns = [c for c in columns if c in saved]
         self.restorable = restorable_condition(columns, defaults, revert_xid)
         self.target = qualified(live.schema_name, live.name)
         self.key = live.primary_key
@@ -393,7 +357,7 @@ class _Merge:
     def statements(self) -> list[tuple[str, list[object]]]:
         tuple_t, tuple_s = f"({_cols(self.columns, 't.')})", f"({_cols(self.columns, 's.')})"
         if self.mode == "rows":
-            all_cols = [c.name for c in self.live.columns]
+            all_cols = [c.name for c in self.live.columns if c.name in self.saved]
             conflict = f"ON CONFLICT ({_cols(self.key)}) DO NOTHING" if self.key else ""
             return [(f"INSERT INTO {self.target} ({_cols(all_cols)}) SELECT {_cols(all_cols)} FROM rb_side {conflict}", [])]
         sets = ", ".join(f"{ident(c)} = s.{ident(c)}" for c in self.columns)
@@ -464,8 +428,9 @@ async def restore_data(dsn: str, *, backup_path: Path, target_shape: SchemaSnaps
         await ensure_bookkeeping(conn)
         work = await _affected_tables(conn, target_shape, changes, system_xids)
         live = await snapshot(conn)
-        partitioned = [name for name in {s.qualified_name for s, _, _ in work} if await conn.fetchval(
-            "SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)", name)]
+        # to_regclass parses its text as SQL: an unquoted "Events" would fold to events and find nothing.
+        partitioned = sorted({s.qualified_name for s, _, _ in work if await conn.fetchval(
+            "SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass($1)", qualified(s.schema_name, s.name))})
     finally:
         await conn.close()
     if partitioned:
@@ -487,8 +452,14 @@ async def restore_data(dsn: str, *, backup_path: Path, target_shape: SchemaSnaps
                 key=key, rebuild=rebuild, timeout=timeout, progress=progress):
             result.tables.append(report)
             continue
-        await _merge_table(dsn, backup_path, shape, _Merge(live_shape, mode, columns, system_xids, revert_xid, defaults), report,
-                           key=key, rows_per_chunk=rows_per_chunk, workers=workers, timeout=timeout, progress=progress)
+        async with asyncio.timeout(timeout), open_table_copy(backup_path, shape) as copy:
+            merge = _Merge(live_shape, mode, columns, system_xids, revert_xid, defaults, saved=copy.columns)
+            report.columns = merge.columns
+            if mode == "rows" or merge.columns:
+                await _merge_table(dsn, copy, shape, merge, report, key=key, rows_per_chunk=rows_per_chunk,
+                                   workers=workers, progress=progress)
+            else:
+                report.note = "only generated columns: the database computed them again"
         result.tables.append(report)
     return result
 
@@ -499,7 +470,8 @@ async def _rebuilt(dsn: str, backup_path: Path, shape: TableShape, live: TableSh
     """Restore the columns by rebuilding the table if it is big and nothing in it forbids that; False: merge instead."""
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        rows = await conn.fetchval("SELECT reltuples::int8 FROM pg_class WHERE oid = to_regclass($1)", live.qualified_name)
+        rows = await conn.fetchval("SELECT reltuples::int8 FROM pg_class WHERE oid = to_regclass($1)",
+                                   qualified(live.schema_name, live.name))
         if rows is None or rows < 0:  # never analyzed
             rows = await conn.fetchval(f"SELECT count(*) FROM {qualified(live.schema_name, live.name)}")
     finally:
@@ -510,10 +482,10 @@ async def _rebuilt(dsn: str, backup_path: Path, shape: TableShape, live: TableSh
         report.note = "a restored column is part of the primary key: merged in place"
         return False
     try:
-        counts = await rebuild_table(
-            dsn, copy_stream=copy_chunks(backup_path, shape, rows_per_chunk=10_000, timeout=timeout),
-            backup_columns=[c.name for c in shape.columns], backup_snapshot=rebuild.backup_snapshot, live=live,
-            columns=columns, restorable=restorable, key=key, locks=rebuild.locks, progress=progress)
+        async with asyncio.timeout(timeout), open_table_copy(backup_path, shape) as copy:
+            counts = await rebuild_table(
+                dsn, copy=copy, backup_snapshot=rebuild.backup_snapshot, live=live,
+                columns=columns, restorable=restorable, key=key, locks=rebuild.locks, progress=progress)
     except RebuildRefused as err:
         report.note = f"{err}: merged in place"
         return False
@@ -545,9 +517,8 @@ def _is_constant(tree: str) -> bool:
             and (":funcformat 1" in tree or ":funcformat 2" in tree) and "{CONST" in tree)
 
 
-async def _merge_table(dsn: str, backup_path: Path, shape: TableShape, merge: _Merge, report: TableRestore, *,
-                       key: str, rows_per_chunk: int, workers: int, timeout: float,
-                       progress: Callable[[str], None] | None) -> None:
+async def _merge_table(dsn: str, copy: TableCopy, shape: TableShape, merge: _Merge, report: TableRestore, *,
+                       key: str, rows_per_chunk: int, workers: int, progress: Callable[[str], None] | None) -> None:
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=workers * 2)
     side_columns = ", ".join(f"{ident(c.name)} {c.type}" for c in shape.columns)
 
@@ -559,7 +530,8 @@ async def _merge_table(dsn: str, backup_path: Path, shape: TableShape, merge: _M
             await conn.execute(f"CREATE TEMP TABLE rb_side ({side_columns}) ON COMMIT DELETE ROWS")
             while (chunk := await queue.get()) is not None:
                 async with conn.transaction():
-                    await conn.copy_to_table("rb_side", source=_one(chunk), columns=[c.name for c in shape.columns])
+                    await conn.copy_to_table("rb_side", source=_one(chunk), columns=copy.columns,
+                                             encoding=copy.encoding)
                     if not merge.key_range():
                         await conn.execute("ANALYZE rb_side")  # no key range to steer the plan: statistics must
                     for sql, args in merge.statements():
@@ -580,7 +552,7 @@ async def _merge_table(dsn: str, backup_path: Path, shape: TableShape, merge: _M
 
     async def read() -> None:
         try:
-            async for chunk in copy_chunks(backup_path, shape, rows_per_chunk=rows_per_chunk, timeout=timeout):
+            async for chunk in copy.chunks(rows_per_chunk):
                 await queue.put(chunk)
         finally:
             for _ in range(workers):

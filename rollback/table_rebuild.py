@@ -42,14 +42,15 @@ transaction, so an attempt that finds that record reports it instead of rebuildi
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
+from rollback.backups import TableCopy
 from rollback.migrations import AttemptWrapper, MigrationError, in_transaction_with_lock_timeout
-from rollback.pg import derived_name, ident, literal, qualified, written_after
+from rollback.pg import derived_name, ident, qualified, quote_literal, written_after
 from rollback.pgschema import TableShape
 
 ARCHIVE_SCHEMA = "rollback_archive"
@@ -231,7 +232,7 @@ SELECT count(*) AS changes, bool_or(truncated) AS truncated FROM taken
 """
 
 
-async def rebuild_table(dsn: str, *, copy_stream: AsyncIterator[bytes], backup_columns: list[str], backup_snapshot: str,
+async def rebuild_table(dsn: str, *, copy: TableCopy, backup_snapshot: str,
                         live: TableShape, columns: list[str], restorable: str, key: str, locks: LockPolicy,
                         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Rebuild `live` with `columns` restored from the backup's COPY stream; the counts of what happened.
@@ -259,7 +260,7 @@ async def rebuild_table(dsn: str, *, copy_stream: AsyncIterator[bytes], backup_c
                 conn, lambda c: c.execute(sql.capture()), lock_timeout_ms=locks.lock_timeout_ms,
                 attempts=locks.attempts, what=f"change capture on {live.qualified_name}", on_blocked=locks.on_blocked)
             await conn.execute(sql.temp_tables())
-            counts = await _build(conn, sql, copy_stream, backup_columns, backup_snapshot, key, say)
+            counts = await _build(conn, sql, copy, backup_snapshot, key, say)
             counts["caught_up"] = await _catch_up(conn, sql, key, counts["xids"], say)
             report = await _swap(conn, sql, key, locks, counts, say)
         except BaseException as err:
@@ -281,8 +282,8 @@ async def rebuild_table(dsn: str, *, copy_stream: AsyncIterator[bytes], backup_c
         await conn.close()
 
 
-async def _build(conn: asyncpg.Connection, sql: _Sql, copy_stream: AsyncIterator[bytes], backup_columns: list[str],
-                 backup_snapshot: str, key: str, say: Callable[[str], None]) -> dict[str, Any]:
+async def _build(conn: asyncpg.Connection, sql: _Sql, copy: TableCopy, backup_snapshot: str, key: str,
+                 say: Callable[[str], None]) -> dict[str, Any]:
     n, live = sql.names, sql.live
     async with conn.transaction(isolation="repeatable_read"):
         # The first query fixes the snapshot S that the new table is built from.
@@ -299,8 +300,8 @@ async def _build(conn: asyncpg.Connection, sql: _Sql, copy_stream: AsyncIterator
             "INCLUDING STORAGE INCLUDING COMMENTS INCLUDING COMPRESSION INCLUDING STATISTICS)"
             + (f" WITH ({reloptions})" if reloptions else ""))
         say(f"{live.qualified_name}: loading the backup's rows into a new table")
-        status = await conn.copy_to_table(n.new_name, schema_name=live.schema_name, source=copy_stream,
-                                          columns=backup_columns)
+        status = await conn.copy_to_table(n.new_name, schema_name=live.schema_name, source=copy.rows(),
+                                          columns=copy.columns, encoding=copy.encoding)
         backup_rows = int(status.split()[-1])
         say(f"{live.qualified_name}: {backup_rows} backup rows loaded; building indexes")
         await _build_indexes(conn, sql)
@@ -337,7 +338,7 @@ async def _build_indexes(conn: asyncpg.Connection, sql: _Sql) -> None:
             kind = "PRIMARY KEY" if row["contype"] == "p" else "UNIQUE"
             await conn.execute(f"ALTER TABLE {n.new} ADD CONSTRAINT {ident(temporary)} {kind} USING INDEX {ident(temporary)}")
         if row["comment"] is not None:
-            await conn.execute(f"COMMENT ON INDEX {qualified(sql.live.schema_name, temporary)} IS {literal(row['comment'])}")
+            await conn.execute(f"COMMENT ON INDEX {qualified(sql.live.schema_name, temporary)} IS {await quote_literal(conn, row['comment'])}")
     # Remember which temporary index takes which name at the swap.
     await conn.execute("DROP TABLE IF EXISTS pg_temp.rb_index_names; CREATE TEMP TABLE rb_index_names (temporary text, original text)")
     await conn.executemany("INSERT INTO rb_index_names VALUES ($1, $2)",
@@ -419,7 +420,7 @@ async def _swap(conn: asyncpg.Connection, sql: _Sql, key: str, locks: LockPolicy
             await c.execute(grant)
         for s in sequences:
             await c.execute(f"ALTER SEQUENCE {s['sequence']} OWNED BY {n.new}.{s['col']}")
-        await c.execute(f"COMMENT ON TABLE {n.new} IS {literal(facts['comment'])}")
+        await c.execute(f"COMMENT ON TABLE {n.new} IS {await quote_literal(c, facts['comment'])}")
         await c.execute(f"DROP TABLE {n.live}")
         await c.execute(f"ALTER TABLE {n.new} RENAME TO {ident(live.name)}")
         for r in renames:
