@@ -32,7 +32,8 @@ from rollback.migrations import (
 )
 from rollback.models import RollbackTarget, TargetPlan
 from rollback.payloads import (
-    BackupInput, IntegrityInput, MigrationInput, PitrInput, RestoreInput, SwapBackInput, ValidateDbInput,
+    BackupInput, DbStepInput, IntegrityInput, MigrationInput, PitrInput, RestoreInput, SnapshotRef, SwapBackInput,
+    ValidateDbInput,
 )
 from rollback.pg import MissingDsn, database_name, derived_name, dsn_from_env, ident, qualified, with_database
 from rollback.pgbouncer import PgBouncerError, paused
@@ -246,13 +247,14 @@ class DatabaseRollback:
         return _backup_summary(checked)
 
     @activity.defn(name="database.integrity_before")
-    async def integrity_before(self, inp: IntegrityInput) -> dict[str, Any]:
+    async def integrity_before(self, inp: IntegrityInput) -> SnapshotRef:
         target = self.target(inp.environment)
         shape = self.manifest(target, inp.target_backup_id).schema_snapshot
         async with heartbeating("integrity snapshot"), self.connection(target) as conn:
             specs = _integrity_specs(shape, await snapshot(conn))
-            snap = await integrity.take_snapshot(conn, specs, label=inp.key, keep_rows=True)
-        return snap.model_dump(mode="json")
+            snap = await integrity.take_stored_snapshot(conn, specs, label=inp.key)
+        return SnapshotRef(label=snap.label, pg_snapshot=snap.pg_snapshot, tables=len(snap.tables),
+                           rows=sum(t.rows for t in snap.tables.values()), seconds=snap.seconds)
 
     @activity.defn(name="database.revert_migration")
     async def revert_migration(self, inp: MigrationInput) -> dict[str, Any]:
@@ -347,35 +349,44 @@ class DatabaseRollback:
     @activity.defn(name="database.validate")
     async def validate(self, inp: ValidateDbInput) -> dict[str, Any]:
         target = self.target(inp.environment)
-        before = integrity.Snapshot.model_validate(inp.snapshot)
         async with heartbeating("integrity validation"), self.connection(target) as conn:
-            expected: set[int] = set()
-            for key in inp.restore_keys:
-                expected |= set(await restore_xids(conn, key))
-            reverts = set()
-            for key in inp.revert_keys:
-                xid = await conn.fetchval("SELECT xid FROM rollback_meta.reverts WHERE key = $1", key)
-                if xid is not None:
-                    reverts.add(xid)
-            specs = [integrity.TableSpec(table=t.table, key=t.key, columns=t.columns) for t in before.tables.values()]
-            report = await integrity.compare(conn, before, specs, rollback_xids=expected | reverts, expected_xids=expected,
-                                             allow_deletes=target.allow_concurrent_deletes,
-                                             rebuilt=await _rebuilt_tables(conn, inp.restore_keys))
-            # The report names what differs; the per-row hashes have served their purpose either way.
-            await integrity.drop_kept_rows(conn, before)
+            report = await integrity.load_report(conn, inp.key)  # a retry after the comparison was made
+            if report is None:
+                report = await self._compare(conn, target, inp)
+                # The report names what differs; the snapshot and its per-row hashes have served either way.
+                await integrity.store_report(conn, inp.key, report)
         if not report.ok:
             named = "; ".join(f"{d.table} {d.kind} " + ",".join(f"{k}={v}" for k, v in (d.key or {}).items())
                               for d in report.differences if d.cause == "unexplained")
             raise _fail(f"integrity check failed: {report.summary}; {named}"[:1500], "IntegrityViolation")
-        return report.model_dump(mode="json")
+        return integrity.brief(report, stored_as=f"rollback_meta.integrity_reports key {inp.key}").model_dump(mode="json")
+
+    @staticmethod
+    async def _compare(conn: asyncpg.Connection, target: DatabaseTarget, inp: ValidateDbInput) -> integrity.IntegrityReport:
+        before = await integrity.load_snapshot(conn, inp.snapshot_label)
+        if before is None:
+            raise _fail(f"the integrity snapshot {inp.snapshot_label} is not in rollback_meta.integrity_snapshots "
+                        "(discarded, or dropped by hand): nothing to compare with", "IntegrityViolation")
+        expected: set[int] = set()
+        for key in inp.restore_keys:
+            expected |= set(await restore_xids(conn, key))
+        reverts = set()
+        for key in inp.revert_keys:
+            xid = await conn.fetchval("SELECT xid FROM rollback_meta.reverts WHERE key = $1", key)
+            if xid is not None:
+                reverts.add(xid)
+        specs = [integrity.TableSpec(table=t.table, key=t.key, columns=t.columns) for t in before.tables.values()]
+        return await integrity.compare(conn, before, specs, rollback_xids=expected | reverts, expected_xids=expected,
+                                       allow_deletes=target.allow_concurrent_deletes,
+                                       rebuilt=await _rebuilt_tables(conn, inp.restore_keys))
 
     @activity.defn(name="database.discard_snapshot")
-    async def discard_snapshot(self, inp: ValidateDbInput) -> dict[str, Any]:
-        """Compensation: drop the per-row hashes of an integrity snapshot that will never be compared."""
+    async def discard_snapshot(self, inp: DbStepInput) -> dict[str, Any]:
+        """Compensation: drop an integrity snapshot (stored under `inp.key`) that will never be compared."""
         target = self.target(inp.environment)
         async with self.connection(target) as conn:
-            await integrity.drop_kept_rows(conn, integrity.Snapshot.model_validate(inp.snapshot))
-        return {"discarded": inp.key}
+            discarded = await integrity.discard_snapshot(conn, inp.key)
+        return {"summary": f"integrity snapshot {inp.key} " + ("discarded" if discarded else "was not there: nothing to discard")}
 
     @activity.defn(name="database.reapply_migration")
     async def reapply_migration(self, inp: MigrationInput) -> dict[str, Any]:

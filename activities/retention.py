@@ -15,6 +15,7 @@ import asyncpg
 from temporalio import activity
 from temporalio.client import Client
 
+from rollback import integrity
 from rollback.backups import BackupCatalog, delete_backup, select_expired
 from rollback.config import ConfigSource, DatabaseTarget
 from rollback.pg import MissingDsn, dsn_from_env, qualified
@@ -70,10 +71,11 @@ class Retention:
             return {"dropped": [], "recent_revisions": set()}
         conn = await asyncpg.connect(dsn, timeout=10)
         try:
+            expired = await integrity.expire_stored(conn, cutoff, drop=drop)
             if not await conn.fetchval("SELECT to_regclass('rollback_meta.reverts') IS NOT NULL"):
-                return {"dropped": [], "recent_revisions": set()}
+                return {"dropped": expired, "recent_revisions": set()}
             rows = await conn.fetch("SELECT key, revision, done_at, result->'archived' AS archived FROM rollback_meta.reverts")
-            dropped, recent = [], set()
+            dropped, recent = expired, set()
             for row in rows:
                 if row["done_at"] >= cutoff:
                     recent.add(row["revision"])

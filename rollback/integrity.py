@@ -380,16 +380,20 @@ async def _fingerprint_table(conn: asyncpg.Connection, spec: TableSpec, h: _Hash
 
 
 async def take_snapshot(conn: asyncpg.Connection, specs: Sequence[TableSpec], *, label: str, keep_rows: bool,
-                        buckets: int = 1024, timeout: float = 1800) -> Snapshot:
-    """Fingerprint these tables in one REPEATABLE READ snapshot (and keep per-row hashes if asked)."""
+                        buckets: int = 1024, timeout: float = 1800, store: bool = False) -> Snapshot:
+    """Fingerprint these tables in one REPEATABLE READ snapshot (and keep per-row hashes if asked).
+
+    With `store` the snapshot is also written to rollback_meta.integrity_snapshots under its label,
+    in the same transaction as its kept rows (both or neither): see `take_stored_snapshot`.
+    """
     if not 1 <= buckets <= 1_000_000:
         raise ValueError(f"buckets must be between 1 and 1000000, not {buckets}")
     started = time.monotonic()
     async with heartbeating(f"integrity snapshot {label}"):
-        if keep_rows:
+        if keep_rows or store:
             # Outside the snapshot transaction: a schema created there would be invisible to others until commit.
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ident(ARCHIVE_SCHEMA)}", timeout=timeout)
-        async with conn.transaction(isolation="repeatable_read", readonly=not keep_rows):
+            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ident(ARCHIVE_SCHEMA)}; {_STORE_DDL}", timeout=timeout)
+        async with conn.transaction(isolation="repeatable_read", readonly=not (keep_rows or store)):
             await _set_local(conn, timeout=timeout)
             # The first query fixes the transaction's snapshot: everything below sees exactly this.
             pg_snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text", timeout=timeout)
@@ -398,8 +402,94 @@ async def take_snapshot(conn: asyncpg.Connection, specs: Sequence[TableSpec], *,
                 h = await _hashes(conn, spec, buckets, timeout=timeout)
                 kept = kept_rows_table(label, spec.table) if keep_rows and spec.key else None
                 tables[spec.table] = await _fingerprint_table(conn, spec, h, kept=kept, timeout=timeout)
-    return Snapshot(label=label, taken_at=datetime.now(timezone.utc), pg_snapshot=pg_snapshot, buckets=buckets,
-                    tables=tables, seconds=round(time.monotonic() - started, 3))
+            taken = Snapshot(label=label, taken_at=datetime.now(timezone.utc), pg_snapshot=pg_snapshot, buckets=buckets,
+                             tables=tables, seconds=round(time.monotonic() - started, 3))
+            if store:
+                await conn.execute("INSERT INTO rollback_meta.integrity_snapshots (label, snapshot) VALUES ($1, $2)",
+                                   label, taken.model_dump_json(), timeout=timeout)
+    return taken
+
+
+# --------------------------------------------------------------------------- snapshots kept in the database
+
+# A snapshot holds ~90 KB of bucket sums per table of 1,024 rows or more: 40 ordinary tables are
+# beyond Temporal's 2 MB payload limit. Activities keep it here and pass its label instead.
+_STORE_DDL = """CREATE SCHEMA IF NOT EXISTS rollback_meta;
+CREATE TABLE IF NOT EXISTS rollback_meta.integrity_snapshots (
+    label    text PRIMARY KEY,
+    snapshot json NOT NULL,
+    taken_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS rollback_meta.integrity_reports (
+    key     text PRIMARY KEY,
+    report  json NOT NULL,
+    done_at timestamptz NOT NULL DEFAULT now()
+);"""
+
+
+async def take_stored_snapshot(conn: asyncpg.Connection, specs: Sequence[TableSpec], *, label: str,
+                               timeout: float = 1800) -> Snapshot:
+    """The snapshot stored under `label`, taken (with kept rows) and stored if there is none yet.
+
+    Idempotent: a retry after a completed attempt returns that attempt's snapshot, which is still
+    the "before" of everything the rollback does next (nothing of the rollback ran in between).
+    """
+    stored = await load_snapshot(conn, label, timeout=timeout)
+    if stored is not None:
+        return stored
+    return await take_snapshot(conn, specs, label=label, keep_rows=True, store=True, timeout=timeout)
+
+
+async def load_snapshot(conn: asyncpg.Connection, label: str, *, timeout: float = 600) -> Snapshot | None:
+    if not await conn.fetchval("SELECT to_regclass('rollback_meta.integrity_snapshots') IS NOT NULL", timeout=timeout):
+        return None
+    raw = await conn.fetchval("SELECT snapshot FROM rollback_meta.integrity_snapshots WHERE label = $1", label,
+                              timeout=timeout)
+    return None if raw is None else Snapshot.model_validate_json(raw)
+
+
+async def discard_snapshot(conn: asyncpg.Connection, label: str, *, timeout: float = 600) -> bool:
+    """Drop the stored snapshot `label` and its kept rows, in one transaction. False if there was none."""
+    async with conn.transaction():
+        stored = await load_snapshot(conn, label, timeout=timeout)
+        if stored is None:
+            return False
+        await drop_kept_rows(conn, stored, timeout=timeout)
+        await conn.execute("DELETE FROM rollback_meta.integrity_snapshots WHERE label = $1", label, timeout=timeout)
+    return True
+
+
+async def store_report(conn: asyncpg.Connection, key: str, report: IntegrityReport, *, timeout: float = 600) -> None:
+    """Keep the report under `key` and discard the snapshot it was compared with, in one transaction:
+    a retried validation finds the report (the kept rows it would need are gone)."""
+    await conn.execute(_STORE_DDL, timeout=timeout)
+    async with conn.transaction():
+        await conn.execute("INSERT INTO rollback_meta.integrity_reports (key, report) VALUES ($1, $2) "
+                           "ON CONFLICT (key) DO NOTHING", key, report.model_dump_json(), timeout=timeout)
+        await discard_snapshot(conn, report.label, timeout=timeout)
+
+
+async def load_report(conn: asyncpg.Connection, key: str, *, timeout: float = 600) -> IntegrityReport | None:
+    if not await conn.fetchval("SELECT to_regclass('rollback_meta.integrity_reports') IS NOT NULL", timeout=timeout):
+        return None
+    raw = await conn.fetchval("SELECT report FROM rollback_meta.integrity_reports WHERE key = $1", key, timeout=timeout)
+    return None if raw is None else IntegrityReport.model_validate_json(raw)
+
+
+async def expire_stored(conn: asyncpg.Connection, cutoff: datetime, *, drop: bool, timeout: float = 600) -> list[str]:
+    """Reports done and snapshots taken before `cutoff` (a snapshot is left behind only by a rollback
+    that was terminated): deleted if `drop`; their labels or keys either way."""
+    if not await conn.fetchval("SELECT to_regclass('rollback_meta.integrity_reports') IS NOT NULL", timeout=timeout):
+        return []
+    labels = [r[0] for r in await conn.fetch("SELECT label FROM rollback_meta.integrity_snapshots WHERE taken_at < $1",
+                                             cutoff, timeout=timeout)]
+    keys = [r[0] for r in await conn.fetch("SELECT key FROM rollback_meta.integrity_reports WHERE done_at < $1",
+                                           cutoff, timeout=timeout)]
+    if drop:
+        for label in labels:
+            await discard_snapshot(conn, label, timeout=timeout)
+        await conn.execute("DELETE FROM rollback_meta.integrity_reports WHERE key = ANY($1::text[])", keys, timeout=timeout)
+    return labels + keys
 
 
 async def drop_kept_rows(conn: asyncpg.Connection, snapshot: Snapshot, *, timeout: float = 60) -> None:
@@ -761,10 +851,45 @@ async def compare(conn: asyncpg.Connection, before: Snapshot, specs: Sequence[Ta
                            seconds=round(time.monotonic() - started, 3))
 
 
+SUMMARY_TABLES = 10
+
+
 def _summary(ok: bool, reports: dict[str, TableReport]) -> str:
-    changed = [r for r in reports.values() if r.differing_buckets]
+    changed = sorted((r for r in reports.values() if r.differing_buckets), key=lambda r: (-r.unexplained, r.table))
     if not changed:
         return f"integrity ok: {len(reports)} table(s) identical to the snapshot"
     parts = [f"{r.table}: {r.missing} missing, {r.inserted} inserted, {r.changed} changed "
-             f"({r.concurrent} concurrent, {r.rollback} by the rollback, {r.unexplained} unexplained)" for r in changed]
-    return ("integrity ok" if ok else "integrity FAILED") + " - " + "; ".join(parts)
+             f"({r.concurrent} concurrent, {r.rollback} by the rollback, {r.unexplained} unexplained)"
+             for r in changed[:SUMMARY_TABLES]]
+    more = f"; and {len(changed) - SUMMARY_TABLES} more table(s) with differences" if len(changed) > SUMMARY_TABLES else ""
+    return ("integrity ok" if ok else "integrity FAILED") + " - " + "; ".join(parts) + more
+
+
+class IntegrityBrief(BaseModel):
+    """What a workflow keeps of a report: bounded whatever the number of tables and differences
+    (the whole report stays in rollback_meta.integrity_reports under `stored_as`)."""
+
+    ok: bool
+    summary: str
+    label: str
+    stored_as: str
+    tables_checked: int
+    tables: dict[str, TableReport] = Field(description="tables with differences, unexplained first, at most 20")
+    tables_with_differences: int
+    differences: list[Difference] = Field(description="the first 20, unexplained first; key values cut at 200 characters")
+    differences_total: int
+    notes: list[str]
+    seconds: float
+
+
+def brief(report: IntegrityReport, *, stored_as: str, tables: int = 20, differences: int = 20,
+          text: int = 200) -> IntegrityBrief:
+    differing = sorted((r for r in report.tables.values() if r.differing_buckets), key=lambda r: (-r.unexplained, r.table))
+    shown = [d.model_copy(update={"key": {k: None if v is None else v[:text] for k, v in d.key.items()} if d.key else d.key,
+                                  "detail": d.detail[:text]})
+             for d in report.differences[:differences]]
+    return IntegrityBrief(ok=report.ok, summary=report.summary, label=report.label, stored_as=stored_as,
+                          tables_checked=len(report.tables), tables={r.table: r for r in differing[:tables]},
+                          tables_with_differences=len(differing), differences=shown,
+                          differences_total=report.differences_total, notes=[n[:text] for n in report.notes[:tables]],
+                          seconds=report.seconds)

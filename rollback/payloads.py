@@ -117,8 +117,19 @@ class IntegrityInput(DbStepInput):
     target_backup_id: str = Field(description="backup taken before the oldest migration undone: the known-good shape")
 
 
+class SnapshotRef(BaseModel):
+    """An integrity snapshot kept in the database (rollback_meta.integrity_snapshots): its fingerprints
+    grow with the database (~90 KB per table), so only this travels through Temporal."""
+
+    label: str = Field(description="the key it is stored under")
+    pg_snapshot: str
+    tables: int
+    rows: int
+    seconds: float
+
+
 class ValidateDbInput(DbStepInput):
-    snapshot: dict[str, Any]
+    snapshot_label: str = Field(description="SnapshotRef.label of the snapshot taken before")
     restore_keys: list[str] = Field(default_factory=list, description="keys of the restore steps whose writes are expected")
     revert_keys: list[str] = Field(default_factory=list)
 

@@ -70,12 +70,14 @@ class SchemaDiff(BaseModel):
     added_columns: dict[str, list[str]] = Field(default_factory=dict)
     dropped_columns: dict[str, list[str]] = Field(default_factory=dict)
 
-    def describe(self) -> str:
+    def describe(self, limit: int = 40) -> str:
+        """One line for a plan or a step (at most `limit` changes named: it travels through Temporal)."""
         parts = [f"added table {t}" for t in self.added_tables]
         parts += [f"added {t}({', '.join(c)})" for t, c in self.added_columns.items()]
         parts += [f"dropped table {t}" for t in self.dropped_tables]
         parts += [f"dropped {t}({', '.join(c)})" for t, c in self.dropped_columns.items()]
-        return "; ".join(parts) or "no table or column added or dropped"
+        more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
+        return "; ".join(parts[:limit])[:4000] + more or "no table or column added or dropped"
 
 
 def diff(before: SchemaSnapshot, live: SchemaSnapshot) -> SchemaDiff:

@@ -53,6 +53,12 @@ async def status_when(orch: RollbackOrchestrator, execution_id: str, accept: Cal
     return await eventually(lambda: orch.get_rollback_status(execution_id), accept, timeout=timeout, what=what)
 
 
+async def largest_payload(client: Client, workflow_id: str) -> int:
+    """Bytes of the largest payload (an input, a result, a memo...) in the workflow's history."""
+    raw = (await client.get_workflow_handle(workflow_id).fetch_history()).to_json()
+    return max((len(p.encode()) for p in _decoded_payloads(json.loads(raw))), default=0)
+
+
 def _decoded_payloads(node: Any) -> Iterator[str]:
     """History JSON keeps payload data base64-encoded: a plain substring check would miss a secret."""
     if isinstance(node, dict):

@@ -213,6 +213,44 @@ async def test_kept_rows_are_dropped(conn: asyncpg.Connection) -> None:
         await compare(conn, before, [ACCOUNTS])
 
 
+async def test_a_stored_snapshot_is_taken_once_compared_once_and_discarded_with_its_rows(conn: asyncpg.Connection,
+                                                                                         database: str) -> None:  # noqa: F811
+    """What the rollback's activities rely on: a retried snapshot step finds the first attempt's
+    snapshot, a retried validation finds the report, and the compensation leaves nothing behind."""
+    await _accounts(conn, 2000)
+    first = await integrity.take_stored_snapshot(conn, [ACCOUNTS], label="wf:run:integrity")
+    await _plant(database, "UPDATE accounts SET note = 'changed' WHERE id = 7")
+    again = await integrity.take_stored_snapshot(conn, [ACCOUNTS], label="wf:run:integrity")
+    assert again == first  # not retaken: the application's later write is after "before"
+
+    report = await compare(conn, first, [ACCOUNTS])
+    assert report.ok and _named(report) == {("7",): ("changed", "concurrent_write")}
+    await integrity.store_report(conn, "wf:run:validate", report)
+    assert await integrity.load_report(conn, "wf:run:validate") == report
+    assert await integrity.load_snapshot(conn, "wf:run:integrity") is None  # compared: discarded with its kept rows
+    assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'rollback_archive'") == 0
+
+    other = await integrity.take_stored_snapshot(conn, [ACCOUNTS], label="wf:other:integrity")
+    assert await integrity.discard_snapshot(conn, other.label) is True
+    assert await integrity.discard_snapshot(conn, other.label) is False  # idempotent
+    assert await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = 'rollback_archive'") == 0
+
+
+def test_the_brief_of_a_report_is_bounded_whatever_its_size() -> None:
+    from rollback.integrity import Difference, TableReport
+
+    tables = {f"public.t{n}": TableReport(table=f"public.t{n}", rows_before=10, rows_after=11, differing_buckets=1,
+                                          keyed=True, inserted=1, concurrent=1) for n in range(500)}
+    differences = [Difference(table="public.t1", kind="inserted", key={"id": "k" * 10_000}, bucket=1, after_xmin=5,
+                              cause="concurrent_write", detail="d" * 5000)] * 100
+    report = IntegrityReport(ok=True, summary=integrity._summary(True, tables), label="x", tables=tables,
+                             differences=differences, differences_total=500, notes=["n" * 5000] * 500, seconds=1.0)
+    brief = integrity.brief(report, stored_as="rollback_meta.integrity_reports key x")
+    assert brief.tables_checked == 500 and brief.tables_with_differences == 500 and len(brief.tables) == 20
+    assert len(brief.model_dump_json()) < 32 * 1024
+    assert "and 490 more table(s)" in brief.summary
+
+
 async def test_bad_input_is_named(conn: asyncpg.Connection) -> None:
     await _accounts(conn, 10)
     with pytest.raises(TableNotFound, match="public.nope"):

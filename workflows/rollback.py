@@ -24,8 +24,9 @@ with workflow.unsafe.imports_passed_through():
         RollbackStatus, StepRecord, TargetPlan,
     )
     from rollback.payloads import (
-        BackupInput, BatchInput, BatchResult, IntegrityInput, LockInput, MigrationInput, Notification, NotifyResult,
-        PitrInput, RecordInput, RestoreInput, SwapBackInput, SwitchInput, SwitchResult, ValidateDbInput, ValidateInput,
+        BackupInput, BatchInput, BatchResult, DbStepInput, IntegrityInput, LockInput, MigrationInput, Notification,
+        NotifyResult, PitrInput, RecordInput, RestoreInput, SnapshotRef, SwapBackInput, SwitchInput, SwitchResult,
+        ValidateDbInput, ValidateInput,
     )
     from rollback.settings import SA_ENVIRONMENT, SA_PHASE, SA_STATE, SA_TARGETS, SA_TRIGGER
 
@@ -266,15 +267,16 @@ class RollbackWorkflow:
             await self._step(f"verify backup {item['backup_id']}", "database", lambda i=item: self._activity(
                 "database.verify_backup", BackupInput(environment=environment, key=f"{wf_id}:verify:{i['backup_id']}",
                                                       backup_id=i["backup_id"], revision=None), dict, attempts=attempts, long=True))
-        snapshot = await self._step("integrity snapshot before", "database", lambda: self._activity(
-            "database.integrity_before", IntegrityInput(environment=environment, key=f"{wf_id}:integrity",
-                                                        target_backup_id=target.params["target_backup_id"]),
-            dict, attempts=attempts, long=True))
-        # Undone last: if the rollback fails, the snapshot's per-row hashes (a narrow copy of
-        # every fingerprinted row) would otherwise stay behind in rollback_archive.
+        snapshot_key = f"{wf_id}:integrity"
+        # Undone last, and registered before the step: if the rollback fails, the snapshot's per-row
+        # hashes (a narrow copy of every fingerprinted row) would otherwise stay in rollback_archive,
+        # also when the step stored them and then failed to report back.
         self._undo.append(("discard the integrity snapshot", "database", lambda: self._activity(
-            "database.discard_snapshot", ValidateDbInput(environment=environment, key=f"{wf_id}:integrity", snapshot=snapshot),
-            dict, attempts=attempts)))
+            "database.discard_snapshot", DbStepInput(environment=environment, key=snapshot_key), dict, attempts=attempts)))
+        snapshot: SnapshotRef = await self._step("integrity snapshot before", "database", lambda: self._activity(
+            "database.integrity_before", IntegrityInput(environment=environment, key=snapshot_key,
+                                                        target_backup_id=target.params["target_backup_id"]),
+            SnapshotRef, attempts=attempts, long=True))
         restores: list[dict[str, Any]] = []
         for item in undo:
             revert_in = MigrationInput(environment=environment, key=f"{wf_id}:revert:{item['revision']}",
@@ -288,7 +290,7 @@ class RollbackWorkflow:
                                       revision=item["revision"], backup_id=item["backup_id"], revert=revert)
             restores.append(await self._step(f"restore data destroyed by {item['label']}", "database", lambda r=restore_in: self._activity(
                 "database.restore_data", r, dict, attempts=attempts, long=True)))
-        validate = ValidateDbInput(environment=environment, key=f"{wf_id}:validate", snapshot=snapshot,
+        validate = ValidateDbInput(environment=environment, key=f"{wf_id}:validate", snapshot_label=snapshot.label,
                                    restore_keys=[f"{wf_id}:restore:{i['revision']}" for i in undo],
                                    revert_keys=[f"{wf_id}:revert:{i['revision']}" for i in undo])
         try:
@@ -450,6 +452,9 @@ def _summary(result: Any) -> str:
         return f"{result.successes}/{result.samples} healthy, p95 {result.p95_latency_ms} ms{versions}"
     if isinstance(result, SwitchResult):
         return f"{'reloaded nginx' if result.reloaded else 'already live'}; front door {result.front_door_versions}"
+    if isinstance(result, SnapshotRef):
+        return (f"{result.tables} tables, {result.rows} rows fingerprinted in one REPEATABLE READ snapshot "
+                f"({result.seconds:.2f} s), kept in the database as {result.label}")
     if isinstance(result, BatchResult):
         return f"restarted {result.restarted or 'none (already on version)'}; {result.reloads} nginx reloads"
     if isinstance(result, dict):
@@ -476,10 +481,6 @@ def _database_summary(result: dict[str, Any]) -> str:
                  f"{t['kept_application_version']} kept as the application wrote them{_restore_method(t)}"
                  for t in result["tables"]]
         return "; ".join(parts) or "nothing to restore"
-    if "pg_snapshot" in result:
-        tables = result.get("tables", {})
-        rows = sum(t.get("rows", 0) for t in tables.values())
-        return f"{len(tables)} tables, {rows} rows fingerprinted in one REPEATABLE READ snapshot ({result.get('seconds', 0):.2f} s)"
     if "summary" in result:
         return str(result["summary"])
     if "total_bytes" in result:
