@@ -35,7 +35,8 @@ from rollback.payloads import (
     BackupInput, DbStepInput, IntegrityInput, MigrationInput, PitrInput, RestoreInput, SnapshotRef, SwapBackInput,
     ValidateDbInput,
 )
-from rollback.pg import MissingDsn, database_name, derived_name, dsn_from_env, ident, qualified, with_database
+from rollback.names import bounded_name, derived_name
+from rollback.pg import MissingDsn, database_name, dsn_from_env, ident, qualified, with_database
 from rollback.pgbouncer import PgBouncerError, paused
 from rollback.pgschema import SchemaSnapshot, snapshot
 from rollback.schema_rollback import (
@@ -173,10 +174,17 @@ class DatabaseRollback:
             if not restore_point:
                 why = oldest.restore_point_note if oldest else "no backup of the migration is in the catalog"
                 raise _refuse(f"no restore point to recover to ({why}); pass --restore-point or --target-time")
-        known = oldest is not None and restore_point == oldest.restore_point
-        loss = await pitr.describe_loss(
-            live_dsn=self.dsn(target), restore_point_lsn=oldest.restore_point_lsn if known and oldest else None,
-            since=datetime.fromisoformat(target_time) if target_time else (oldest.created_at if known and oldest else None))
+        # A named restore point is measured from the backup that made it; one made by hand (or by a
+        # backup no longer in the catalog) cannot be located from here, and the statement says so.
+        made_by = next((m for m in self.catalog(target).list(environment) if m.restore_point == restore_point), None) \
+            if restore_point else None
+        try:
+            loss = await pitr.describe_loss(
+                live_dsn=self.dsn(target), restore_point_lsn=made_by.restore_point_lsn if made_by else None,
+                since=datetime.fromisoformat(target_time) if target_time else (made_by.created_at if made_by else None),
+                restore_point=restore_point)
+        except pitr.PitrError as err:
+            raise _refuse(str(err)) from None
         evidence["loses"] = loss
         label = f"restore point {restore_point}" if restore_point else f"time {target_time}"
         return TargetPlan(
@@ -434,7 +442,7 @@ class DatabaseRollback:
         assert target.pitr is not None and target.pitr.work_dir is not None
         dsn = self.dsn(target)
         live = database_name(dsn)
-        replacement = f"{live}_pitr"[:63]
+        replacement = bounded_name(f"{live}_pitr", inp.key)  # `{live}_pitr` cut at 63 bytes could be `live` itself
         source = pitr.PitrSource(base_backup_dir=target.pitr.base_backup_dir, wal_archive_dir=target.pitr.wal_archive_dir,
                                  pg_bin_dir=target.pitr.pg_bin_dir)
         point = pitr.RecoveryTarget(restore_point=inp.restore_point,
@@ -449,9 +457,13 @@ class DatabaseRollback:
                 # The scratch instance is stopped: its data directory (a whole cluster's size) has served.
                 await asyncio.to_thread(shutil.rmtree, work, True)
             await self.close()  # our own pooled sessions on the live database would block the rename
-            await pitr.swap_databases(admin_dsn=with_database(dsn, "postgres"), live=live, replacement=replacement,
-                                      retired=inp.retired_name, terminate_sessions=target.pitr.terminate_sessions,
-                                      timeout=target.pitr.swap_timeout_seconds)
+            try:
+                await pitr.swap_databases(admin_dsn=with_database(dsn, "postgres"), live=live, replacement=replacement,
+                                          retired=inp.retired_name, marker=_retired_marker(inp.key, live),
+                                          terminate_sessions=target.pitr.terminate_sessions,
+                                          timeout=target.pitr.swap_timeout_seconds)
+            except pitr.NameTaken as err:
+                raise _fail(str(err), "PitrRefused") from None
         return {"recovered_to": point.describe(), "live": live, "retired": inp.retired_name}
 
     @activity.defn(name="database.swap_back")
@@ -463,9 +475,14 @@ class DatabaseRollback:
         if not await _database_exists(dsn, inp.retired_name):
             return {"swapped_back": False, "why": f"{inp.retired_name} does not exist: the recovery never swapped"}
         await self.close()
-        await pitr.swap_databases(admin_dsn=with_database(dsn, "postgres"), live=live, replacement=inp.retired_name,
-                                  retired=derived_name(inp.retired_name, live, "pitr_failed"), terminate_sessions=target.pitr.terminate_sessions if target.pitr else False,
-                                  timeout=target.pitr.swap_timeout_seconds if target.pitr else 120)
+        try:
+            await pitr.swap_databases(admin_dsn=with_database(dsn, "postgres"), live=live, replacement=inp.retired_name,
+                                      retired=derived_name(inp.retired_name, live, "pitr_failed"),
+                                      marker=_retired_marker(inp.key, live),
+                                      terminate_sessions=target.pitr.terminate_sessions if target.pitr else False,
+                                      timeout=target.pitr.swap_timeout_seconds if target.pitr else 120)
+        except pitr.NameTaken as err:
+            raise _fail(str(err), "CompensationFailed") from None
         return {"swapped_back": True}
 
     @activity.defn(name="database.current_revision")
@@ -500,6 +517,11 @@ def _integrity_specs(target: SchemaSnapshot, live: SchemaSnapshot) -> list[integ
         key = have.primary_key if set(have.primary_key) <= set(columns) else []
         specs.append(integrity.TableSpec(table=name, key=key, columns=columns))
     return specs
+
+
+def _retired_marker(key: str, live: str) -> str:
+    """The comment of a database retired by a swap: what it is, and which step retired it."""
+    return f"rollback: the {live} database retired by {key}"
 
 
 async def _database_exists(dsn: str, name: str) -> bool:

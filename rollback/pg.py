@@ -6,7 +6,6 @@ DSNs never travel through workflows: configs name an environment variable
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -66,13 +65,6 @@ async def quote_literal(conn: asyncpg.Connection, text: str | None) -> str:
     quoted by the server itself: doubling quotes client-side is wrong under
     standard_conforming_strings = off, where a backslash escapes the quote that follows it."""
     return await conn.fetchval("SELECT quote_nullable($1::text)", text)
-
-
-def derived_name(key: str, table: str, what: str) -> str:
-    """A name for what a rollback creates: stable (a retry finds its own objects), readable, at most 63 bytes."""
-    digest = hashlib.sha256(f"{key}:{table}:{what}".encode()).hexdigest()[:10]
-    readable = f"{table.replace('.', '_')}_{what}"[:40]
-    return f"rb_{digest}_{readable}"
 
 
 async def connect(dsn: str, *, timeout: float = 10, application_name: str = "rollback") -> asyncpg.Connection:

@@ -575,13 +575,21 @@ async def _sessions(admin: asyncpg.Connection, names: list[str]) -> list[_Sessio
                      application_name=r["application_name"] or "", state=r["state"]) for r in rows]
 
 
-async def swap_databases(*, admin_dsn: str, live: str, replacement: str, retired: str, terminate_sessions: bool,
-                         timeout: float, progress: Progress | None = None) -> None:
+class NameTaken(SwapFailed):
+    """The name the live database is to be retired under belongs to another database."""
+
+
+async def swap_databases(*, admin_dsn: str, live: str, replacement: str, retired: str, marker: str,
+                         terminate_sessions: bool, timeout: float, progress: Progress | None = None) -> None:
     """Rename live -> retired and replacement -> live, in one transaction (both or neither).
 
-    PostgreSQL refuses to rename a database with sessions on it: with terminate_sessions they are
-    terminated (only those of the two databases), otherwise we wait for them to leave until the
-    deadline and then fail naming them. Already swapped (replacement gone, retired present): done.
+    The database that goes live keeps the live one's comment; the retired one's comment becomes
+    `marker` (unique to the step that swaps), which says what it is to whoever lists databases and
+    lets a retry recognise its own swap. PostgreSQL refuses to rename a database with sessions on
+    it: with terminate_sessions they are terminated (only those of the two databases), otherwise
+    we wait for them to leave until the deadline and then fail naming them. Already swapped
+    (replacement gone, retired present with our marker): done. A retired name taken by any other
+    database is refused: taking it for our own would put someone else's data live on compensation.
     """
     if len({live, replacement, retired}) != 3:
         raise SwapFailed("live, replacement and retired must be three different database names")
@@ -592,19 +600,27 @@ async def swap_databases(*, admin_dsn: str, live: str, replacement: str, retired
     try:
         present = {r["datname"] for r in await admin.fetch(
             "SELECT datname FROM pg_database WHERE datname = ANY($1::text[])", [live, replacement, retired])}
+        if retired in present and await _comment(admin, retired) != marker:
+            raise NameTaken(f"database {retired} already exists and was not retired by this step ({marker}); "
+                            "not touching it")
         if replacement not in present and retired in present and live in present:
             _say(progress, f"{live} was already swapped ({retired} holds the old data)")
             return
         if present != {live, replacement}:
             raise SwapFailed(f"cannot swap: expected databases {live} and {replacement} and no {retired}; "
                              f"found {', '.join(sorted(present)) or 'none of them'}")
-        await _rename_when_free(admin, live=live, replacement=replacement, retired=retired,
+        await _rename_when_free(admin, live=live, replacement=replacement, retired=retired, marker=marker,
                                 terminate_sessions=terminate_sessions, timeout=timeout, progress=progress)
     finally:
         await admin.close(timeout=10)
 
 
-async def _rename_when_free(admin: asyncpg.Connection, *, live: str, replacement: str, retired: str,
+async def _comment(admin: asyncpg.Connection, database: str) -> str | None:
+    return await admin.fetchval("SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1",
+                                database)
+
+
+async def _rename_when_free(admin: asyncpg.Connection, *, live: str, replacement: str, retired: str, marker: str,
                             terminate_sessions: bool, timeout: float, progress: Progress | None) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -619,8 +635,11 @@ async def _rename_when_free(admin: asyncpg.Connection, *, live: str, replacement
             # with "being accessed by other users" and we go round again.
             try:
                 async with admin.transaction():
+                    comment = await _comment(admin, live)
                     await admin.execute(f"ALTER DATABASE {ident(live)} RENAME TO {ident(retired)}", timeout=30)
                     await admin.execute(f"ALTER DATABASE {ident(replacement)} RENAME TO {ident(live)}", timeout=30)
+                    await admin.execute(f"COMMENT ON DATABASE {ident(live)} IS {await quote_literal(admin, comment)}")
+                    await admin.execute(f"COMMENT ON DATABASE {ident(retired)} IS {await quote_literal(admin, marker)}")
                 _say(progress, f"swapped: {replacement} is now {live}; the old data is in {retired}")
                 return
             except asyncpg.ObjectInUseError:
@@ -647,13 +666,20 @@ def _lsn_text(lsn: str | int) -> str:
 
 
 async def describe_loss(*, live_dsn: str, restore_point_lsn: str | int | None, since: datetime | None,
-                        max_tables: int = 10) -> str:
-    """One or two lines, for the person approving: what recovering to the target throws away."""
-    if restore_point_lsn is None and since is None:
-        raise PitrError("describe_loss needs restore_point_lsn or since")
+                        restore_point: str | None = None, max_tables: int = 10) -> str:
+    """One or two lines, for the person approving: what recovering to the target throws away.
+
+    Without a position (LSN) or a time, the restore point's place in the WAL is unknown (it was made
+    by hand, or by a backup no longer in the catalog): the statement says everything after it is lost.
+    """
+    if restore_point_lsn is None and since is None and restore_point is None:
+        raise PitrError("describe_loss needs restore_point_lsn, since or restore_point")
     conn = await _connect(live_dsn, error=PitrError, what="the live database")
     try:
         first = []
+        if restore_point_lsn is None and since is None:
+            first.append(f"everything written after restore point {restore_point!r}, which is not in the backup "
+                         "catalog, so how much that is cannot be measured here")
         if restore_point_lsn is not None:
             restore_point_lsn = _lsn_text(restore_point_lsn)
             try:

@@ -30,7 +30,8 @@ from pydantic import BaseModel, Field
 
 from rollback.backups import TableCopy, open_table_copy
 from rollback.migrations import AttemptWrapper, Migration, MigrationError, in_transaction_with_lock_timeout
-from rollback.pg import derived_name, ident, qualified, written_after
+from rollback.names import derived_name
+from rollback.pg import ident, qualified, written_after
 from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
 from rollback.table_rebuild import LockPolicy, RebuildRefused, rebuild_table
 

@@ -50,7 +50,8 @@ import asyncpg
 
 from rollback.backups import TableCopy
 from rollback.migrations import AttemptWrapper, MigrationError, in_transaction_with_lock_timeout
-from rollback.pg import derived_name, ident, qualified, quote_literal, written_after
+from rollback.names import derived_name
+from rollback.pg import ident, qualified, quote_literal, written_after
 from rollback.pgschema import TableShape
 
 ARCHIVE_SCHEMA = "rollback_archive"

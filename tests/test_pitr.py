@@ -14,6 +14,7 @@ from rollback.pg import ident, local_dsn, with_database
 from rollback.pitr import (
     PitrSource,
     CopyFailed,
+    NameTaken,
     RecoveryFailed,
     RecoveryTarget,
     SessionsConnected,
@@ -98,11 +99,18 @@ async def test_recover_to_restore_point_copy_and_swap(archiving_cluster: Archivi
     assert not (cluster.base_dir / "base" / "recovery.signal").exists()
 
     retired = f"app_retired_{uuid.uuid4().hex[:6]}"
+    await _execute(cluster.dsn(), "COMMENT ON DATABASE app IS 'the shop''s data'")
     for _ in range(2):  # the second call finds it swapped already and succeeds
         await swap_databases(admin_dsn=cluster.dsn(), live="app", replacement="app_pitr", retired=retired,
-                             terminate_sessions=False, timeout=10)
+                             marker="retired by step k1", terminate_sessions=False, timeout=10)
     assert await batches(cluster.dsn("app")) == {"A": 50, "B": 50}
     assert await batches(cluster.dsn(retired)) == {"A": 50, "B": 50, "C": 50}
+    comments = await _comments(cluster.dsn(), ["app", retired])
+    assert comments == {"app": "the shop's data", retired: "retired by step k1"}
+    # Another step finding that name taken refuses, rather than taking the database for its own.
+    with pytest.raises(NameTaken, match=f"{retired} already exists and was not retired by this step"):
+        await swap_databases(admin_dsn=cluster.dsn(), live="app", replacement="app_pitr", retired=retired,
+                             marker="retired by step k2", terminate_sessions=False, timeout=10)
     # The restored table keeps working for the application: its sequence continues past the ids it
     # holds (recovered sequences skip ahead, as PostgreSQL logs them 32 values in advance).
     conn = await asyncpg.connect(cluster.dsn("app"), timeout=10)
@@ -218,9 +226,9 @@ async def test_swap_waits_for_sessions_or_terminates_them() -> None:
     try:
         with pytest.raises(SessionsConnected, match=rf"pid {holder.get_server_pid()} on {live} .*report-job.*idle"):
             await swap_databases(admin_dsn=local_dsn(), live=live, replacement=replacement, retired=retired,
-                                 terminate_sessions=False, timeout=1)
+                                 marker="m", terminate_sessions=False, timeout=1)
         await swap_databases(admin_dsn=local_dsn(), live=live, replacement=replacement, retired=retired,
-                             terminate_sessions=True, timeout=10)
+                             marker="m", terminate_sessions=True, timeout=10)
         admin = await asyncpg.connect(local_dsn(), timeout=10)
         try:
             present = {r["datname"] for r in await admin.fetch(
@@ -234,6 +242,24 @@ async def test_swap_waits_for_sessions_or_terminates_them() -> None:
             holder.terminate()
         for name in (live, replacement, retired):
             await drop_database(name)
+
+
+async def _execute(dsn: str, sql: str) -> None:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def _comments(dsn: str, databases: list[str]) -> dict[str, str | None]:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        return dict(tuple(r) for r in await conn.fetch(  # type: ignore[misc]
+            "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = ANY($1::text[])",
+            databases))
+    finally:
+        await conn.close()
 
 
 async def _alive(conn: asyncpg.Connection) -> bool:

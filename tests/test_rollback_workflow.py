@@ -290,3 +290,25 @@ async def test_dry_run_and_explicit_to_version(blue_green, tmp_path, client, tas
     assert await orch.wait(missing.execution_id) is None
     refused = await orch.get_rollback_status(missing.execution_id)
     assert refused.state == Phase.FAILED and "no standby colour serves v9" in (refused.error or "")
+
+
+async def test_a_workflow_id_reused_in_the_same_second_performs_its_own_effects(blue_green, tmp_path, client, task_queue,
+                                                                                run_worker, monkeypatch):
+    """Ids have one-second resolution and are reused once a run ends: the second run's records and
+    notifications are its own, not skipped as the first run's."""
+    monkeypatch.setattr("rollback.client.workflow_id_for", lambda environment: f"rollback-{environment}-20261203T120000")
+    await run_worker(write_config(blue_green, tmp_path))
+    orch = orchestrator(client, task_queue)
+    state = StateStore(blue_green.base_dir / "state")
+    for bad in ["v2", "v3"]:
+        blue_green.deploy(bad, "errors")
+        assert state.versions("demo", "backend").current == bad
+        started = await orch.initiate_rollback(targets=BACKEND, initiated_by="tester")
+        assert started.execution_id == "rollback-demo-20261203T120000"
+        result = await orch.wait(started.execution_id)
+        assert result is not None and result.state == Phase.SUCCEEDED, result
+        assert await front_version(blue_green.front_url) == "v1"
+        versions = state.versions("demo", "backend")
+        assert (versions.current, versions.known_good) == ("v1", "v1"), f"after rolling back {bad}"
+    sent = [(n["event"], n["fields"]["state"]) for n in notifications(blue_green)]
+    assert sent == [("started", "coordination"), ("succeeded", "succeeded")] * 2

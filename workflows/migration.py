@@ -21,6 +21,7 @@ with workflow.unsafe.imports_passed_through():
     from rollback.models import MigrateRequest, MigrateResult
     from rollback.payloads import BackupInput, LockInput, MigrationInput, RecordInput
 
+from workflows.keys import effect_key
 from workflows.rollback import describe_failure
 
 NON_RETRYABLE = ["InvalidRequest", "EnvironmentLocked", "MigrationFailed", "BackupCorrupt", "CredentialsMissing"]
@@ -60,7 +61,7 @@ class DatabaseMigrationWorkflow:
 
     async def _migrate(self, request: MigrateRequest, wf_id: str) -> MigrateResult:
         env = request.environment
-        plan = await self._call("database.plan_migration", MigrationInput(environment=env, key=f"{wf_id}:plan",
+        plan = await self._call("database.plan_migration", MigrationInput(environment=env, key=effect_key("plan"),
                                                                           revision=request.to_revision), dict, attempts=5)
         current, applied, backups = plan["current"], [], []
         self._say(f"database at {current or 'no revision'}; to apply: {', '.join(plan['labels']) or 'nothing'}")
@@ -71,17 +72,17 @@ class DatabaseMigrationWorkflow:
             run = f"-{workflow.info().run_id[-8:]}" if workflow.patched("backup-id-per-run") else ""
             backup_id = f"{env}-{revision}-{wf_id.rsplit('-', 1)[-1]}{run}"
             self._say(f"backing up before {label} ({backup_id})")
-            backup = await self._call("database.backup", BackupInput(environment=env, key=f"{wf_id}:backup:{revision}",
+            backup = await self._call("database.backup", BackupInput(environment=env, key=effect_key("backup", revision),
                                                                      backup_id=backup_id, revision=current, next_revision=revision),
                                       dict, attempts=5, long=True)
             backups.append(backup_id)
             self._say(f"backup {backup_id}: {backup['total_bytes']} bytes, restore point {backup['restore_point'] or 'none'}")
             self._say(f"applying {label}")
-            await self._call("database.apply_migration", MigrationInput(environment=env, key=f"{wf_id}:apply:{revision}",
+            await self._call("database.apply_migration", MigrationInput(environment=env, key=effect_key("apply", revision),
                                                                         revision=revision, backup_id=backup_id),
                              dict, attempts=3, long=True)
             await self._call("coordination.record_deployed", RecordInput(environment=env, target="database", version=revision,
-                                                                         key=f"{wf_id}:record:{revision}"), None, attempts=10)
+                                                                         key=effect_key("record", revision)), None, attempts=10)
             applied.append(revision)
             current = revision
             self._say(f"applied {label}; database at {revision}")

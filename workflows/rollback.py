@@ -28,7 +28,10 @@ with workflow.unsafe.imports_passed_through():
         NotifyResult, PitrInput, RecordInput, RestoreInput, SnapshotRef, SwapBackInput, SwitchInput, SwitchResult,
         ValidateDbInput, ValidateInput,
     )
+    from rollback.names import bounded_name
     from rollback.settings import SA_ENVIRONMENT, SA_PHASE, SA_STATE, SA_TARGETS, SA_TRIGGER
+
+from workflows.keys import effect_key
 
 # Errors that retrying cannot fix; activities also mark them non-retryable themselves.
 NON_RETRYABLE = ["InvalidRequest", "AssessmentRefused", "EnvironmentLocked", "UnhealthyAfterDeploy", "IntegrityViolation",
@@ -253,11 +256,15 @@ class RollbackWorkflow:
     async def _execute_database(self, environment: str, target: TargetPlan, attempts: int) -> None:
         wf_id = workflow.info().workflow_id
         if target.strategy == "pitr":
-            retired = f"retired_{wf_id.removeprefix('rollback-')}".replace("-", "_")[:63]
-            recover = PitrInput(environment=environment, key=f"{wf_id}:pitr", restore_point=target.params.get("restore_point"),
+            recovery = effect_key("pitr")
+            # Readable, and unique to this run whatever the environment's length: cut at 63 bytes, a
+            # second recovery would find the first one's retired database and take it for its own.
+            readable = f"retired_{wf_id.removeprefix('rollback-')}".replace("-", "_")
+            retired = bounded_name(readable, recovery) if workflow.patched("effect-keys-per-run") else readable[:63]
+            recover = PitrInput(environment=environment, key=recovery, restore_point=target.params.get("restore_point"),
                                 target_time=target.params.get("target_time"), retired_name=retired)
             self._undo.append(("swap the pre-recovery database back in", "database", lambda: self._activity(
-                "database.swap_back", SwapBackInput(environment=environment, key=f"{wf_id}:swap_back", retired_name=retired),
+                "database.swap_back", SwapBackInput(environment=environment, key=effect_key("swap_back"), retired_name=retired),
                 dict, attempts=attempts, long=True)))
             await self._step(target.steps[0], "database", lambda: self._activity(
                 "database.pitr", recover, dict, attempts=attempts, long=True))
@@ -265,9 +272,9 @@ class RollbackWorkflow:
         undo: list[dict[str, str]] = target.params["undo"]
         for item in undo:
             await self._step(f"verify backup {item['backup_id']}", "database", lambda i=item: self._activity(
-                "database.verify_backup", BackupInput(environment=environment, key=f"{wf_id}:verify:{i['backup_id']}",
+                "database.verify_backup", BackupInput(environment=environment, key=effect_key("verify", i["backup_id"]),
                                                       backup_id=i["backup_id"], revision=None), dict, attempts=attempts, long=True))
-        snapshot_key = f"{wf_id}:integrity"
+        snapshot_key = effect_key("integrity")
         # Undone last, and registered before the step: if the rollback fails, the snapshot's per-row
         # hashes (a narrow copy of every fingerprinted row) would otherwise stay in rollback_archive,
         # also when the step stored them and then failed to report back.
@@ -279,20 +286,20 @@ class RollbackWorkflow:
             SnapshotRef, attempts=attempts, long=True))
         restores: list[dict[str, Any]] = []
         for item in undo:
-            revert_in = MigrationInput(environment=environment, key=f"{wf_id}:revert:{item['revision']}",
+            revert_in = MigrationInput(environment=environment, key=effect_key("revert", item["revision"]),
                                        revision=item["revision"], backup_id=item["backup_id"])
             # Registered first: a revert whose transaction committed just before a crash must be undone too.
             self._undo.append((f"re-apply {item['label']} (undo its revert)", "database", lambda r=revert_in: self._activity(
                 "database.reapply_migration", r, dict, attempts=attempts, long=True)))
             revert = await self._step(f"revert schema {item['label']}", "database", lambda r=revert_in: self._activity(
                 "database.revert_migration", r, dict, attempts=attempts, long=True))
-            restore_in = RestoreInput(environment=environment, key=f"{wf_id}:restore:{item['revision']}",
+            restore_in = RestoreInput(environment=environment, key=effect_key("restore", item["revision"]),
                                       revision=item["revision"], backup_id=item["backup_id"], revert=revert)
             restores.append(await self._step(f"restore data destroyed by {item['label']}", "database", lambda r=restore_in: self._activity(
                 "database.restore_data", r, dict, attempts=attempts, long=True)))
-        validate = ValidateDbInput(environment=environment, key=f"{wf_id}:validate", snapshot_label=snapshot.label,
-                                   restore_keys=[f"{wf_id}:restore:{i['revision']}" for i in undo],
-                                   revert_keys=[f"{wf_id}:revert:{i['revision']}" for i in undo])
+        validate = ValidateDbInput(environment=environment, key=effect_key("validate"), snapshot_label=snapshot.label,
+                                   restore_keys=[effect_key("restore", i["revision"]) for i in undo],
+                                   revert_keys=[effect_key("revert", i["revision"]) for i in undo])
         try:
             report = await self._step("validate database integrity", "database", lambda: self._activity(
                 "database.validate", validate, dict, attempts=attempts, long=True))
@@ -303,7 +310,6 @@ class RollbackWorkflow:
 
     async def _validation(self, request: RollbackRequest, plan: RollbackPlan) -> None:
         self._enter(Phase.VALIDATION)
-        wf_id = workflow.info().workflow_id
         for target in plan.targets:
             if target.target.value == "backend":
                 # Execution already checked health after each step; this is the end-to-end
@@ -317,16 +323,15 @@ class RollbackWorkflow:
                     request.environment, t.to_version))
         for target in plan.targets:
             record = RecordInput(environment=request.environment, target=target.target.value,
-                                 version=target.to_version, key=f"{wf_id}:record:{target.target.value}")
+                                 version=target.to_version, key=effect_key("record", target.target.value))
             await self._step(f"record {target.target.value} {target.to_version} as current and known-good",
                              target.target.value, lambda r=record: self._activity("coordination.record_restored", r, None, attempts=10))
         # The steps are done; nothing left to undo if a later notification fails.
         self._undo.clear()
 
     async def _revision_is(self, environment: str, expected: str) -> str:
-        wf_id = workflow.info().workflow_id
         revision = await self._activity("database.current_revision", BackupInput(
-            environment=environment, key=f"{wf_id}:revision", backup_id="-", revision=None), str, attempts=5)
+            environment=environment, key=effect_key("revision"), backup_id="-", revision=None), str, attempts=5)
         if revision != expected:
             raise ApplicationError(f"database is at revision {revision}, expected {expected}", type="Unhealthy", non_retryable=True)
         return revision
@@ -351,9 +356,9 @@ class RollbackWorkflow:
         if self._lock_held:
             await self._activity("coordination.release_lock", self._lock_input(), None, attempts=20)
             self._lock_held = False
+        self._status.state = state  # before the notification, which carries it
         await self._notify(state.value, f"rollback {workflow.info().workflow_id} of {self._status.environment} "
                                         f"ended {state.value}" + (f": {error}" if error else ""))
-        self._status.state = state
         self._status.finished_at = workflow.now()
         workflow.upsert_search_attributes([SA_STATE.value_set(state.value), SA_PHASE.value_set(state.value)])
         self._status.phase = state
@@ -384,7 +389,7 @@ class RollbackWorkflow:
     async def _notify(self, event: str, message: str) -> None:
         assert self._status is not None
         note = Notification(environment=self._status.environment, event=event, message=message,
-                            key=f"{workflow.info().workflow_id}:{event}",
+                            key=effect_key(event),
                             fields={"workflow_id": workflow.info().workflow_id, "state": self._status.state.value})
         try:
             await self._activity("notify.send", note, NotifyResult, attempts=5)
