@@ -435,7 +435,7 @@ class RollbackWorkflow:
             raise
         record.state, record.finished = ("compensated" if not planned else "succeeded"), workflow.now()
         record.attempts = result.get("attempt", record.attempts) if isinstance(result, dict) else getattr(result, "attempt", record.attempts)
-        record.detail = _summary(result)
+        record.detail = _summary(result)[:2000]  # a step record lives in the status, the memo and every query
         if planned and _cancel_requested():
             raise asyncio.CancelledError("cancel requested while this step ran to completion")
         return result
