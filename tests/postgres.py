@@ -11,11 +11,12 @@ import pytest_asyncio
 from rollback.pg import ident, local_dsn
 
 
-async def create_database(prefix: str = "rb_test") -> str:
+async def create_database(prefix: str = "rb_test", options: str = "") -> str:
+    """A new database `<prefix>_<random>`; `options` are CREATE DATABASE's (e.g. ENCODING ...)."""
     name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(local_dsn(), timeout=10)
     try:
-        await admin.execute(f"CREATE DATABASE {ident(name)}")
+        await admin.execute(f"CREATE DATABASE {ident(name)} {options}")
     finally:
         await admin.close()
     return name

@@ -28,9 +28,8 @@ async def _execute(dsn: str, sql: str) -> object:
         await conn.close()
 
 
-async def test_pitr_needs_approval_states_the_loss_and_swaps_in_the_recovered_database(
-        archiving_cluster: ArchivingCluster, tmp_path, client, task_queue, run_worker, monkeypatch):  # noqa: F811
-    cluster = archiving_cluster
+async def pitr_environment(cluster: ArchivingCluster, tmp_path, monkeypatch, environment: str) -> ConfigSource:
+    """`environment`: the cluster's database `shop`, a base backup taken now, PITR configured."""
     await _execute(cluster.dsn(), "CREATE DATABASE shop")
     variable = f"SHOP_PITR_DSN_{uuid.uuid4().hex[:6].upper()}"
     monkeypatch.setenv(variable, cluster.dsn("shop"))
@@ -38,12 +37,18 @@ async def test_pitr_needs_approval_states_the_loss_and_swaps_in_the_recovered_da
     config_path = tmp_path / "rollback.yaml"
     config_path.write_text(yaml.safe_dump({
         "state_dir": str(tmp_path / "state"), "rollback": {"notification_channels": ["log"]},
-        "environments": {"shop": {"targets": {"database": {
+        "environments": {environment: {"targets": {"database": {
             "dsn_env": variable, "migrations": str(write_migrations(tmp_path / "migrations", DESTRUCTIVE)),
             "pitr": {"base_backup_dir": str(cluster.base_dir / "base"), "wal_archive_dir": str(cluster.archive_dir),
                      "work_dir": str(cluster.workspace("pitr")), "terminate_sessions": True}}}}},
     }))
-    await run_worker(ConfigSource(config_path))
+    return ConfigSource(config_path)
+
+
+async def test_pitr_needs_approval_states_the_loss_and_swaps_in_the_recovered_database(
+        archiving_cluster: ArchivingCluster, tmp_path, client, task_queue, run_worker, monkeypatch):  # noqa: F811
+    cluster = archiving_cluster
+    await run_worker(await pitr_environment(cluster, tmp_path, monkeypatch, "shop"))
     orch = orchestrator(client, task_queue)
     await migrate(orch, "0001")
     await migrate(orch, "0002")  # its backup created the restore point we go back to
@@ -81,19 +86,7 @@ async def test_two_recoveries_of_a_long_named_environment_each_retire_their_own_
     recovers to a restore point made by hand, which no backup in the catalog knows."""
     cluster = archiving_cluster
     environment = "shop-" + "a" * 58
-    await _execute(cluster.dsn(), "CREATE DATABASE shop")
-    variable = f"SHOP_PITR_DSN_{uuid.uuid4().hex[:6].upper()}"
-    monkeypatch.setenv(variable, cluster.dsn("shop"))
-    await take_base_backup(dsn=cluster.dsn(), target_dir=cluster.base_dir / "base")
-    config_path = tmp_path / "rollback.yaml"
-    config_path.write_text(yaml.safe_dump({
-        "state_dir": str(tmp_path / "state"), "rollback": {"notification_channels": ["log"]},
-        "environments": {environment: {"targets": {"database": {
-            "dsn_env": variable, "migrations": str(write_migrations(tmp_path / "migrations", DESTRUCTIVE)),
-            "pitr": {"base_backup_dir": str(cluster.base_dir / "base"), "wal_archive_dir": str(cluster.archive_dir),
-                     "work_dir": str(cluster.workspace("pitr")), "terminate_sessions": True}}}}},
-    }))
-    await run_worker(ConfigSource(config_path))
+    await run_worker(await pitr_environment(cluster, tmp_path, monkeypatch, environment))
     orch = orchestrator(client, task_queue)
     shop = cluster.dsn("shop")
 

@@ -7,7 +7,6 @@ revert, restore) on the real PostgreSQL, without the workflow.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from rollback.migrations import MigrationError, apply_up, load_migrations
 from rollback.pg import ident, local_dsn
 from rollback.schema_rollback import RebuildOptions, RestoreResult, RevertResult, restore_data, revert_schema
 from rollback.table_rebuild import LockPolicy
-from tests.postgres import create_database, drop_database
+from tests.postgres import create_database, database, drop_database  # noqa: F401 - fixture
 
 
 async def backed_up_and_reverted(dsn: str, tmp_path: Path, setup: str, migration: tuple[str, str], *,
@@ -65,28 +64,14 @@ async def rows(dsn: str, sql: str) -> list[asyncpg.Record]:
 
 @pytest_asyncio.fixture
 async def latin1_database() -> AsyncIterator[str]:
-    name = f"rb_latin1_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(local_dsn(), timeout=10)
-    try:
-        await admin.execute(f"CREATE DATABASE {ident(name)} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
-    finally:
-        await admin.close()
+    name = await create_database("rb_latin1", "ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
     try:
         yield name
     finally:
         await drop_database(name)
 
 
-@pytest_asyncio.fixture
-async def database() -> AsyncIterator[str]:
-    name = await create_database()
-    try:
-        yield name
-    finally:
-        await drop_database(name)
-
-
-async def test_a_mixed_case_partitioned_table_is_refused_not_restored_empty(database, tmp_path):
+async def test_a_mixed_case_partitioned_table_is_refused_not_restored_empty(database, tmp_path):  # noqa: F811
     """to_regclass('public.Events') folds to public.events: the partition guard must quote the name."""
     dsn = local_dsn(database)
     setup = """CREATE TABLE "Events" (id bigint, at date NOT NULL, detail text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
@@ -99,7 +84,7 @@ async def test_a_mixed_case_partitioned_table_is_refused_not_restored_empty(data
         await restore(dsn, backup, revert)
 
 
-async def test_stored_generated_columns_are_recomputed_and_the_rest_restored(database, tmp_path):
+async def test_stored_generated_columns_are_recomputed_and_the_rest_restored(database, tmp_path):  # noqa: F811
     """pg_dump leaves STORED generated columns out of its COPY: the restore follows its column list."""
     dsn = local_dsn(database)
     setup = """CREATE TABLE items (id bigint PRIMARY KEY, price numeric(10,2) NOT NULL, qty int NOT NULL,
@@ -140,7 +125,7 @@ async def test_a_latin1_database_gets_its_own_characters_back(latin1_database, t
     assert [t.method for t in result.tables] == ["rebuild" if rebuild else "merge"]
 
 
-async def test_a_comment_with_a_backslash_quote_is_carried_verbatim_without_standard_conforming_strings(database, tmp_path):
+async def test_a_comment_with_a_backslash_quote_is_carried_verbatim_without_standard_conforming_strings(database, tmp_path):  # noqa: F811
     """A table rebuild writes the table's comment into DDL: with standard_conforming_strings off a
     backslash escapes the quote after it, so quoting must be the server's, not ours."""
     dsn = local_dsn(database)
