@@ -516,6 +516,17 @@ async def test_retention_schedule_deletes_only_unpinned_expired_backups_and_old_
     await fetch(dsn, "UPDATE rollback_meta.reverts SET done_at = done_at - interval '40 days'")
     archives_before = await value(dsn, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'rollback_archive' "
                                        "AND table_name LIKE 'rb_%'")
+    # An integrity snapshot a terminated rollback left behind, and the first rollback's report, both old.
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        from rollback.integrity import TableSpec, take_stored_snapshot
+        await take_stored_snapshot(conn, [TableSpec(table="public.orders", key=["id"], columns=["id", "amount"])],
+                                   label="terminated:integrity")
+        await conn.execute("UPDATE rollback_meta.integrity_snapshots SET taken_at = taken_at - interval '40 days'; "
+                           "UPDATE rollback_meta.integrity_reports SET done_at = done_at - interval '40 days'")
+    finally:
+        await conn.close()
+    assert await _kept_row_tables(dsn) == 1
 
     schedule = client.get_schedule_handle(await orch.ensure_retention_schedule())
 
@@ -542,10 +553,14 @@ async def test_retention_schedule_deletes_only_unpinned_expired_backups_and_old_
     assert sorted(report["deleted"]) == sorted(m.id for m in everything[1:])
     assert [m.id for m in catalog.list("shop")] == [needed.id]
     assert Path(needed.path).is_dir() and not any(Path(m.path).exists() for m in everything[1:])
-    # The archive tables of the 40-day-old rollback are dropped too.
-    assert archives_before == 2 and len(report["archives_dropped"]) == 2
+    # The archive tables of the 40-day-old rollback are dropped too, and old integrity records.
+    assert archives_before == 2 and len(report["archives_dropped"]) == 4, report["archives_dropped"]
+    assert "terminated:integrity" in report["archives_dropped"]
     assert await value(dsn, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'rollback_archive' "
                             "AND table_name LIKE 'rb_%'") == 0
+    assert await _kept_row_tables(dsn) == 0
+    assert await value(dsn, "SELECT count(*) FROM rollback_meta.integrity_snapshots") == 0
+    assert await value(dsn, "SELECT count(*) FROM rollback_meta.integrity_reports") == 0
 
 
 async def test_alembic_project_migrated_and_rolled_back_through_the_workflow(shop, tmp_path, client, task_queue, run_worker):
