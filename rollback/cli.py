@@ -26,7 +26,7 @@ from temporalio.service import RPCError
 
 from rollback.client import RollbackError, RollbackOrchestrator
 from rollback.config import ConfigError, load_config
-from rollback.models import TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus
+from rollback.models import TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, version_problem
 from rollback.settings import config_path
 from rollback.state import StateStore
 
@@ -68,6 +68,13 @@ def run(action: Callable[[], Awaitable[int | None]]) -> None:
     except KeyboardInterrupt:
         _exit(130)
     _exit(code or 0)
+
+
+def _checked_version(version: str, option: str = "--version") -> str:
+    problem = version_problem(version)
+    if problem is not None:
+        raise ValueError(f"{option}: {problem}")
+    return version
 
 
 def _parse_versions(pairs: list[str]) -> dict[str, str] | None:
@@ -325,6 +332,7 @@ def record_deploy(environment: str = typer.Option(..., "--environment", "-e"), t
     """Record a release your pipeline deployed: it becomes current, the previous one known-good."""
 
     async def action() -> int:
+        _checked_version(version)
         config = load_config(config_path())
         if environment not in config.environments:
             raise RollbackError(f"unknown environment {environment!r}; configured: {', '.join(sorted(config.environments))}")
@@ -505,6 +513,7 @@ def dev_deploy(target: str = typer.Option(..., "--target"), version: str = typer
     from rollback.dev.stack import DevStack
 
     async def action() -> int:
+        _checked_version(version)  # before the stack is touched: it becomes instance arguments
         await asyncio.to_thread(DevStack().deploy, target, version, fault)
         return 0
 

