@@ -11,7 +11,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.backend import BackendRollback
 from activities.database import DatabaseRollback
-from rollback.config import ConfigSource
+from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigSource
 from rollback.models import EXECUTION_ORDER, RollbackPlan, RollbackRequest, RollbackTarget, TargetPlan, version_problem
 from rollback.payloads import LockInput, RecordInput
 from rollback.state import StateStore, TargetVersions
@@ -52,6 +52,12 @@ class Coordination:
         env = config.environment(request.environment)
         configured = env.targets.configured()
         wanted = configured if request.targets == [RollbackTarget.FULL] else [t.value for t in request.targets]
+        unavailable = [t for t in wanted if t in NOT_YET_AVAILABLE]
+        if unavailable:
+            # In the request format, but no slice yet: say so, rather than "not configured".
+            raise _invalid("targets", f"{', '.join(unavailable)} {'is' if len(unavailable) == 1 else 'are'} not available yet "
+                                      f"(this version rolls back {', '.join(CONFIGURABLE_TARGETS)}; "
+                                      f"configured for {request.environment!r}: {', '.join(configured) or 'none'})")
         missing = [t for t in wanted if t not in configured]
         if missing:
             raise _invalid("targets", f"{', '.join(missing)} not configured for {request.environment!r} (configured: {', '.join(configured)})")

@@ -25,12 +25,17 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from rollback.client import RollbackError, RollbackOrchestrator
-from rollback.config import ConfigError, load_config
-from rollback.models import TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, version_problem
+from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigError, load_config
+from rollback.models import TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget, version_problem
 from rollback.settings import config_path
 from rollback.state import StateStore
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Durable rollbacks of database, backend and frontend.")
+_TARGETS_HELP = (f"{', '.join(CONFIGURABLE_TARGETS)} or full (repeatable)"
+                 + "".join(f"; {name} is not available yet" for name in NOT_YET_AVAILABLE))
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help=f"Durable rollbacks of {' and '.join(CONFIGURABLE_TARGETS)}"
+                       + "".join(f" ({name} is not available yet)" for name in NOT_YET_AVAILABLE) + ".")
 dev_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The local demo stack.")
 app.add_typer(dev_app, name="dev")
 monitor_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous health monitoring.")
@@ -70,6 +75,16 @@ def run(action: Callable[[], Awaitable[int | None]]) -> None:
     _exit(code or 0)
 
 
+def _checked_targets(targets: list[str]) -> list[str]:
+    """Refuse, before anything runs, a target this version cannot roll back, saying why."""
+    for name in targets:
+        if name in NOT_YET_AVAILABLE:
+            raise ValueError(f"targets: {name} is not available yet (this version rolls back {', '.join(CONFIGURABLE_TARGETS)})")
+        if name not in (*CONFIGURABLE_TARGETS, RollbackTarget.FULL.value):
+            raise ValueError(f"targets: unknown target {name!r}; use {', '.join(CONFIGURABLE_TARGETS)} or full")
+    return targets
+
+
 def _checked_version(version: str, option: str = "--version") -> str:
     problem = version_problem(version)
     if problem is not None:
@@ -90,7 +105,7 @@ def _parse_versions(pairs: list[str]) -> dict[str, str] | None:
 @app.command()
 def start(
     environment: str = typer.Option(..., "--environment", "-e", help="environment name from rollback.yaml"),
-    target: list[str] = typer.Option(..., "--target", "-t", help="database, backend, frontend or full (repeatable)"),
+    target: list[str] = typer.Option(..., "--target", "-t", help=_TARGETS_HELP),
     reason: str = typer.Option("", help="why; shown to approvers and in the record"),
     initiated_by: str = typer.Option(None, "--by", help="who starts it (default: your user name)"),
     to_version: list[str] = typer.Option([], "--to-version", help="TARGET=VERSION; default: last known-good"),
@@ -109,7 +124,7 @@ def start(
         if database_strategy or restore_point or target_time:
             database = {"strategy": database_strategy or "pitr", "restore_point": restore_point, "target_time": target_time}
         request = RollbackRequest.model_validate({
-            "environment": environment, "targets": target, "trigger": "manual", "reason": reason,
+            "environment": environment, "targets": _checked_targets(target), "trigger": "manual", "reason": reason,
             "initiated_by": initiated_by or getpass.getuser(), "to_version": _parse_versions(to_version),
             "require_approval": require_approval, "dry_run": dry_run, "database": database,
         })
@@ -339,10 +354,9 @@ def record_deploy(environment: str = typer.Option(..., "--environment", "-e"), t
         configured = config.environment(environment).targets.configured()
         if target not in configured:
             raise RollbackError(f"target {target!r} is not configured for {environment} (configured: {', '.join(configured)})")
-        backend = config.environment(environment).targets.backend
-        seed = backend.versions if target == "backend" and backend else None
+        seed = getattr(config.environment(environment).targets, target).versions
         entry = StateStore(config.state_dir).record_deploy(environment, target, version, seed=seed)
-        print(f"{environment}/{target}: current {entry.current}, known-good {entry.known_good}")
+        print(f"{environment}/{target}: current {entry.current}, known-good {entry.known_good or 'none recorded yet'}")
         return 0
 
     run(action)

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from rollback.models import RollbackTarget, Version
+from rollback.models import EXECUTION_ORDER, RollbackTarget, Version
 from rollback.monitoring import DEFAULT_RULES, MetricSpec, MonitorSettings, Rule
 from rollback.pgbouncer import PgBouncerSettings
 from rollback.state import TargetVersions
@@ -373,7 +373,14 @@ class Targets(_Strict):
     database: DatabaseTarget | None = None
 
     def configured(self) -> list[str]:
-        return [name for name in ("frontend", "backend", "database") if getattr(self, name, None) is not None]
+        return [name for name in CONFIGURABLE_TARGETS if getattr(self, name) is not None]
+
+
+# The targets this version can configure, in execution order (frontend, backend, database).
+# `frontend` is part of the request format (RollbackTarget) but has no slice yet: the CLI,
+# its help and the planner say so instead of offering it.
+CONFIGURABLE_TARGETS = tuple(t.value for t in EXECUTION_ORDER if t.value in Targets.model_fields)
+NOT_YET_AVAILABLE = tuple(t.value for t in EXECUTION_ORDER if t.value not in Targets.model_fields)
 
 
 class Environment(_Strict):

@@ -134,3 +134,46 @@ def test_record_deploy_refuses_a_bad_version_and_records_nothing(blue_green, tmp
     line = one_line_error(refused)
     assert line.startswith("error: --version: ") and "not a valid version" in line
     assert state.read_text() == before
+
+
+def test_record_deploy_says_when_nothing_is_known_good_yet(blue_green, tmp_path):
+    # A fresh state directory and no seed: the first release recorded has no predecessor.
+    raw = blue_green.config_dict(extra={"state_dir": str(tmp_path / "fresh-state")})
+    del raw["environments"]["demo"]["targets"]["backend"]["versions"]
+    config = tmp_path / "rollback.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = cli_env(ROLLBACK_CONFIG=str(config))
+
+    first = run_cli("record-deploy", "-e", "demo", "-t", "backend", "--version", "v1", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "demo/backend: current v1, known-good none recorded yet"
+    second = run_cli("record-deploy", "-e", "demo", "-t", "backend", "--version", "v2", env=env)
+    assert second.stdout.strip() == "demo/backend: current v2, known-good v1"
+
+
+def test_help_and_errors_do_not_offer_frontend_as_configurable():
+    env = cli_env()
+    for args in (["--help"], ["start", "--help"]):
+        shown = run_cli(*args, env=env)
+        assert shown.returncode == 0, shown.stderr
+        honest = shown.stdout.replace("frontend is not available yet", "")
+        assert "frontend" not in honest, shown.stdout
+    # Refused by the CLI itself: nothing reaches Temporal (none is configured here).
+    for target, said in (("frontend", "targets: frontend is not available yet"), ("backnd", "targets: unknown target 'backnd'")):
+        line = one_line_error(run_cli("start", "-e", "demo", "-t", target, env=env))
+        assert line.startswith(f"error: {said}"), line
+        assert "frontend" not in line.replace("frontend is not available yet", ""), line
+
+
+def test_record_deploy_starts_from_the_configured_seed_of_any_target(blue_green, tmp_path):
+    # The database's seed counts as the backend's does: its current revision becomes known-good.
+    raw = blue_green.config_dict(extra={"state_dir": str(tmp_path / "fresh-state"), "environments": {"demo": {"targets": {
+        "database": {"dsn_env": "DEMO_DATABASE_URL", "migrations": "migrations",
+                     "versions": {"current": "0002", "known_good": "0001"}}}}}})
+    config = tmp_path / "rollback.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    done = run_cli("record-deploy", "-e", "demo", "-t", "database", "--version", "0003", env=cli_env(ROLLBACK_CONFIG=str(config)))
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "demo/database: current 0003, known-good 0002"
