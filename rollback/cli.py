@@ -8,6 +8,7 @@ temporalio can abort at interpreter exit (sdk-python issue 300).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import getpass
 import json
 import logging
@@ -27,7 +28,7 @@ from temporalio.service import RPCError
 from rollback.client import RollbackError, RollbackOrchestrator
 from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigError, load_config
 from rollback.models import TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget, version_problem
-from rollback.settings import config_path
+from rollback.settings import TemporalSettings, config_path
 from rollback.state import StateStore
 
 _TARGETS_HELP = (f"{', '.join(CONFIGURABLE_TARGETS)} or full (repeatable)"
@@ -44,6 +45,32 @@ db_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Database 
 app.add_typer(db_app, name="db")
 # Piped output (logs, CI) gets room for whole step names instead of rich's 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+# Where the commands find Temporal: set once per run by the --address/--namespace options
+# (see `connection`), else TEMPORAL_ADDRESS/TEMPORAL_NAMESPACE. A module global because a
+# CLI run is one process and one command; every command reads it through _orchestrator().
+_temporal: TemporalSettings | None = None
+
+
+def _settings() -> TemporalSettings:
+    return _temporal or TemporalSettings.from_env()
+
+
+def _orchestrator() -> RollbackOrchestrator:
+    return RollbackOrchestrator(settings=_settings())
+
+
+@app.callback()
+def connection(
+    address: Optional[str] = typer.Option(None, "--address", metavar="HOST:PORT",
+                                          help="Temporal service address; overrides TEMPORAL_ADDRESS (default 127.0.0.1:7233)"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", metavar="NAME",
+                                            help="Temporal namespace; overrides TEMPORAL_NAMESPACE (default: default)"),
+) -> None:
+    global _temporal
+    settings = TemporalSettings.from_env()
+    _temporal = dataclasses.replace(settings, address=address or settings.address, namespace=namespace or settings.namespace)
 
 
 def _exit(code: int) -> None:
@@ -128,7 +155,7 @@ def start(
             "initiated_by": initiated_by or getpass.getuser(), "to_version": _parse_versions(to_version),
             "require_approval": require_approval, "dry_run": dry_run, "database": database,
         })
-        orchestrator = RollbackOrchestrator()
+        orchestrator = _orchestrator()
         started = await orchestrator.start(request)
         print(started.execution_id, flush=True)
         if wait:
@@ -156,7 +183,7 @@ def reject(execution_id: str, by: str = typer.Option(None, "--by"), comment: str
 
 
 async def _decide(execution_id: str, decision: str, by: str | None, comment: str | None) -> int:
-    orchestrator = RollbackOrchestrator()
+    orchestrator = _orchestrator()
     status = await orchestrator.get_rollback_status(execution_id)
     if status.approval.decision != "pending":
         raise RollbackError(f"{execution_id} is not waiting for approval (approval: {status.approval.decision}, state: {status.state.value})")
@@ -171,7 +198,7 @@ def status(execution_id: str, as_json: bool = typer.Option(False, "--json", help
     """Show a rollback's phase, plan, steps and approval."""
 
     async def action() -> int:
-        current = await RollbackOrchestrator().get_rollback_status(execution_id)
+        current = await _orchestrator().get_rollback_status(execution_id)
         if as_json:
             print(current.model_dump_json(indent=2))
         else:
@@ -184,7 +211,7 @@ def status(execution_id: str, as_json: bool = typer.Option(False, "--json", help
 @app.command()
 def watch(execution_id: str) -> None:
     """Follow a rollback live until it ends; exit 0 only if it succeeded."""
-    run(lambda: _watch(RollbackOrchestrator(), execution_id))
+    run(lambda: _watch(_orchestrator(), execution_id))
 
 
 def _plan_accepted(current: RollbackStatus) -> bool:
@@ -295,7 +322,7 @@ def list_(environment: str = typer.Option(None, "--environment", "-e"), running:
     """List recent rollbacks (newest first)."""
 
     async def action() -> int:
-        rows = await RollbackOrchestrator().list_rollbacks(environment=environment, running_only=running, limit=limit)
+        rows = await _orchestrator().list_rollbacks(environment=environment, running_only=running, limit=limit)
         table = Table("id", "environment", "status", "state", "trigger", "targets", "started")
         for r in rows:
             table.add_row(r.execution_id, r.environment, r.status, r.state, r.trigger, ",".join(r.targets),
@@ -311,7 +338,7 @@ def cancel(execution_id: str) -> None:
     """Cancel a rollback; completed steps are compensated."""
 
     async def action() -> int:
-        orchestrator = RollbackOrchestrator()
+        orchestrator = _orchestrator()
         handle = (await orchestrator.client()).get_workflow_handle(execution_id)
         described = await handle.describe()
         if described.status != WorkflowExecutionStatus.RUNNING:
@@ -369,7 +396,7 @@ def monitor_start(environment: str = typer.Option(..., "--environment", "-e")) -
     """Start continuous health monitoring of an environment (idempotent)."""
 
     async def action() -> int:
-        started = await RollbackOrchestrator().start_monitor(environment)
+        started = await _orchestrator().start_monitor(environment)
         print(f"monitor-{environment} {'started' if started else 'already running'}")
         return 0
 
@@ -381,7 +408,7 @@ def monitor_stop(environment: str = typer.Option(..., "--environment", "-e")) ->
     """Stop monitoring an environment (running rollbacks are not affected)."""
 
     async def action() -> int:
-        await RollbackOrchestrator().stop_monitor(environment)
+        await _orchestrator().stop_monitor(environment)
         print(f"monitor-{environment} stopping")
         return 0
 
@@ -394,7 +421,7 @@ def monitor_pause(environment: str = typer.Option(..., "--environment", "-e"), r
     """Keep evaluating but start no rollback (incidents are recorded and alerted)."""
 
     async def action() -> int:
-        await RollbackOrchestrator().pause_monitor(environment, by=by or getpass.getuser(), reason=reason)
+        await _orchestrator().pause_monitor(environment, by=by or getpass.getuser(), reason=reason)
         print(f"monitor-{environment} paused")
         return 0
 
@@ -406,7 +433,7 @@ def monitor_resume(environment: str = typer.Option(..., "--environment", "-e"), 
     """Let the monitor start rollbacks again."""
 
     async def action() -> int:
-        await RollbackOrchestrator().resume_monitor(environment, by=by or getpass.getuser())
+        await _orchestrator().resume_monitor(environment, by=by or getpass.getuser())
         print(f"monitor-{environment} resumed")
         return 0
 
@@ -419,7 +446,7 @@ def monitor_status(environment: str = typer.Option(..., "--environment", "-e"),
     """Each rule's state, last value and window fill, and recent incidents."""
 
     async def action() -> int:
-        current = await RollbackOrchestrator().monitor_status(environment)
+        current = await _orchestrator().monitor_status(environment)
         if as_json:
             print(current.model_dump_json(indent=2))
             return 0
@@ -451,7 +478,7 @@ def db_migrate(environment: str = typer.Option(..., "--environment", "-e"),
 
     async def action() -> int:
         request = MigrateRequest(environment=environment, to_revision=to, initiated_by=initiated_by or getpass.getuser())
-        result = await RollbackOrchestrator().migrate(request, on_progress=lambda line: print(line, flush=True))
+        result = await _orchestrator().migrate(request, on_progress=lambda line: print(line, flush=True))
         applied = ", ".join(result.applied) or "nothing to apply"
         print(f"{environment}: database at {result.revision} (applied: {applied}; backups: {', '.join(result.backups) or 'none'})")
         return 0
@@ -488,7 +515,7 @@ def db_schedule_retention() -> None:
     """Create the daily Temporal Schedule running BackupRetentionWorkflow (no-op if it exists)."""
 
     async def action() -> int:
-        print(await RollbackOrchestrator().ensure_retention_schedule())
+        print(await _orchestrator().ensure_retention_schedule())
         return 0
 
     run(action)
@@ -548,7 +575,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", envvar="ROLLBACK_API_H
         except ValidationError as err:  # name the variable; the value is not echoed (it may be a secret)
             first = err.errors()[0]
             raise ValueError(f"ROLLBACK_API_{str(first['loc'][0]).upper()}: {first['msg']}") from None
-        application = create_app(settings=settings)  # a bad config or weak secret fails here, in one line
+        application = create_app(settings=settings, orchestrator=_orchestrator())  # a bad config or weak secret fails here
         print(f"rollback API on http://{host}:{port} (config {settings.config}): {endpoint_summary(settings)}",
               file=sys.stderr, flush=True)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

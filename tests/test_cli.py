@@ -165,6 +165,20 @@ def test_help_and_errors_do_not_offer_frontend_as_configurable():
         assert "frontend" not in line.replace("frontend is not available yet", ""), line
 
 
+async def test_address_and_namespace_options_override_the_environment(client, task_queue):
+    real = client.service_client.config.target_host
+    dead = cli_env(TEMPORAL_ADDRESS="127.0.0.1:1", TEMPORAL_NAMESPACE="no-such-namespace")
+    listed = await asyncio.to_thread(run_cli, "--address", real, "--namespace", client.namespace, "list", env=dead)
+    assert listed.returncode == 0, listed.stderr
+    assert "environment" in listed.stdout
+
+    live = cli_env(TEMPORAL_ADDRESS=real, TEMPORAL_NAMESPACE=client.namespace)
+    elsewhere = await asyncio.to_thread(run_cli, "--address", "127.0.0.1:1", "list", env=live)
+    assert "cannot reach Temporal at 127.0.0.1:1" in one_line_error(elsewhere)
+    shown = run_cli("--help", env=live)
+    assert "--address" in shown.stdout and "--namespace" in shown.stdout
+
+
 def test_record_deploy_starts_from_the_configured_seed_of_any_target(blue_green, tmp_path):
     # The database's seed counts as the backend's does: its current revision becomes known-good.
     raw = blue_green.config_dict(extra={"state_dir": str(tmp_path / "fresh-state"), "environments": {"demo": {"targets": {
