@@ -25,10 +25,10 @@ from rich.table import Table
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
-from rollback.client import RollbackError, RollbackOrchestrator
+from rollback.client import RollbackError, RollbackOrchestrator, ensure_search_attributes
 from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigError, load_config
 from rollback.models import TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget, version_problem
-from rollback.settings import TemporalSettings, config_path
+from rollback.settings import SEARCH_ATTRIBUTES, TemporalSettings, config_path, search_attribute_type
 from rollback.state import StateStore
 
 _TARGETS_HELP = (f"{', '.join(CONFIGURABLE_TARGETS)} or full (repeatable)"
@@ -94,7 +94,12 @@ def run(action: Callable[[], Awaitable[int | None]]) -> None:
         first = err.errors()[0]
         _fail(f"{'.'.join(str(p) for p in first['loc']) or 'input'}: {first['msg']}")
     except RPCError as err:
-        _fail(f"Temporal: {err.message}")
+        hint = ""
+        if "search attribute" in err.message.lower():
+            # A Temporal service the rollback search attributes were never registered on.
+            where = _settings()
+            hint = f"; register the rollback search attributes with `rollback setup` (namespace {where.namespace} on {where.address})"
+        _fail(f"Temporal: {err.message}{hint}")
     except (ValueError, OSError) as err:
         _fail(str(err))
     except KeyboardInterrupt:
@@ -384,6 +389,24 @@ def record_deploy(environment: str = typer.Option(..., "--environment", "-e"), t
         seed = getattr(config.environment(environment).targets, target).versions
         entry = StateStore(config.state_dir).record_deploy(environment, target, version, seed=seed)
         print(f"{environment}/{target}: current {entry.current}, known-good {entry.known_good or 'none recorded yet'}")
+        return 0
+
+    run(action)
+
+
+@app.command()
+def setup() -> None:
+    """Register the rollback search attributes in the namespace (idempotent; the worker also tries at start)."""
+
+    async def action() -> int:
+        settings = _settings()
+        orchestrator = _orchestrator()
+        added = await ensure_search_attributes(await orchestrator.client(), namespace=settings.namespace, address=settings.address)
+        for key in added:
+            print(f"registered {key.name} ({search_attribute_type(key)}) in namespace {settings.namespace} on {settings.address}")
+        if not added:
+            print(f"search attributes already registered in namespace {settings.namespace} on {settings.address}: "
+                  + ", ".join(key.name for key in SEARCH_ATTRIBUTES))
         return 0
 
     run(action)
