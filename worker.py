@@ -20,7 +20,7 @@ from activities.health import HttpHealth
 from activities.incidents import Incidents
 from activities.monitor import HealthMonitor
 from activities.notify import Notifier
-from rollback.client import RollbackError, connect
+from rollback.client import RollbackError, connect, ensure_search_attributes
 from rollback.config import ConfigError, ConfigSource
 from rollback.settings import TemporalSettings, config_path
 from workflows.migration import DatabaseMigrationWorkflow
@@ -68,13 +68,23 @@ async def main() -> int:
     except RollbackError as err:
         print(f"worker: {err}", file=sys.stderr)
         return 1
+    log = logging.getLogger("rollback.worker")
+    try:
+        # A new Temporal service has none of them, and every start would fail on it.
+        added = await ensure_search_attributes(client, namespace=settings.namespace, address=settings.address)
+        if added:
+            log.info("registered search attributes in namespace %s: %s", settings.namespace, ", ".join(k.name for k in added))
+    except RollbackError as err:
+        # Not fatal: the server may only let an admin register them (Temporal Cloud: tcld or
+        # its UI), and they may be registered later; until then starts fail with this reason.
+        log.warning("search attributes not registered: %s", err)
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=50)) as http:
         worker = build_worker(client, task_queue=settings.task_queue, config=config, http=http)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        logging.getLogger("rollback.worker").info(
+        log.info(
             "worker polling %s on %s (config %s)", settings.task_queue, settings.address, config.path)
         async with worker:
             await stop.wait()

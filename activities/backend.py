@@ -17,7 +17,7 @@ from temporalio.exceptions import ApplicationError
 from activities.health import HttpCheckInput, HttpHealth
 from activities.heartbeat import heartbeating
 from rollback.config import BackendTarget, ConfigSource, Instance
-from rollback.models import HealthReport, RollbackTarget, TargetPlan
+from rollback.models import HealthReport, RollbackTarget, TargetPlan, version_problem
 from rollback.payloads import BatchInput, BatchResult, SwitchInput, SwitchResult, ValidateInput
 from rollback.nginx import NginxRouter, RouterError, UpstreamServer
 from rollback.state import TargetVersions
@@ -37,6 +37,15 @@ def router_of(target: BackendTarget) -> NginxRouter:
         upstream_file=r.upstream_file, upstream_name=r.upstream_name,
         reload_command=tuple(r.reload_command), test_command=tuple(r.test_command),
     )
+
+
+def _checked_version(version: str) -> str:
+    """The last line of defence before a deploy hook: a version that got past every door
+    (an old workflow's input, a hand-edited record) is refused, never passed on."""
+    problem = version_problem(version)
+    if problem is not None:
+        raise ApplicationError(f"version: {problem}", type="InvalidVersion", non_retryable=True)
+    return version
 
 
 def _attempt() -> int:
@@ -182,6 +191,7 @@ class BackendRollback:
     async def roll_batch(self, inp: BatchInput) -> BatchResult:
         """Drain the batch, switch its instances to `version`, health-check, put them back."""
         target = self.target(inp.environment)
+        _checked_version(inp.version)  # before anything is drained
         by_name = {i.name: i for i in target.instances}
         unknown = [n for n in inp.instances if n not in by_name]
         if unknown:
@@ -263,7 +273,12 @@ async def _apply(router: NginxRouter, servers: list[UpstreamServer]) -> bool:
 
 
 async def _run(command: list[str], values: dict[str, str]) -> str:
-    """Run a configured deployment hook with its {instance}/{version} fields filled; stdout on success."""
+    """Run a configured deployment hook with its {instance}/{version} fields filled; stdout on success.
+
+    An argv list, never a shell: a value stays one argument, whatever it contains.
+    """
+    if "version" in values:
+        _checked_version(values["version"])
     argv = [part.format(**values) for part in command]
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     finished = asyncio.ensure_future(proc.communicate())

@@ -11,14 +11,26 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.backend import BackendRollback
 from activities.database import DatabaseRollback
-from rollback.config import ConfigSource
-from rollback.models import EXECUTION_ORDER, RollbackPlan, RollbackRequest, RollbackTarget, TargetPlan
+from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigSource
+from rollback.models import EXECUTION_ORDER, RollbackPlan, RollbackRequest, RollbackTarget, TargetPlan, version_problem
 from rollback.payloads import LockInput, RecordInput
-from rollback.state import StateStore
+from rollback.state import StateStore, TargetVersions
 
 
 def _invalid(field: str, message: str) -> ApplicationError:
     return ApplicationError(f"{field}: {message}", type="InvalidRequest", non_retryable=True)
+
+
+def _check_recorded(environment: str, target: str, versions: TargetVersions, explicit: str | None) -> None:
+    """A version record written before versions were checked, or edited by hand, must not
+    reach a deploy hook: the known-good one is the default target, the current one what an
+    undo returns to. (A request's to_version was checked when the request was decoded.)"""
+    recorded = [("current", versions.current)] + ([] if explicit else [("known-good", versions.known_good)])
+    for what, version in recorded:
+        if version is not None and (problem := version_problem(version)) is not None:
+            hint = "record a valid release with `rollback record-deploy`" + (" or pass to_version" if what == "known-good" else "")
+            raise ApplicationError(f"{target} of {environment!r}: recorded {what} version {problem}; {hint}",
+                                   type="AssessmentRefused", non_retryable=True)
 
 
 class Coordination:
@@ -40,6 +52,12 @@ class Coordination:
         env = config.environment(request.environment)
         configured = env.targets.configured()
         wanted = configured if request.targets == [RollbackTarget.FULL] else [t.value for t in request.targets]
+        unavailable = [t for t in wanted if t in NOT_YET_AVAILABLE]
+        if unavailable:
+            # In the request format, but no slice yet: say so, rather than "not configured".
+            raise _invalid("targets", f"{', '.join(unavailable)} {'is' if len(unavailable) == 1 else 'are'} not available yet "
+                                      f"(this version rolls back {', '.join(CONFIGURABLE_TARGETS)}; "
+                                      f"configured for {request.environment!r}: {', '.join(configured) or 'none'})")
         missing = [t for t in wanted if t not in configured]
         if missing:
             raise _invalid("targets", f"{', '.join(missing)} not configured for {request.environment!r} (configured: {', '.join(configured)})")
@@ -54,11 +72,13 @@ class Coordination:
                 backend = env.targets.backend
                 assert backend is not None
                 versions = store.versions(request.environment, "backend", seed=backend.versions)
+                _check_recorded(request.environment, "backend", versions, to_version.get("backend"))
                 plans.append(await self.backend.assess(request.environment, backend, versions, to_version.get("backend")))
             elif target == "database":
                 database = env.targets.database
                 assert database is not None
                 versions = store.versions(request.environment, "database", seed=database.versions)
+                _check_recorded(request.environment, "database", versions, to_version.get("database"))
                 options = request.database.model_dump(mode="json") if request.database else {}
                 plans.append(await self.database.assess(request.environment, database, versions, to_version.get("database"), options))
         policy = env.policy

@@ -8,6 +8,7 @@ temporalio can abort at interpreter exit (sdk-python issue 300).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import getpass
 import json
 import logging
@@ -24,13 +25,18 @@ from rich.table import Table
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
-from rollback.client import RollbackError, RollbackOrchestrator
-from rollback.config import ConfigError, load_config
-from rollback.models import TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus
-from rollback.settings import config_path
+from rollback.client import RollbackError, RollbackOrchestrator, ensure_search_attributes
+from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigError, load_config
+from rollback.models import TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget, version_problem
+from rollback.settings import SEARCH_ATTRIBUTES, TemporalSettings, config_path, search_attribute_type
 from rollback.state import StateStore
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Durable rollbacks of database, backend and frontend.")
+_TARGETS_HELP = (f"{', '.join(CONFIGURABLE_TARGETS)} or full (repeatable)"
+                 + "".join(f"; {name} is not available yet" for name in NOT_YET_AVAILABLE))
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help=f"Durable rollbacks of {' and '.join(CONFIGURABLE_TARGETS)}"
+                       + "".join(f" ({name} is not available yet)" for name in NOT_YET_AVAILABLE) + ".")
 dev_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The local demo stack.")
 app.add_typer(dev_app, name="dev")
 monitor_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous health monitoring.")
@@ -39,6 +45,32 @@ db_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Database 
 app.add_typer(db_app, name="db")
 # Piped output (logs, CI) gets room for whole step names instead of rich's 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+# Where the commands find Temporal: set once per run by the --address/--namespace options
+# (see `connection`), else TEMPORAL_ADDRESS/TEMPORAL_NAMESPACE. A module global because a
+# CLI run is one process and one command; every command reads it through _orchestrator().
+_temporal: TemporalSettings | None = None
+
+
+def _settings() -> TemporalSettings:
+    return _temporal or TemporalSettings.from_env()
+
+
+def _orchestrator() -> RollbackOrchestrator:
+    return RollbackOrchestrator(settings=_settings())
+
+
+@app.callback()
+def connection(
+    address: Optional[str] = typer.Option(None, "--address", metavar="HOST:PORT",
+                                          help="Temporal service address; overrides TEMPORAL_ADDRESS (default 127.0.0.1:7233)"),
+    namespace: Optional[str] = typer.Option(None, "--namespace", metavar="NAME",
+                                            help="Temporal namespace; overrides TEMPORAL_NAMESPACE (default: default)"),
+) -> None:
+    global _temporal
+    settings = TemporalSettings.from_env()
+    _temporal = dataclasses.replace(settings, address=address or settings.address, namespace=namespace or settings.namespace)
 
 
 def _exit(code: int) -> None:
@@ -62,12 +94,34 @@ def run(action: Callable[[], Awaitable[int | None]]) -> None:
         first = err.errors()[0]
         _fail(f"{'.'.join(str(p) for p in first['loc']) or 'input'}: {first['msg']}")
     except RPCError as err:
-        _fail(f"Temporal: {err.message}")
+        hint = ""
+        if "search attribute" in err.message.lower():
+            # A Temporal service the rollback search attributes were never registered on.
+            where = _settings()
+            hint = f"; register the rollback search attributes with `rollback setup` (namespace {where.namespace} on {where.address})"
+        _fail(f"Temporal: {err.message}{hint}")
     except (ValueError, OSError) as err:
         _fail(str(err))
     except KeyboardInterrupt:
         _exit(130)
     _exit(code or 0)
+
+
+def _checked_targets(targets: list[str]) -> list[str]:
+    """Refuse, before anything runs, a target this version cannot roll back, saying why."""
+    for name in targets:
+        if name in NOT_YET_AVAILABLE:
+            raise ValueError(f"targets: {name} is not available yet (this version rolls back {', '.join(CONFIGURABLE_TARGETS)})")
+        if name not in (*CONFIGURABLE_TARGETS, RollbackTarget.FULL.value):
+            raise ValueError(f"targets: unknown target {name!r}; use {', '.join(CONFIGURABLE_TARGETS)} or full")
+    return targets
+
+
+def _checked_version(version: str, option: str = "--version") -> str:
+    problem = version_problem(version)
+    if problem is not None:
+        raise ValueError(f"{option}: {problem}")
+    return version
 
 
 def _parse_versions(pairs: list[str]) -> dict[str, str] | None:
@@ -83,7 +137,7 @@ def _parse_versions(pairs: list[str]) -> dict[str, str] | None:
 @app.command()
 def start(
     environment: str = typer.Option(..., "--environment", "-e", help="environment name from rollback.yaml"),
-    target: list[str] = typer.Option(..., "--target", "-t", help="database, backend, frontend or full (repeatable)"),
+    target: list[str] = typer.Option(..., "--target", "-t", help=_TARGETS_HELP),
     reason: str = typer.Option("", help="why; shown to approvers and in the record"),
     initiated_by: str = typer.Option(None, "--by", help="who starts it (default: your user name)"),
     to_version: list[str] = typer.Option([], "--to-version", help="TARGET=VERSION; default: last known-good"),
@@ -102,11 +156,11 @@ def start(
         if database_strategy or restore_point or target_time:
             database = {"strategy": database_strategy or "pitr", "restore_point": restore_point, "target_time": target_time}
         request = RollbackRequest.model_validate({
-            "environment": environment, "targets": target, "trigger": "manual", "reason": reason,
+            "environment": environment, "targets": _checked_targets(target), "trigger": "manual", "reason": reason,
             "initiated_by": initiated_by or getpass.getuser(), "to_version": _parse_versions(to_version),
             "require_approval": require_approval, "dry_run": dry_run, "database": database,
         })
-        orchestrator = RollbackOrchestrator()
+        orchestrator = _orchestrator()
         started = await orchestrator.start(request)
         print(started.execution_id, flush=True)
         if wait:
@@ -134,7 +188,7 @@ def reject(execution_id: str, by: str = typer.Option(None, "--by"), comment: str
 
 
 async def _decide(execution_id: str, decision: str, by: str | None, comment: str | None) -> int:
-    orchestrator = RollbackOrchestrator()
+    orchestrator = _orchestrator()
     status = await orchestrator.get_rollback_status(execution_id)
     if status.approval.decision != "pending":
         raise RollbackError(f"{execution_id} is not waiting for approval (approval: {status.approval.decision}, state: {status.state.value})")
@@ -149,7 +203,7 @@ def status(execution_id: str, as_json: bool = typer.Option(False, "--json", help
     """Show a rollback's phase, plan, steps and approval."""
 
     async def action() -> int:
-        current = await RollbackOrchestrator().get_rollback_status(execution_id)
+        current = await _orchestrator().get_rollback_status(execution_id)
         if as_json:
             print(current.model_dump_json(indent=2))
         else:
@@ -162,7 +216,7 @@ def status(execution_id: str, as_json: bool = typer.Option(False, "--json", help
 @app.command()
 def watch(execution_id: str) -> None:
     """Follow a rollback live until it ends; exit 0 only if it succeeded."""
-    run(lambda: _watch(RollbackOrchestrator(), execution_id))
+    run(lambda: _watch(_orchestrator(), execution_id))
 
 
 def _plan_accepted(current: RollbackStatus) -> bool:
@@ -273,7 +327,7 @@ def list_(environment: str = typer.Option(None, "--environment", "-e"), running:
     """List recent rollbacks (newest first)."""
 
     async def action() -> int:
-        rows = await RollbackOrchestrator().list_rollbacks(environment=environment, running_only=running, limit=limit)
+        rows = await _orchestrator().list_rollbacks(environment=environment, running_only=running, limit=limit)
         table = Table("id", "environment", "status", "state", "trigger", "targets", "started")
         for r in rows:
             table.add_row(r.execution_id, r.environment, r.status, r.state, r.trigger, ",".join(r.targets),
@@ -289,7 +343,7 @@ def cancel(execution_id: str) -> None:
     """Cancel a rollback; completed steps are compensated."""
 
     async def action() -> int:
-        orchestrator = RollbackOrchestrator()
+        orchestrator = _orchestrator()
         handle = (await orchestrator.client()).get_workflow_handle(execution_id)
         described = await handle.describe()
         if described.status != WorkflowExecutionStatus.RUNNING:
@@ -325,16 +379,34 @@ def record_deploy(environment: str = typer.Option(..., "--environment", "-e"), t
     """Record a release your pipeline deployed: it becomes current, the previous one known-good."""
 
     async def action() -> int:
+        _checked_version(version)
         config = load_config(config_path())
         if environment not in config.environments:
             raise RollbackError(f"unknown environment {environment!r}; configured: {', '.join(sorted(config.environments))}")
         configured = config.environment(environment).targets.configured()
         if target not in configured:
             raise RollbackError(f"target {target!r} is not configured for {environment} (configured: {', '.join(configured)})")
-        backend = config.environment(environment).targets.backend
-        seed = backend.versions if target == "backend" and backend else None
+        seed = getattr(config.environment(environment).targets, target).versions
         entry = StateStore(config.state_dir).record_deploy(environment, target, version, seed=seed)
-        print(f"{environment}/{target}: current {entry.current}, known-good {entry.known_good}")
+        print(f"{environment}/{target}: current {entry.current}, known-good {entry.known_good or 'none recorded yet'}")
+        return 0
+
+    run(action)
+
+
+@app.command()
+def setup() -> None:
+    """Register the rollback search attributes in the namespace (idempotent; the worker also tries at start)."""
+
+    async def action() -> int:
+        settings = _settings()
+        orchestrator = _orchestrator()
+        added = await ensure_search_attributes(await orchestrator.client(), namespace=settings.namespace, address=settings.address)
+        for key in added:
+            print(f"registered {key.name} ({search_attribute_type(key)}) in namespace {settings.namespace} on {settings.address}")
+        if not added:
+            print(f"search attributes already registered in namespace {settings.namespace} on {settings.address}: "
+                  + ", ".join(key.name for key in SEARCH_ATTRIBUTES))
         return 0
 
     run(action)
@@ -347,7 +419,7 @@ def monitor_start(environment: str = typer.Option(..., "--environment", "-e")) -
     """Start continuous health monitoring of an environment (idempotent)."""
 
     async def action() -> int:
-        started = await RollbackOrchestrator().start_monitor(environment)
+        started = await _orchestrator().start_monitor(environment)
         print(f"monitor-{environment} {'started' if started else 'already running'}")
         return 0
 
@@ -359,7 +431,7 @@ def monitor_stop(environment: str = typer.Option(..., "--environment", "-e")) ->
     """Stop monitoring an environment (running rollbacks are not affected)."""
 
     async def action() -> int:
-        await RollbackOrchestrator().stop_monitor(environment)
+        await _orchestrator().stop_monitor(environment)
         print(f"monitor-{environment} stopping")
         return 0
 
@@ -372,7 +444,7 @@ def monitor_pause(environment: str = typer.Option(..., "--environment", "-e"), r
     """Keep evaluating but start no rollback (incidents are recorded and alerted)."""
 
     async def action() -> int:
-        await RollbackOrchestrator().pause_monitor(environment, by=by or getpass.getuser(), reason=reason)
+        await _orchestrator().pause_monitor(environment, by=by or getpass.getuser(), reason=reason)
         print(f"monitor-{environment} paused")
         return 0
 
@@ -384,7 +456,7 @@ def monitor_resume(environment: str = typer.Option(..., "--environment", "-e"), 
     """Let the monitor start rollbacks again."""
 
     async def action() -> int:
-        await RollbackOrchestrator().resume_monitor(environment, by=by or getpass.getuser())
+        await _orchestrator().resume_monitor(environment, by=by or getpass.getuser())
         print(f"monitor-{environment} resumed")
         return 0
 
@@ -397,7 +469,7 @@ def monitor_status(environment: str = typer.Option(..., "--environment", "-e"),
     """Each rule's state, last value and window fill, and recent incidents."""
 
     async def action() -> int:
-        current = await RollbackOrchestrator().monitor_status(environment)
+        current = await _orchestrator().monitor_status(environment)
         if as_json:
             print(current.model_dump_json(indent=2))
             return 0
@@ -429,7 +501,7 @@ def db_migrate(environment: str = typer.Option(..., "--environment", "-e"),
 
     async def action() -> int:
         request = MigrateRequest(environment=environment, to_revision=to, initiated_by=initiated_by or getpass.getuser())
-        result = await RollbackOrchestrator().migrate(request, on_progress=lambda line: print(line, flush=True))
+        result = await _orchestrator().migrate(request, on_progress=lambda line: print(line, flush=True))
         applied = ", ".join(result.applied) or "nothing to apply"
         print(f"{environment}: database at {result.revision} (applied: {applied}; backups: {', '.join(result.backups) or 'none'})")
         return 0
@@ -466,7 +538,7 @@ def db_schedule_retention() -> None:
     """Create the daily Temporal Schedule running BackupRetentionWorkflow (no-op if it exists)."""
 
     async def action() -> int:
-        print(await RollbackOrchestrator().ensure_retention_schedule())
+        print(await _orchestrator().ensure_retention_schedule())
         return 0
 
     run(action)
@@ -505,6 +577,7 @@ def dev_deploy(target: str = typer.Option(..., "--target"), version: str = typer
     from rollback.dev.stack import DevStack
 
     async def action() -> int:
+        _checked_version(version)  # before the stack is touched: it becomes instance arguments
         await asyncio.to_thread(DevStack().deploy, target, version, fault)
         return 0
 
@@ -525,7 +598,7 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", envvar="ROLLBACK_API_H
         except ValidationError as err:  # name the variable; the value is not echoed (it may be a secret)
             first = err.errors()[0]
             raise ValueError(f"ROLLBACK_API_{str(first['loc'][0]).upper()}: {first['msg']}") from None
-        application = create_app(settings=settings)  # a bad config or weak secret fails here, in one line
+        application = create_app(settings=settings, orchestrator=_orchestrator())  # a bad config or weak secret fails here
         print(f"rollback API on http://{host}:{port} (config {settings.config}): {endpoint_summary(settings)}",
               file=sys.stderr, flush=True)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -11,15 +11,19 @@ from temporalio.client import (
     Client, Schedule, ScheduleActionStartWorkflow, ScheduleAlreadyRunningError, ScheduleIntervalSpec, ScheduleOverlapPolicy,
     SchedulePolicy, ScheduleSpec, WorkflowExecutionStatus, WorkflowFailureError, WorkflowHandle,
 )
-from temporalio.common import SearchAttributePair, TypedSearchAttributes
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
+from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from rollback.config import RollbackConfig
 from rollback.monitoring import MonitorInput, MonitorStatus, PauseRequest, Rule
 from rollback.models import Approval, MigrateRequest, MigrateResult, RollbackRequest, RollbackResult, RollbackStatus, RollbackTarget, RollbackTrigger
-from rollback.settings import SA_ENVIRONMENT, SA_PHASE, SA_STATE, SA_TARGETS, SA_TRIGGER, TemporalSettings
+from rollback.settings import (
+    SA_ENVIRONMENT, SA_PHASE, SA_STATE, SA_TARGETS, SA_TRIGGER, SEARCH_ATTRIBUTES, TemporalSettings, search_attribute_type,
+)
 
 WORKFLOW_TYPE = "RollbackWorkflow"
 MONITOR_TYPE = "HealthMonitorWorkflow"
@@ -38,6 +42,65 @@ async def connect(settings: TemporalSettings | None = None) -> Client:
         return await Client.connect(settings.address, namespace=settings.namespace, data_converter=pydantic_data_converter)
     except RuntimeError as err:
         raise RollbackError(f"cannot reach Temporal at {settings.address}: {err}") from None
+
+
+SEARCH_ATTRIBUTES_USABLE_SECONDS = 30.0
+
+
+def _register_by_hand(namespace: str) -> str:
+    create = "; ".join(f"temporal operator search-attribute create --namespace {namespace} --name {key.name} "
+                       f"--type {search_attribute_type(key)}" for key in SEARCH_ATTRIBUTES)
+    cloud = " ".join(f"--search-attribute {key.name}={search_attribute_type(key)}" for key in SEARCH_ATTRIBUTES)
+    return f"register them by hand: {create}; on Temporal Cloud: tcld namespace search-attributes add --namespace {namespace} {cloud}"
+
+
+async def ensure_search_attributes(client: Client, *, namespace: str, address: str) -> list[SearchAttributeKey]:
+    """Register the rollback search attributes (settings.SEARCH_ATTRIBUTES) the namespace lacks.
+
+    Returns the ones it added (empty when all were there), once the server accepts list
+    queries on them. Without them every start and `rollback list -e` fails with `invalid
+    search attribute`. Raises RollbackError, saying how to register them by hand, when the
+    server does not let us (Temporal Cloud registers them through tcld or its UI; a
+    self-hosted service may require an admin) or one exists with another type.
+    """
+    timeout = timedelta(seconds=10)
+    try:
+        listed = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=namespace), timeout=timeout)
+        known = {**listed.system_attributes, **listed.custom_attributes}
+        clashes = [f"{key.name} is registered as {IndexedValueType.Name(known[key.name]).removeprefix('INDEXED_VALUE_TYPE_')}, "
+                   f"not {search_attribute_type(key)}" for key in SEARCH_ATTRIBUTES
+                   if key.name in known and known[key.name] != key.indexed_value_type]
+        if clashes:
+            raise RollbackError(f"namespace {namespace} on {address}: {'; '.join(clashes)}; rename or remove it first")
+        missing = [key for key in SEARCH_ATTRIBUTES if key.name not in known]
+        if missing:
+            await client.operator_service.add_search_attributes(AddSearchAttributesRequest(
+                namespace=namespace, search_attributes={key.name: IndexedValueType.ValueType(key.indexed_value_type)
+                                                        for key in missing}), timeout=timeout)
+    except RPCError as err:
+        if err.status == RPCStatusCode.ALREADY_EXISTS:  # another worker registered them meanwhile
+            return []
+        raise RollbackError(f"cannot register search attributes in namespace {namespace} on {address}: {err.message}; "
+                            f"{_register_by_hand(namespace)}") from None
+    if missing:
+        await _await_usable(client, namespace)
+    return missing
+
+
+async def _await_usable(client: Client, namespace: str) -> None:
+    """The server caches each namespace's search attributes: poll until a query on them is accepted."""
+    query = " AND ".join(f"{key.name} = 'setup-probe'" for key in SEARCH_ATTRIBUTES)
+    deadline = asyncio.get_running_loop().time() + SEARCH_ATTRIBUTES_USABLE_SECONDS
+    while True:
+        try:
+            await client.count_workflows(query, rpc_timeout=timedelta(seconds=10))
+            return
+        except RPCError as err:
+            if asyncio.get_running_loop().time() > deadline:
+                raise RollbackError(f"search attributes registered in namespace {namespace}, but queries on them still "
+                                    f"fail after {SEARCH_ATTRIBUTES_USABLE_SECONDS:.0f}s: {err.message}") from None
+        await asyncio.sleep(0.5)
 
 
 def search_attributes_for(request: RollbackRequest) -> TypedSearchAttributes:

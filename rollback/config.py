@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from rollback.models import RollbackTarget
+from rollback.models import EXECUTION_ORDER, RollbackTarget, Version
 from rollback.monitoring import DEFAULT_RULES, MetricSpec, MonitorSettings, Rule
 from rollback.pgbouncer import PgBouncerSettings
 from rollback.state import TargetVersions
@@ -82,6 +82,17 @@ class Router(_Strict):
         return value
 
 
+class VersionSeed(TargetVersions):
+    """A target's `versions` seed: its versions follow the same rule as a request's
+    `to_version`, since the known-good one becomes a deploy hook's {version}."""
+
+    # Not frozen: the state store copies the seed and updates the copy.
+    model_config = ConfigDict(extra="forbid")
+
+    current: Version | None = None
+    known_good: Version | None = None
+
+
 class Instance(_Strict):
     name: str = Field(default="", description="for rolling instances; colours are named by their key")
     address: str = Field(pattern=r"^[^\s:/]+:\d{1,5}$", description="host:port nginx proxies to")
@@ -90,7 +101,7 @@ class Instance(_Strict):
 class BackendTarget(_Strict):
     strategy: Literal["blue_green", "rolling"]
     router: Router
-    versions: TargetVersions = Field(default_factory=TargetVersions, description="seed; the state store wins once written")
+    versions: VersionSeed = Field(default_factory=VersionSeed, description="seed; the state store wins once written")
     health: HealthCheck = Field(default_factory=HealthCheck)
     smoke: SmokeCheck = Field(default_factory=SmokeCheck)
     version_path: str = "/version"
@@ -340,7 +351,7 @@ class DatabaseTarget(_Strict):
 
     dsn_env: str = Field(pattern=_ENV_NAME, description="NAME of the environment variable holding the DSN (never the DSN itself)")
     migrations: Path = Field(description="directory of NNNN_name.up.sql / NNNN_name.down.sql files, or an Alembic project's alembic.ini")
-    versions: TargetVersions = Field(default_factory=TargetVersions, description="seed; the state store wins once written")
+    versions: VersionSeed = Field(default_factory=VersionSeed, description="seed; the state store wins once written")
     backup_dir: Path | None = Field(default=None, description="default: <state_dir>/backups")
     backup_jobs: int = Field(default=2, ge=1, le=32, description="pg_dump --jobs")
     lock_timeout_ms: int = Field(default=2000, ge=10, le=60000, description="how long any DDL statement may wait for its lock")
@@ -362,7 +373,14 @@ class Targets(_Strict):
     database: DatabaseTarget | None = None
 
     def configured(self) -> list[str]:
-        return [name for name in ("frontend", "backend", "database") if getattr(self, name, None) is not None]
+        return [name for name in CONFIGURABLE_TARGETS if getattr(self, name) is not None]
+
+
+# The targets this version can configure, in execution order (frontend, backend, database).
+# `frontend` is part of the request format (RollbackTarget) but has no slice yet: the CLI,
+# its help and the planner say so instead of offering it.
+CONFIGURABLE_TARGETS = tuple(t.value for t in EXECUTION_ORDER if t.value in Targets.model_fields)
+NOT_YET_AVAILABLE = tuple(t.value for t in EXECUTION_ORDER if t.value not in Targets.model_fields)
 
 
 class Environment(_Strict):

@@ -5,11 +5,44 @@ Workflows import this module, so it stays free of I/O and heavy imports.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+
+# A version (a release name, or a database revision such as 0002 or an Alembic id) ends up
+# among a deploy hook's arguments (deploy_command's {version}), where the hook may wrap
+# `ssh` or `sh -c`. So one strict rule at every door: never a leading `-` (an option), no
+# `/` or `..` (a path), no whitespace or shell metacharacters, and bounded length.
+VERSION_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,63}$"
+VERSION_RULE = "1 to 64 letters, digits, '.', '_', '+' or '-', starting with a letter, digit or '_', without '..'"
+_VERSION = re.compile(VERSION_PATTERN)
+
+
+def version_problem(value: object) -> str | None:
+    """Why `value` cannot be a version, in one line; None if it is one."""
+    if isinstance(value, str) and _VERSION.fullmatch(value) and ".." not in value:
+        return None
+    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+    return f"{shown} is not a valid version ({VERSION_RULE})"
+
+
+def _check_version(value: str) -> str:
+    problem = version_problem(value)
+    if problem is not None:
+        # A custom error: the message is ours, not "Value error, ..."; passed as context so
+        # braces in the value are never read as a format string.
+        raise PydanticCustomError("version", "{problem}", {"problem": problem})
+    return value
+
+
+Version = Annotated[str, AfterValidator(_check_version), WithJsonSchema(
+    {"type": "string", "pattern": r"^(?!.*\.\.)" + VERSION_PATTERN[1:], "maxLength": 64,
+     "description": f"a release or database revision: {VERSION_RULE}"})]
 
 
 class RollbackTarget(str, Enum):
@@ -83,7 +116,7 @@ class RollbackRequest(BaseModel):
     trigger: RollbackTrigger = RollbackTrigger.MANUAL
     initiated_by: str = Field(default="unknown", max_length=200)
     reason: str = Field(default="", max_length=2000)
-    to_version: dict[RollbackTarget, str] | None = None
+    to_version: dict[RollbackTarget, Version] | None = None
     require_approval: bool | None = None
     dry_run: bool = False
     # What a monitor or an external trigger saw (rule, value, samples); shown in the plan.

@@ -40,10 +40,14 @@ def config_path() -> Path:
     return Path(os.environ.get("ROLLBACK_CONFIG", "rollback.yaml"))
 
 
+def search_attribute_type(key: SearchAttributeKey) -> str:
+    """The type's name as the server and its CLIs spell it (`Keyword`, `KeywordList`)."""
+    return "KeywordList" if key is SA_TARGETS else "Keyword"
+
+
 def search_attribute_args() -> list[str]:
     """`temporal server start-dev` flags that register our search attributes."""
     args: list[str] = []
     for key in SEARCH_ATTRIBUTES:
-        kind = "KeywordList" if key is SA_TARGETS else "Keyword"
-        args += ["--search-attribute", f"{key.name}={kind}"]
+        args += ["--search-attribute", f"{key.name}={search_attribute_type(key)}"]
     return args

