@@ -1,9 +1,10 @@
 """The inbound HTTP API (`rollback serve`): Alertmanager and pipeline triggers, start and inspect rollbacks.
 
 Every endpoint authenticates before it parses the body: a bearer token, or for pipelines an
-HMAC-SHA256 signature of the raw body (the way GitHub signs webhooks). An endpoint whose
-secret is not set answers 503, so nothing is open by default. Secrets are SecretStr: they
-never reach a response, a log line or a workflow input.
+HMAC-SHA256 signature over a timestamp, the delivery id and the raw body (the way Slack and
+Stripe sign webhooks: a signature of the body alone could be replayed under a new delivery
+id, or days later). An endpoint whose secret is not set answers 503, so nothing is open by
+default. Secrets are SecretStr: they never reach a response, a log line or a workflow input.
 
 Bodies are read by hand (size-limited, after authentication) rather than by FastAPI's body
 parameters, which would parse JSON before any dependency runs; the request schemas are
@@ -17,6 +18,8 @@ import hashlib
 import hmac
 import json
 import logging
+import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -45,6 +48,15 @@ log = logging.getLogger("rollback.api")
 MIN_SECRET_LENGTH = 16
 STATUS_TIMEOUT_SECONDS = 10
 SIGNATURE_PREFIX = "sha256="
+# Pipelines sign b"v1:<X-Signature-Timestamp>:<X-Delivery-Id>:" + the raw body. The timestamp is unix
+# seconds and the delivery id has no ':', so the three parts cannot be shifted into one another.
+SIGNATURE_VERSION = "v1"
+# A signed delivery is accepted this long either side of the server clock. A copy of it is refused
+# after that, and before that its delivery id is still in the replay record (kept for a day, see
+# rollback/state.TRIGGER_RETENTION), so it is a duplicate.
+SIGNATURE_TOLERANCE_SECONDS = 300
+TIMESTAMP_PATTERN = re.compile(r"[0-9]{1,12}")
+DELIVERY_ID_PATTERN = re.compile(r"[\x21-\x39\x3b-\x7e]{1,150}")  # visible ASCII except ':'
 SECRETS = {"token": "ROLLBACK_API_TOKEN", "alertmanager_token": "ROLLBACK_API_ALERTMANAGER_TOKEN",
            "pipeline_secret": "ROLLBACK_API_PIPELINE_SECRET"}
 
@@ -121,7 +133,8 @@ class AlertmanagerWebhook(BaseModel):
 
 
 class PipelineTrigger(BaseModel):
-    """A deployment pipeline reports a failure. Sign the raw body: `X-Signature-256: sha256=<hex>`."""
+    """A deployment pipeline reports a failure. Headers: `X-Delivery-Id`, `X-Signature-Timestamp` (unix seconds) and
+    `X-Signature-256: sha256=<hex HMAC-SHA256 of "v1:<timestamp>:<delivery id>:<raw body>">`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -170,7 +183,8 @@ class ErrorBody(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in {
-        400: "body is not JSON", 401: "missing or wrong credentials; nothing was started",
+        400: "body is not JSON",
+        401: "missing or wrong credentials, or a stale signature timestamp; nothing was started",
         413: "body larger than ROLLBACK_API_MAX_BODY_BYTES", 422: "body does not match the schema (detail names the fields)",
         503: "endpoint not configured, or Temporal unreachable",
     }.items()
@@ -184,7 +198,9 @@ alertmanager_bearer = HTTPBearer(auto_error=False, scheme_name="AlertmanagerToke
                                  description="ROLLBACK_API_ALERTMANAGER_TOKEN (webhook_configs.http_config.authorization)")
 pipeline_signature = APIKeyHeader(
     name="X-Signature-256", auto_error=False, scheme_name="PipelineSignature",
-    description="sha256=<hex HMAC-SHA256 of the raw body, keyed with ROLLBACK_API_PIPELINE_SECRET> (as GitHub signs webhooks)")
+    description='sha256=<hex HMAC-SHA256 of "v1:<X-Signature-Timestamp>:<X-Delivery-Id>:<raw body>", keyed with '
+                f"ROLLBACK_API_PIPELINE_SECRET>; the timestamp (unix seconds) must be within {SIGNATURE_TOLERANCE_SECONDS} s "
+                "of the server clock")
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -205,13 +221,24 @@ def _check_bearer(secret: SecretStr | None, credentials: HTTPAuthorizationCreden
         raise _unauthorized("invalid bearer token", bearer=True)
 
 
-def _check_signature(secret: SecretStr, body: bytes, signature: str | None) -> None:
-    if not signature:
-        raise _unauthorized("missing X-Signature-256 header", bearer=False)
-    expected = SIGNATURE_PREFIX + hmac.new(secret.get_secret_value().encode(), body, hashlib.sha256).hexdigest()
+def _signed_message(timestamp: str, delivery_id: str, body: bytes) -> bytes:
+    """The exact bytes a pipeline signs (docs/http-api.md shows the openssl command)."""
+    return f"{SIGNATURE_VERSION}:{timestamp}:{delivery_id}:".encode() + body
+
+
+def _check_signature(secret: SecretStr, message: bytes, signature: str) -> None:
+    expected = SIGNATURE_PREFIX + hmac.new(secret.get_secret_value().encode(), message, hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected.encode(), signature.strip().lower().encode("utf-8", "replace")):
-        raise _unauthorized("X-Signature-256 does not match the body (expected sha256=<hex HMAC-SHA256 of the raw body>)",
-                            bearer=False)
+        raise _unauthorized('X-Signature-256 does not match (expected sha256=<hex HMAC-SHA256 of '
+                            '"v1:<X-Signature-Timestamp>:<X-Delivery-Id>:<raw body>">)', bearer=False)
+
+
+def _check_fresh(timestamp: str) -> None:
+    skew = int(timestamp) - int(time.time())
+    if abs(skew) > SIGNATURE_TOLERANCE_SECONDS:
+        when = "ahead of" if skew > 0 else "behind"
+        raise _unauthorized(f"X-Signature-Timestamp is {abs(skew)} s {when} the server clock; allowed: "
+                            f"{SIGNATURE_TOLERANCE_SECONDS} s (sign each delivery when sending it)", bearer=False)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -392,17 +419,30 @@ class _Endpoints:
 
     async def pipeline(
         self, request: Request,
-        delivery_id: Annotated[str | None, Header(alias="X-Delivery-Id", description="unique per delivery; replays are ignored")] = None,
+        delivery_id: Annotated[str | None, Header(
+            alias="X-Delivery-Id", description="unique per delivery, the same when it is retried (1 to 150 visible ASCII "
+                                               "characters, no ':'); signed; replays are ignored")] = None,
+        timestamp: Annotated[str | None, Header(
+            alias="X-Signature-Timestamp", description=f"unix seconds when the delivery was signed; within "
+                                                       f"{SIGNATURE_TOLERANCE_SECONDS} s of the server clock")] = None,
         signature: Annotated[str | None, Depends(pipeline_signature)] = None,
     ) -> TriggerResponse:
         secret = self.settings.pipeline_secret
         if secret is None:
             raise HTTPException(503, f"not configured: set {SECRETS['pipeline_secret']} to enable this endpoint")
         body = await _read_body(request, self.settings.max_body_bytes)
-        _check_signature(secret, body, signature)
-        if not delivery_id or len(delivery_id) > 150:
-            raise _invalid(("header", "X-Delivery-Id"), "header X-Delivery-Id is required (1 to 150 characters, unique per delivery)",
-                           "missing" if not delivery_id else "string_too_long")
+        if not signature:
+            raise _unauthorized("missing X-Signature-256 header", bearer=False)
+        if not timestamp:
+            raise _unauthorized("missing X-Signature-Timestamp header (unix seconds, signed with the delivery id and the body)",
+                                bearer=False)
+        if not TIMESTAMP_PATTERN.fullmatch(timestamp):
+            raise _unauthorized("X-Signature-Timestamp must be unix seconds (digits only)", bearer=False)
+        if not delivery_id or not DELIVERY_ID_PATTERN.fullmatch(delivery_id):
+            raise _invalid(("header", "X-Delivery-Id"), "header X-Delivery-Id is required: 1 to 150 visible ASCII characters "
+                           "without ':', unique per delivery", "missing" if not delivery_id else "value_error")
+        _check_signature(secret, _signed_message(timestamp, delivery_id, body), signature)
+        _check_fresh(timestamp)
         report = _parse(body, PipelineTrigger)
         config = self.config()
         if (problem := _unknown_environment(config, report.environment, ("body", "environment"))) is not None:

@@ -14,11 +14,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
@@ -162,13 +163,22 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def sign(body: bytes, secret: str = PIPELINE_SECRET) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def sign(body: bytes, delivery: str, timestamp: int | str, secret: str = PIPELINE_SECRET) -> str:
+    """As docs/http-api.md tells pipelines to sign: HMAC-SHA256 of `v1:<timestamp>:<delivery id>:<raw body>`."""
+    message = f"v1:{timestamp}:{delivery}:".encode() + body
+    return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-async def rollback_ids(client: Client) -> set[str]:
+async def rollback_runs(client: Client) -> set[tuple[str, str]]:
+    """(workflow id, run id) of every demo rollback. Not ids alone: a rollback started in the second a
+    terminated one (of the test before) started has that one's id."""
     query = "WorkflowType = 'RollbackWorkflow' AND RollbackEnvironment = 'demo'"
-    return {execution.id async for execution in client.list_workflows(query)}
+    return {(execution.id, execution.run_id) async for execution in client.list_workflows(query)}
+
+
+async def started_since(client: Client, before: set[tuple[str, str]]) -> set[str]:
+    """Ids of the demo rollbacks started since `before` was listed."""
+    return {workflow_id for workflow_id, _ in await rollback_runs(client) - before}
 
 
 async def assert_no_secrets_in_history(client: Client, workflow_id: str) -> str:
@@ -176,10 +186,14 @@ async def assert_no_secrets_in_history(client: Client, workflow_id: str) -> str:
 
 
 async def post_pipeline(http: httpx.AsyncClient, api: RunningApi, body: bytes, *, delivery: str | None,
-                        signature: str | None) -> httpx.Response:
-    headers = {"Content-Type": "application/json"}
+                        signature: str | None | Literal[True] = True, timestamp: int | str | None = None) -> httpx.Response:
+    """A pipeline report; by default stamped now and signed as a pipeline would (`signature=True`)."""
+    stamp = int(time.time()) if timestamp is None else timestamp
+    headers = {"Content-Type": "application/json", "X-Signature-Timestamp": str(stamp)}
     if delivery is not None:
         headers["X-Delivery-Id"] = delivery
+    if signature is True:
+        signature = sign(body, delivery or "", stamp)
     if signature is not None:
         headers["X-Signature-256"] = signature
     return await http.post(api.url + PIPELINE_PATH, content=body, headers=headers)
@@ -204,7 +218,7 @@ async def test_alertmanager_delivery_starts_one_rollback(blue_green, tmp_path, c
     config = write_config(blue_green, tmp_path)
     await run_worker(config)
     api = await serve_api(config)
-    before = await rollback_ids(client)
+    before = await rollback_runs(client)
     manager = Alertmanager(tmp_path / "alertmanager", webhook_url=api.url + AM_PATH, token=AM_TOKEN).start()
     try:
         await manager.fire("DemoHighErrorRate", summary="error rate 100% on demo after v2")
@@ -237,7 +251,7 @@ async def test_alertmanager_delivery_starts_one_rollback(blue_green, tmp_path, c
                              headers={"Authorization": delivered.headers["authorization"], "Content-Type": "application/json"})
     assert replay.status_code == 200
     assert replay.json()["results"][0]["duplicate"] is True and replay.json()["results"][0]["outcome"] is None
-    assert await rollback_ids(client) - before == {execution_id}
+    assert await started_since(client, before) == {execution_id}
 
 
 async def test_alertmanager_through_the_real_monitor(blue_green, tmp_path, client, task_queue, run_worker, serve_api, http):
@@ -276,7 +290,7 @@ async def test_alertmanager_through_the_real_monitor(blue_green, tmp_path, clien
 
 async def test_alertmanager_with_a_wrong_token_starts_nothing(offline_config, tmp_path, client, serve_api, http):
     api = await serve_api(offline_config)
-    before = await rollback_ids(client)
+    before = await rollback_runs(client)
     manager = Alertmanager(tmp_path / "alertmanager", webhook_url=api.url + AM_PATH, token="not-the-token-0123456789").start()
     try:
         await manager.fire("DemoHighErrorRate", summary="error rate high")
@@ -293,12 +307,12 @@ async def test_alertmanager_with_a_wrong_token_starts_nothing(offline_config, tm
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer", headers
         assert "bearer token" in response.json()["detail"]
     await asyncio.sleep(0.3)
-    assert await rollback_ids(client) == before
+    assert await rollback_runs(client) == before
 
 
 async def test_alertmanager_payload_errors_name_the_problem(offline_config, client, serve_api, http):
     api = await serve_api(offline_config)
-    before = await rollback_ids(client)
+    before = await rollback_runs(client)
 
     async def post(payload: Any) -> httpx.Response:
         raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
@@ -327,7 +341,7 @@ async def test_alertmanager_payload_errors_name_the_problem(offline_config, clie
     assert answer.status_code == 200
     assert answer.json() == {"results": [], "ignored_resolved": 1, "detail": "no firing alerts: nothing to do"}
     await asyncio.sleep(0.3)
-    assert await rollback_ids(client) == before
+    assert await rollback_runs(client) == before
 
 
 # -- pipelines ---------------------------------------------------------------------------------
@@ -335,21 +349,24 @@ async def test_alertmanager_payload_errors_name_the_problem(offline_config, clie
 async def test_pipeline_trigger_is_signed_and_never_replayed(offline_config, client, task_queue, serve_api, http):
     api = await serve_api(offline_config)
     orch = orchestrator(client, task_queue)
-    before = await rollback_ids(client)
+    before = await rollback_runs(client)
     body = json.dumps({"environment": "demo", "reason": "smoke tests failed after deploy", "pipeline": "ci",
                        "run_url": "https://ci.invalid/runs/42", "commit": "abc123"}).encode()
 
-    for signature in (None, "sha256=" + "0" * 64, sign(body, "some-other-secret-0123"), sign(body + b" "), "garbage"):
-        refused = await post_pipeline(http, api, body, delivery="d-0", signature=signature)
+    stamp = int(time.time())
+    body_only = "sha256=" + hmac.new(PIPELINE_SECRET.encode(), body, hashlib.sha256).hexdigest()  # the old scheme
+    for signature in (None, "sha256=" + "0" * 64, sign(body, "d-0", stamp, "some-other-secret-0123"),
+                      sign(body + b" ", "d-0", stamp), sign(body, "d-1", stamp), body_only, "garbage"):
+        refused = await post_pipeline(http, api, body, delivery="d-0", signature=signature, timestamp=stamp)
         assert refused.status_code == 401, signature
         assert "X-Signature-256" in refused.json()["detail"]
-    unsigned_delivery = await post_pipeline(http, api, body, delivery=None, signature=sign(body))
+    unsigned_delivery = await post_pipeline(http, api, body, delivery=None)
     assert unsigned_delivery.status_code == 422
     assert unsigned_delivery.json()["detail"][0]["loc"] == ["header", "X-Delivery-Id"]
     await asyncio.sleep(0.3)
-    assert await rollback_ids(client) == before
+    assert await rollback_runs(client) == before
 
-    accepted = await post_pipeline(http, api, body, delivery="d-1", signature=sign(body))
+    accepted = await post_pipeline(http, api, body, delivery="d-1", timestamp=stamp)
     assert accepted.status_code == 200, accepted.text
     outcome = accepted.json()["results"][0]["outcome"]
     assert (outcome["routed_to"], outcome["started"]) == ("rollback", True)
@@ -359,25 +376,67 @@ async def test_pipeline_trigger_is_signed_and_never_replayed(offline_config, cli
     history = await assert_no_secrets_in_history(client, execution_id)
     assert "pipeline:ci" in history and "smoke tests failed after deploy" in history
 
-    replay = await post_pipeline(http, api, body, delivery="d-1", signature=sign(body))
+    replay = await post_pipeline(http, api, body, delivery="d-1", timestamp=stamp)
     assert replay.status_code == 200 and replay.json()["results"][0]["duplicate"] is True
 
     # A new delivery while that rollback runs is reported against it; no second rollback.
     await eventually(lambda: orch.running_rollback("demo"), lambda found: found == execution_id, what="listing")
-    again = await post_pipeline(http, api, body, delivery="d-2", signature=sign(body))
+    again = await post_pipeline(http, api, body, delivery="d-2")
     assert again.json()["results"][0]["outcome"] == {
         "routed_to": "rollback", "workflow_id": execution_id, "started": False,
         "detail": f"a rollback is already running for demo: {execution_id}; none started"}
-    twins = await asyncio.gather(*(post_pipeline(http, api, body, delivery="d-5", signature=sign(body)) for _ in range(2)))
+    twins = await asyncio.gather(*(post_pipeline(http, api, body, delivery="d-5", timestamp=stamp) for _ in range(2)))
     assert sorted(t.json()["results"][0]["duplicate"] for t in twins) == [False, True], "one copy of a delivery counts"
-    assert await rollback_ids(client) - before == {execution_id}
+    assert await started_since(client, before) == {execution_id}
 
     bad = json.dumps({"environment": "prod", "reason": "x"}).encode()
-    unknown = await post_pipeline(http, api, bad, delivery="d-3", signature=sign(bad))
+    unknown = await post_pipeline(http, api, bad, delivery="d-3")
     assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "environment"]
     typo = json.dumps({"environment": "demo", "reason": "x", "target": ["backend"]}).encode()
-    extra = await post_pipeline(http, api, typo, delivery="d-4", signature=sign(typo))
+    extra = await post_pipeline(http, api, typo, delivery="d-4")
     assert extra.status_code == 422 and extra.json()["detail"][0]["loc"] == ["body", "target"]
+
+
+async def test_a_captured_pipeline_delivery_cannot_be_replayed(offline_config, client, task_queue, serve_api, http):
+    """The signature covers the timestamp and the delivery id with the body: a captured request resent under a
+    new delivery id, or later, is refused; only the exact copy inside the 5-minute window passes, as a duplicate."""
+    api = await serve_api(offline_config)
+    orch = orchestrator(client, task_queue)
+    before = await rollback_runs(client)
+    body = json.dumps({"environment": "demo", "reason": "smoke tests failed", "pipeline": "deploy-api"}).encode()
+    stamp = int(time.time())
+    captured = {"delivery": "deploy-api-7731-1", "timestamp": stamp, "signature": sign(body, "deploy-api-7731-1", stamp)}
+    first = await post_pipeline(http, api, body, **captured)
+    assert first.status_code == 200, first.text
+    assert first.json()["results"][0]["outcome"]["started"] is True
+    started = first.json()["results"][0]["outcome"]["workflow_id"]
+
+    for delivery in ("deploy-api-7731-2", "replayed"):
+        replayed = await post_pipeline(http, api, body, delivery=delivery, timestamp=stamp, signature=captured["signature"])
+        assert replayed.status_code == 401, replayed.text
+        assert replayed.json()["detail"].startswith("X-Signature-256 does not match")
+    restamped = await post_pipeline(http, api, body, delivery=captured["delivery"], timestamp=stamp + 1,
+                                    signature=captured["signature"])
+    assert restamped.status_code == 401 and restamped.json()["detail"].startswith("X-Signature-256 does not match")
+    copy = await post_pipeline(http, api, body, **captured)
+    assert copy.status_code == 200 and copy.json()["results"][0]["duplicate"] is True
+
+    # Correctly signed, but not now: refused, whichever delivery id it carries.
+    for skew in (-301, 301, -86_400):
+        late = await post_pipeline(http, api, body, delivery=f"late{skew}", timestamp=int(time.time()) + skew)
+        assert late.status_code == 401, late.text
+        assert "X-Signature-Timestamp" in late.json()["detail"] and "300 s" in late.json()["detail"]
+    for bad in ("", "soon", "1.5", "-5", "1" * 5000):
+        malformed = await post_pipeline(http, api, body, delivery="malformed", timestamp=bad)
+        assert malformed.status_code == 401, (bad[:10], malformed.text)
+        assert "X-Signature-Timestamp" in malformed.json()["detail"]
+    colon = await post_pipeline(http, api, body, delivery="deploy:1")
+    assert colon.status_code == 422 and colon.json()["detail"][0]["loc"] == ["header", "X-Delivery-Id"]
+    await eventually(lambda: orch.running_rollback("demo"), lambda found: found == started, what="listing")
+    fresh = await post_pipeline(http, api, body, delivery="deploy-api-7732-1")
+    assert fresh.status_code == 200 and fresh.json()["results"][0]["duplicate"] is False
+    assert fresh.json()["results"][0]["outcome"]["workflow_id"] == started, "a new report, against the running rollback"
+    assert await started_since(client, before) == {started}
 
 
 # -- starting and inspecting rollbacks ----------------------------------------------------------
@@ -460,7 +519,7 @@ class StandInMonitor:
 async def test_triggers_go_to_a_running_monitor(offline_config, client, task_queue, serve_api, http):
     api = await serve_api(offline_config)
     orch = orchestrator(client, task_queue)
-    before = await rollback_ids(client)
+    before = await rollback_runs(client)
     async with Worker(client, task_queue=f"{task_queue}-monitor", workflows=[StandInMonitor],
                       workflow_runner=UnsandboxedWorkflowRunner()):
         monitor = await client.start_workflow(StandInMonitor.run, "demo", id="monitor-demo", task_queue=f"{task_queue}-monitor")
@@ -469,7 +528,7 @@ async def test_triggers_go_to_a_running_monitor(offline_config, client, task_que
         assert (routed.routed_to, routed.workflow_id, routed.started) == ("monitor", "monitor-demo", False)
 
         body = json.dumps({"environment": "demo", "reason": "canary failed", "pipeline": "deploy", "targets": ["backend"]}).encode()
-        response = await post_pipeline(http, api, body, delivery="m-1", signature=sign(body))
+        response = await post_pipeline(http, api, body, delivery="m-1")
         assert response.json()["results"][0]["outcome"]["routed_to"] == "monitor"
 
         received = await eventually(lambda: monitor.query("triggers", result_type=list[dict]), lambda r: len(r) == 2,
@@ -479,14 +538,14 @@ async def test_triggers_go_to_a_running_monitor(offline_config, client, task_que
         assert (via_api.key, via_api.initiated_by, via_api.trigger.value) == ("pipeline:m-1", "pipeline:deploy", "external")
         assert via_api.reason == "pipeline deploy: canary failed" and via_api.evidence["delivery_id"] == "m-1"
         await assert_no_secrets_in_history(client, "monitor-demo")
-        assert await rollback_ids(client) == before
+        assert await rollback_runs(client) == before
 
         # A monitor that has ended gets nothing: the trigger starts the rollback itself.
         await monitor.terminate(reason="test")
         assert (await monitor.describe()).status == WorkflowExecutionStatus.TERMINATED
         direct = await route_trigger(orch, "demo", TriggerRequest(reason="after the monitor", key="k-2"))
         assert (direct.routed_to, direct.started) == ("rollback", True)
-        assert await rollback_ids(client) - before == {direct.workflow_id}
+        assert await started_since(client, before) == {direct.workflow_id}
 
 
 # -- configuration, documentation, the CLI --------------------------------------------------------
@@ -530,7 +589,7 @@ async def test_endpoints_without_a_secret_are_closed(offline_config, serve_api, 
     body = json.dumps({"environment": "demo", "reason": "x"}).encode()
     answers = [
         await http.post(api.url + AM_PATH, content=body, headers=bearer(AM_TOKEN)),
-        await post_pipeline(http, api, body, delivery="x", signature=sign(body)),
+        await post_pipeline(http, api, body, delivery="x"),
         await http.post(api.url + "/v1/rollbacks", content=body, headers=bearer(API_TOKEN)),
         await http.get(api.url + "/v1/rollbacks/anything", headers=bearer(API_TOKEN)),
     ]
