@@ -388,18 +388,14 @@ class _Endpoints:
         so a delivery that failed half-way (Temporal down) is not lost to its retry."""
         store = StateStore(config.state_dir)
         async with self._locks.setdefault(environment, asyncio.Lock()):
-            seen = [key for key in keys if await asyncio.to_thread(store.effect_done, environment, key)]
+            seen = set(await asyncio.to_thread(store.triggers_seen, environment, source, keys))
             if len(seen) == len(keys):
                 return TriggerResult(environment=environment, keys=keys, duplicate=True,
                                      detail="already received: nothing started")
             new = [key for key in keys if key not in seen]
             outcome = await route_trigger(self.orchestrator, environment, request.model_copy(update={"key": new[0][:200]}))
-            record = {"effect": "trigger", "source": source, "routed_to": outcome.routed_to,
-                      "workflow_id": outcome.workflow_id, "started": outcome.started,
-                      "at": datetime.now(timezone.utc).isoformat()}
-            for key in new:
-                await asyncio.to_thread(store.record_effect, environment, key, record)
-        log.info("%s trigger for %s: %s", source, environment, outcome.detail)
+            await asyncio.to_thread(store.record_triggers, environment, source, new)
+        log.info("%s trigger for %s (%d new key(s)): %s", source, environment, len(new), outcome.detail)
         return TriggerResult(environment=environment, keys=keys, duplicate=False, outcome=outcome, detail=outcome.detail)
 
     async def alertmanager(self, request: Request) -> TriggerResponse:

@@ -439,6 +439,53 @@ async def test_a_captured_pipeline_delivery_cannot_be_replayed(offline_config, c
     assert await started_since(client, before) == {started}
 
 
+async def test_replay_keys_are_not_pushed_out_by_a_flood_of_alerts(offline_config, client, serve_api, http):
+    """Two deliveries of 1,000 alerts used to push older keys out of a journal trimmed by count."""
+    api = await serve_api(offline_config, max_body_bytes=1024 * 1024)
+
+    async def deliver(payload: dict[str, Any]) -> dict[str, Any]:
+        # A generous timeout: this is about what is remembered, not how fast (the old journal took seconds here).
+        response = await http.post(api.url + AM_PATH, content=json.dumps(payload).encode(), headers=bearer(AM_TOKEN),
+                                   timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()["results"][0]
+
+    def flood() -> dict[str, Any]:
+        return alertmanager_payload(*(alert(environment="demo") for _ in range(1000)))
+
+    earlier = alertmanager_payload(alert(environment="demo"))
+    assert (await deliver(earlier))["duplicate"] is False
+    for _ in range(2):
+        assert (await deliver(flood()))["duplicate"] is False
+    again = await deliver(earlier)
+    assert again["duplicate"] is True, "an alert seen before the flood was forgotten"
+
+    body = json.dumps({"environment": "demo", "reason": "canary failed", "pipeline": "ci"}).encode()
+    stamp = int(time.time())
+    assert (await post_pipeline(http, api, body, delivery="p-1", timestamp=stamp)).status_code == 200
+    for _ in range(2):
+        await deliver(flood())
+    replay = await post_pipeline(http, api, body, delivery="p-1", timestamp=stamp)
+    assert replay.json()["results"][0]["duplicate"] is True, "a pipeline delivery id was forgotten inside its window"
+
+
+async def test_replay_keys_recorded_before_the_upgrade_still_count(offline_config, client, serve_api, http):
+    """State files from before kept trigger keys in the effects journal: an alert recorded there stays a duplicate."""
+    api = await serve_api(offline_config)
+    before = await rollback_runs(client)
+    firing = alert(environment="demo")
+    key = f"alertmanager:{firing['fingerprint']}:2024-05-01T10:00:00.123456+00:00"
+    state_file = offline_config.get().state_dir / "demo.json"
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    state_file.write_text(json.dumps({"effects": {key: {
+        "effect": "trigger", "source": "alertmanager", "routed_to": "rollback", "workflow_id": "rollback-demo-old",
+        "started": True, "at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}}}))
+    response = await http.post(api.url + AM_PATH, content=json.dumps(alertmanager_payload(firing)).encode(),
+                               headers=bearer(AM_TOKEN))
+    assert response.status_code == 200 and response.json()["results"][0]["duplicate"] is True, response.text
+    assert await rollback_runs(client) == before
+
+
 # -- starting and inspecting rollbacks ----------------------------------------------------------
 
 async def test_rollbacks_endpoint_starts_refuses_and_reports(blue_green, tmp_path, client, task_queue, run_worker,
