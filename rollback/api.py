@@ -8,7 +8,8 @@ default. Secrets are SecretStr: they never reach a response, a log line or a wor
 
 Bodies are read by hand (size-limited, after authentication) rather than by FastAPI's body
 parameters, which would parse JSON before any dependency runs; the request schemas are
-still published in the OpenAPI document (see `_install_openapi`).
+still published in the OpenAPI document (see `_install_openapi`). `_parse` turns every way a
+body can fail to decode (too deep, a number too long to convert, NaN) into a 400.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -57,6 +59,10 @@ SIGNATURE_VERSION = "v1"
 SIGNATURE_TOLERANCE_SECONDS = 300
 TIMESTAMP_PATTERN = re.compile(r"[0-9]{1,12}")
 DELIVERY_ID_PATTERN = re.compile(r"[\x21-\x39\x3b-\x7e]{1,150}")  # visible ASCII except ':'
+# JSON nested deeper than this is refused: Python's parser raises RecursionError near 1,000 levels and
+# pydantic cannot serialise a workflow input past ~250; no request of ours needs more than a handful.
+MAX_JSON_DEPTH = 64
+MAX_INT_DIGITS = 4300  # Python's own limit for converting a decimal string (sys.get_int_max_str_digits)
 SECRETS = {"token": "ROLLBACK_API_TOKEN", "alertmanager_token": "ROLLBACK_API_ALERTMANAGER_TOKEN",
            "pipeline_secret": "ROLLBACK_API_PIPELINE_SECRET"}
 
@@ -183,7 +189,7 @@ class ErrorBody(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in {
-        400: "body is not JSON",
+        400: "body is not JSON (or nested too deeply, a number too large)",
         401: "missing or wrong credentials, or a stale signature timestamp; nothing was started",
         413: "body larger than ROLLBACK_API_MAX_BODY_BYTES", 422: "body does not match the schema (detail names the fields)",
         503: "endpoint not configured, or Temporal unreachable",
@@ -245,7 +251,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused as soon as it is known to exceed `limit` (declared or actually sent)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        # Not str.isdigit(): that accepts '²', which int() refuses; and a bounded length for int().
+        if not re.fullmatch(r"[0-9]{1,20}", declared):
             raise HTTPException(400, "invalid Content-Length header")
         if int(declared) > limit:
             raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
@@ -261,13 +268,50 @@ def _parse(body: bytes, model: type[M]) -> M:
     if not body.strip():
         raise HTTPException(400, "empty body: expected a JSON object")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_int=_int, parse_float=_float, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise HTTPException(400, f"body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise HTTPException(400, f"body is not valid JSON: nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise HTTPException(400, f"body is not valid JSON: nested too deeply (at most {MAX_JSON_DEPTH} levels)")
     try:
         return model.model_validate(data)
     except ValidationError as err:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
+
+
+# Hooks of json.loads for numbers: what Python's parser would turn into a ValueError (an integer of more
+# than 4,300 digits, CVE-2020-10735) or silently into inf or NaN, which JSON has not and Temporal's
+# payloads cannot carry, becomes one clear 400.
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise HTTPException(400, f"body is not valid JSON: number too large (an integer of {len(text)} digits; "
+                                 f"at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise HTTPException(400, "body is not valid JSON: number too large (beyond a 64-bit float)")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise HTTPException(400, f"body is not valid JSON: NaN and Infinity are not JSON numbers (found {name})")
+
+
+def _depth(data: Any) -> int:
+    """How deeply arrays and objects nest (iterative: the data may be close to the recursion limit)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _invalid(loc: Sequence[str | int], message: str, kind: str = "value_error") -> RequestValidationError:

@@ -486,6 +486,30 @@ async def test_replay_keys_recorded_before_the_upgrade_still_count(offline_confi
     assert await rollback_runs(client) == before
 
 
+async def test_bodies_nested_too_deeply_or_with_huge_numbers_answer_400(offline_config, client, serve_api, http):
+    api = await serve_api(offline_config)
+    before = await rollback_runs(client)
+    deep_evidence = b'{"environment": "demo", "targets": ["backend"], "evidence": ' + b'{"a": ' * 500 + b"1" + b"}" * 501
+    bodies = {
+        b"[" * 100_000: "body is not valid JSON: nested too deeply",
+        deep_evidence: "body is not valid JSON: nested too deeply",
+        b'{"environment": "demo", "targets": ["backend"], "evidence": {"n": ' + b"9" * 5000 + b"}}":
+            "body is not valid JSON: number too large",
+        b'{"environment": "demo", "targets": ["backend"], "evidence": {"n": NaN}}': "body is not valid JSON: NaN",
+    }
+    for body, detail in bodies.items():
+        answers = {
+            "alertmanager": await http.post(api.url + AM_PATH, content=body, headers=bearer(AM_TOKEN)),
+            "rollbacks": await http.post(api.url + "/v1/rollbacks", content=body, headers=bearer(API_TOKEN)),
+            "pipeline": await post_pipeline(http, api, body, delivery=f"deep-{len(body)}"),
+        }
+        for endpoint, answer in answers.items():
+            assert answer.status_code == 400, (endpoint, body[:20], answer.status_code, answer.text[:200])
+            assert answer.json()["detail"].startswith(detail), (endpoint, answer.json())
+    await asyncio.sleep(0.3)
+    assert await rollback_runs(client) == before
+
+
 # -- starting and inspecting rollbacks ----------------------------------------------------------
 
 async def test_rollbacks_endpoint_starts_refuses_and_reports(blue_green, tmp_path, client, task_queue, run_worker,
