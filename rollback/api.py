@@ -40,7 +40,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from rollback.client import WORKFLOW_TYPE, RollbackError, RollbackOrchestrator
 from rollback.config import AppConfig, ConfigError, ConfigSource
 from rollback.models import RollbackRequest, RollbackStatus, RollbackTarget, RollbackTrigger
-from rollback.monitoring import TriggerRequest
+from rollback.monitoring import TRIGGER_EVIDENCE_MAX_BYTES, TriggerRequest, json_size
 from rollback.settings import config_path
 from rollback.state import StateStore
 from rollback.triggers import TriggerOutcome, route_trigger
@@ -388,11 +388,31 @@ def _alerts_reason(alerts: list[Alert]) -> str:
     return ("Alertmanager: " + "; ".join(dict.fromkeys(parts)))[:2000]
 
 
+# What a trigger's evidence keeps of its alerts: enough for a person to see which fired and why, bounded
+# whatever Alertmanager sends (1,000 alerts with long labels are megabytes) because it travels in workflow
+# inputs and the monitor's state. Alerts past the byte bound are counted, not kept.
+EVIDENCE_ALERTS = 20
+EVIDENCE_LABELS = 20
+EVIDENCE_TEXT = 200  # characters of a label value, a summary, a URL
+EVIDENCE_NAME = 100  # characters of a label name
+EVIDENCE_ALERTS_BYTES = TRIGGER_EVIDENCE_MAX_BYTES - 1024  # room for the other fields: never cut again
+
+
 def _alerts_evidence(payload: AlertmanagerWebhook, alerts: list[Alert]) -> dict[str, Any]:
-    return {"source": "alertmanager", "externalURL": payload.externalURL, "groupKey": payload.groupKey[:500],
-            "alerts": [{"alertname": a.labels.get("alertname"), "fingerprint": a.fingerprint,
-                        "startsAt": a.startsAt.isoformat(), "generatorURL": a.generatorURL[:500],
-                        "labels": a.labels, "summary": a.annotations.get("summary")} for a in alerts[:20]]}
+    kept: list[dict[str, Any]] = []
+    size = 0
+    for a in alerts[:EVIDENCE_ALERTS]:
+        entry = {"alertname": (a.labels.get("alertname") or "")[:EVIDENCE_TEXT], "fingerprint": a.fingerprint,
+                 "startsAt": a.startsAt.isoformat(), "generatorURL": a.generatorURL[:EVIDENCE_TEXT],
+                 "labels": {k[:EVIDENCE_NAME]: v[:EVIDENCE_TEXT] for k, v in list(a.labels.items())[:EVIDENCE_LABELS]},
+                 "summary": (a.annotations.get("summary") or "")[:EVIDENCE_TEXT]}
+        size += json_size(entry) + 1
+        if size > EVIDENCE_ALERTS_BYTES:
+            break
+        kept.append(entry)
+    return {"source": "alertmanager", "externalURL": payload.externalURL[:EVIDENCE_TEXT],
+            "groupKey": payload.groupKey[:EVIDENCE_TEXT], "alerts_total": len(alerts),
+            "alerts_omitted": len(alerts) - len(kept), "alerts": kept}
 
 
 def _pipeline_reason(trigger: PipelineTrigger) -> str:

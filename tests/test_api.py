@@ -619,6 +619,31 @@ async def test_triggers_go_to_a_running_monitor(offline_config, client, task_que
         assert await started_since(client, before) == {direct.workflow_id}
 
 
+async def test_alert_evidence_stays_small_whatever_alertmanager_sends(offline_config, client, task_queue, serve_api, http):
+    """1,000 alerts with long labels and summaries: the evidence the trigger carries (into the monitor's signal,
+    and the rollback's input) is bounded, and says how many alerts there were."""
+    api = await serve_api(offline_config, max_body_bytes=8 * 1024 * 1024)
+    alerts = [{**alert(environment="demo", **{f"label_{j}": f"{n}-" + "v" * 300 for j in range(5)}),
+               "annotations": {"summary": "s" * 1500}, "generatorURL": "http://prometheus.invalid/" + "g" * 1000}
+              for n in range(1000)]
+    async with Worker(client, task_queue=f"{task_queue}-monitor", workflows=[StandInMonitor],
+                      workflow_runner=UnsandboxedWorkflowRunner()):
+        monitor = await client.start_workflow(StandInMonitor.run, "demo", id="monitor-demo", task_queue=f"{task_queue}-monitor")
+        response = await http.post(api.url + AM_PATH, content=json.dumps(alertmanager_payload(*alerts)).encode(),
+                                   headers=bearer(AM_TOKEN))
+        assert response.status_code == 200, response.text
+        assert len(response.json()["results"][0]["keys"]) == 1000
+        received = await eventually(lambda: monitor.query("triggers", result_type=list[dict]), bool, what="the signal")
+    size = len(json.dumps(received[0]))
+    assert size < 24 * 1024, f"the trigger signal carries {size} bytes"
+    evidence = received[0]["evidence"]
+    assert evidence["source"] == "alertmanager" and evidence["alerts_total"] == 1000
+    listed = evidence["alerts"]
+    assert 1 <= len(listed) <= 20 and evidence["alerts_omitted"] == 1000 - len(listed)
+    assert listed[0]["fingerprint"] == alerts[0]["fingerprint"] and listed[0]["labels"]["environment"] == "demo"
+    assert all(len(a["summary"]) <= 300 and all(len(v) <= 300 for v in a["labels"].values()) for a in listed)
+
+
 # -- configuration, documentation, the CLI --------------------------------------------------------
 
 async def test_openapi_documents_paths_bodies_and_security(offline_config, serve_api, http):
