@@ -616,7 +616,9 @@ async def test_triggers_go_to_a_running_monitor(offline_config, client, task_que
         assert (await monitor.describe()).status == WorkflowExecutionStatus.TERMINATED
         direct = await route_trigger(orch, "demo", TriggerRequest(reason="after the monitor", key="k-2"))
         assert (direct.routed_to, direct.started) == ("rollback", True)
-        assert await started_since(client, before) == {direct.workflow_id}
+        # Listed once visibility catches up (it lags a start, more so on a loaded machine); any other start shows too.
+        await eventually(lambda: started_since(client, before), lambda ids: ids == {direct.workflow_id},
+                         what="only the direct rollback in the listing")
 
 
 async def test_alert_evidence_stays_small_whatever_alertmanager_sends(offline_config, client, task_queue, serve_api, http):
