@@ -1,13 +1,15 @@
 """The inbound HTTP API (`rollback serve`): Alertmanager and pipeline triggers, start and inspect rollbacks.
 
 Every endpoint authenticates before it parses the body: a bearer token, or for pipelines an
-HMAC-SHA256 signature of the raw body (the way GitHub signs webhooks). An endpoint whose
-secret is not set answers 503, so nothing is open by default. Secrets are SecretStr: they
-never reach a response, a log line or a workflow input.
+HMAC-SHA256 signature over a timestamp, the delivery id and the raw body (the way Slack and
+Stripe sign webhooks: a signature of the body alone could be replayed under a new delivery
+id, or days later). An endpoint whose secret is not set answers 503, so nothing is open by
+default. Secrets are SecretStr: they never reach a response, a log line or a workflow input.
 
 Bodies are read by hand (size-limited, after authentication) rather than by FastAPI's body
 parameters, which would parse JSON before any dependency runs; the request schemas are
-still published in the OpenAPI document (see `_install_openapi`).
+still published in the OpenAPI document (see `_install_openapi`). `_parse` turns every way a
+body can fail to decode (too deep, a number too long to convert, NaN) into a 400.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import hashlib
 import hmac
 import json
 import logging
+import math
+import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -35,7 +40,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from rollback.client import WORKFLOW_TYPE, RollbackError, RollbackOrchestrator
 from rollback.config import AppConfig, ConfigError, ConfigSource
 from rollback.models import RollbackRequest, RollbackStatus, RollbackTarget, RollbackTrigger
-from rollback.monitoring import TriggerRequest
+from rollback.monitoring import TRIGGER_EVIDENCE_MAX_BYTES, TriggerRequest, json_size
 from rollback.settings import config_path
 from rollback.state import StateStore
 from rollback.triggers import TriggerOutcome, route_trigger
@@ -45,6 +50,19 @@ log = logging.getLogger("rollback.api")
 MIN_SECRET_LENGTH = 16
 STATUS_TIMEOUT_SECONDS = 10
 SIGNATURE_PREFIX = "sha256="
+# Pipelines sign b"v1:<X-Signature-Timestamp>:<X-Delivery-Id>:" + the raw body. The timestamp is unix
+# seconds and the delivery id has no ':', so the three parts cannot be shifted into one another.
+SIGNATURE_VERSION = "v1"
+# A signed delivery is accepted this long either side of the server clock. A copy of it is refused
+# after that, and before that its delivery id is still in the replay record (kept for a day, see
+# rollback/state.TRIGGER_RETENTION), so it is a duplicate.
+SIGNATURE_TOLERANCE_SECONDS = 300
+TIMESTAMP_PATTERN = re.compile(r"[0-9]{1,12}")
+DELIVERY_ID_PATTERN = re.compile(r"[\x21-\x39\x3b-\x7e]{1,150}")  # visible ASCII except ':'
+# JSON nested deeper than this is refused: Python's parser raises RecursionError near 1,000 levels and
+# pydantic cannot serialise a workflow input past ~250; no request of ours needs more than a handful.
+MAX_JSON_DEPTH = 64
+MAX_INT_DIGITS = 4300  # Python's own limit for converting a decimal string (sys.get_int_max_str_digits)
 SECRETS = {"token": "ROLLBACK_API_TOKEN", "alertmanager_token": "ROLLBACK_API_ALERTMANAGER_TOKEN",
            "pipeline_secret": "ROLLBACK_API_PIPELINE_SECRET"}
 
@@ -121,7 +139,8 @@ class AlertmanagerWebhook(BaseModel):
 
 
 class PipelineTrigger(BaseModel):
-    """A deployment pipeline reports a failure. Sign the raw body: `X-Signature-256: sha256=<hex>`."""
+    """A deployment pipeline reports a failure. Headers: `X-Delivery-Id`, `X-Signature-Timestamp` (unix seconds) and
+    `X-Signature-256: sha256=<hex HMAC-SHA256 of "v1:<timestamp>:<delivery id>:<raw body>">`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -170,7 +189,8 @@ class ErrorBody(BaseModel):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text} for code, text in {
-        400: "body is not JSON", 401: "missing or wrong credentials; nothing was started",
+        400: "body is not JSON (or nested too deeply, a number too large)",
+        401: "missing or wrong credentials, or a stale signature timestamp; nothing was started",
         413: "body larger than ROLLBACK_API_MAX_BODY_BYTES", 422: "body does not match the schema (detail names the fields)",
         503: "endpoint not configured, or Temporal unreachable",
     }.items()
@@ -184,7 +204,9 @@ alertmanager_bearer = HTTPBearer(auto_error=False, scheme_name="AlertmanagerToke
                                  description="ROLLBACK_API_ALERTMANAGER_TOKEN (webhook_configs.http_config.authorization)")
 pipeline_signature = APIKeyHeader(
     name="X-Signature-256", auto_error=False, scheme_name="PipelineSignature",
-    description="sha256=<hex HMAC-SHA256 of the raw body, keyed with ROLLBACK_API_PIPELINE_SECRET> (as GitHub signs webhooks)")
+    description='sha256=<hex HMAC-SHA256 of "v1:<X-Signature-Timestamp>:<X-Delivery-Id>:<raw body>", keyed with '
+                f"ROLLBACK_API_PIPELINE_SECRET>; the timestamp (unix seconds) must be within {SIGNATURE_TOLERANCE_SECONDS} s "
+                "of the server clock")
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -205,20 +227,32 @@ def _check_bearer(secret: SecretStr | None, credentials: HTTPAuthorizationCreden
         raise _unauthorized("invalid bearer token", bearer=True)
 
 
-def _check_signature(secret: SecretStr, body: bytes, signature: str | None) -> None:
-    if not signature:
-        raise _unauthorized("missing X-Signature-256 header", bearer=False)
-    expected = SIGNATURE_PREFIX + hmac.new(secret.get_secret_value().encode(), body, hashlib.sha256).hexdigest()
+def _signed_message(timestamp: str, delivery_id: str, body: bytes) -> bytes:
+    """The exact bytes a pipeline signs (docs/http-api.md shows the openssl command)."""
+    return f"{SIGNATURE_VERSION}:{timestamp}:{delivery_id}:".encode() + body
+
+
+def _check_signature(secret: SecretStr, message: bytes, signature: str) -> None:
+    expected = SIGNATURE_PREFIX + hmac.new(secret.get_secret_value().encode(), message, hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected.encode(), signature.strip().lower().encode("utf-8", "replace")):
-        raise _unauthorized("X-Signature-256 does not match the body (expected sha256=<hex HMAC-SHA256 of the raw body>)",
-                            bearer=False)
+        raise _unauthorized('X-Signature-256 does not match (expected sha256=<hex HMAC-SHA256 of '
+                            '"v1:<X-Signature-Timestamp>:<X-Delivery-Id>:<raw body>">)', bearer=False)
+
+
+def _check_fresh(timestamp: str) -> None:
+    skew = int(timestamp) - int(time.time())
+    if abs(skew) > SIGNATURE_TOLERANCE_SECONDS:
+        when = "ahead of" if skew > 0 else "behind"
+        raise _unauthorized(f"X-Signature-Timestamp is {abs(skew)} s {when} the server clock; allowed: "
+                            f"{SIGNATURE_TOLERANCE_SECONDS} s (sign each delivery when sending it)", bearer=False)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused as soon as it is known to exceed `limit` (declared or actually sent)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        # Not str.isdigit(): that accepts '²', which int() refuses; and a bounded length for int().
+        if not re.fullmatch(r"[0-9]{1,20}", declared):
             raise HTTPException(400, "invalid Content-Length header")
         if int(declared) > limit:
             raise HTTPException(413, f"body of {declared} bytes exceeds the limit of {limit} bytes")
@@ -234,13 +268,50 @@ def _parse(body: bytes, model: type[M]) -> M:
     if not body.strip():
         raise HTTPException(400, "empty body: expected a JSON object")
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_int=_int, parse_float=_float, parse_constant=_no_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise HTTPException(400, f"body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise HTTPException(400, f"body is not valid JSON: nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise HTTPException(400, f"body is not valid JSON: nested too deeply (at most {MAX_JSON_DEPTH} levels)")
     try:
         return model.model_validate(data)
     except ValidationError as err:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors()]) from None
+
+
+# Hooks of json.loads for numbers: what Python's parser would turn into a ValueError (an integer of more
+# than 4,300 digits, CVE-2020-10735) or silently into inf or NaN, which JSON has not and Temporal's
+# payloads cannot carry, becomes one clear 400.
+
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise HTTPException(400, f"body is not valid JSON: number too large (an integer of {len(text)} digits; "
+                                 f"at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise HTTPException(400, "body is not valid JSON: number too large (beyond a 64-bit float)")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise HTTPException(400, f"body is not valid JSON: NaN and Infinity are not JSON numbers (found {name})")
+
+
+def _depth(data: Any) -> int:
+    """How deeply arrays and objects nest (iterative: the data may be close to the recursion limit)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def _invalid(loc: Sequence[str | int], message: str, kind: str = "value_error") -> RequestValidationError:
@@ -317,11 +388,31 @@ def _alerts_reason(alerts: list[Alert]) -> str:
     return ("Alertmanager: " + "; ".join(dict.fromkeys(parts)))[:2000]
 
 
+# What a trigger's evidence keeps of its alerts: enough for a person to see which fired and why, bounded
+# whatever Alertmanager sends (1,000 alerts with long labels are megabytes) because it travels in workflow
+# inputs and the monitor's state. Alerts past the byte bound are counted, not kept.
+EVIDENCE_ALERTS = 20
+EVIDENCE_LABELS = 20
+EVIDENCE_TEXT = 200  # characters of a label value, a summary, a URL
+EVIDENCE_NAME = 100  # characters of a label name
+EVIDENCE_ALERTS_BYTES = TRIGGER_EVIDENCE_MAX_BYTES - 1024  # room for the other fields: never cut again
+
+
 def _alerts_evidence(payload: AlertmanagerWebhook, alerts: list[Alert]) -> dict[str, Any]:
-    return {"source": "alertmanager", "externalURL": payload.externalURL, "groupKey": payload.groupKey[:500],
-            "alerts": [{"alertname": a.labels.get("alertname"), "fingerprint": a.fingerprint,
-                        "startsAt": a.startsAt.isoformat(), "generatorURL": a.generatorURL[:500],
-                        "labels": a.labels, "summary": a.annotations.get("summary")} for a in alerts[:20]]}
+    kept: list[dict[str, Any]] = []
+    size = 0
+    for a in alerts[:EVIDENCE_ALERTS]:
+        entry = {"alertname": (a.labels.get("alertname") or "")[:EVIDENCE_TEXT], "fingerprint": a.fingerprint,
+                 "startsAt": a.startsAt.isoformat(), "generatorURL": a.generatorURL[:EVIDENCE_TEXT],
+                 "labels": {k[:EVIDENCE_NAME]: v[:EVIDENCE_TEXT] for k, v in list(a.labels.items())[:EVIDENCE_LABELS]},
+                 "summary": (a.annotations.get("summary") or "")[:EVIDENCE_TEXT]}
+        size += json_size(entry) + 1
+        if size > EVIDENCE_ALERTS_BYTES:
+            break
+        kept.append(entry)
+    return {"source": "alertmanager", "externalURL": payload.externalURL[:EVIDENCE_TEXT],
+            "groupKey": payload.groupKey[:EVIDENCE_TEXT], "alerts_total": len(alerts),
+            "alerts_omitted": len(alerts) - len(kept), "alerts": kept}
 
 
 def _pipeline_reason(trigger: PipelineTrigger) -> str:
@@ -361,18 +452,14 @@ class _Endpoints:
         so a delivery that failed half-way (Temporal down) is not lost to its retry."""
         store = StateStore(config.state_dir)
         async with self._locks.setdefault(environment, asyncio.Lock()):
-            seen = [key for key in keys if await asyncio.to_thread(store.effect_done, environment, key)]
+            seen = set(await asyncio.to_thread(store.triggers_seen, environment, source, keys))
             if len(seen) == len(keys):
                 return TriggerResult(environment=environment, keys=keys, duplicate=True,
                                      detail="already received: nothing started")
             new = [key for key in keys if key not in seen]
             outcome = await route_trigger(self.orchestrator, environment, request.model_copy(update={"key": new[0][:200]}))
-            record = {"effect": "trigger", "source": source, "routed_to": outcome.routed_to,
-                      "workflow_id": outcome.workflow_id, "started": outcome.started,
-                      "at": datetime.now(timezone.utc).isoformat()}
-            for key in new:
-                await asyncio.to_thread(store.record_effect, environment, key, record)
-        log.info("%s trigger for %s: %s", source, environment, outcome.detail)
+            await asyncio.to_thread(store.record_triggers, environment, source, new)
+        log.info("%s trigger for %s (%d new key(s)): %s", source, environment, len(new), outcome.detail)
         return TriggerResult(environment=environment, keys=keys, duplicate=False, outcome=outcome, detail=outcome.detail)
 
     async def alertmanager(self, request: Request) -> TriggerResponse:
@@ -392,17 +479,30 @@ class _Endpoints:
 
     async def pipeline(
         self, request: Request,
-        delivery_id: Annotated[str | None, Header(alias="X-Delivery-Id", description="unique per delivery; replays are ignored")] = None,
+        delivery_id: Annotated[str | None, Header(
+            alias="X-Delivery-Id", description="unique per delivery, the same when it is retried (1 to 150 visible ASCII "
+                                               "characters, no ':'); signed; replays are ignored")] = None,
+        timestamp: Annotated[str | None, Header(
+            alias="X-Signature-Timestamp", description=f"unix seconds when the delivery was signed; within "
+                                                       f"{SIGNATURE_TOLERANCE_SECONDS} s of the server clock")] = None,
         signature: Annotated[str | None, Depends(pipeline_signature)] = None,
     ) -> TriggerResponse:
         secret = self.settings.pipeline_secret
         if secret is None:
             raise HTTPException(503, f"not configured: set {SECRETS['pipeline_secret']} to enable this endpoint")
         body = await _read_body(request, self.settings.max_body_bytes)
-        _check_signature(secret, body, signature)
-        if not delivery_id or len(delivery_id) > 150:
-            raise _invalid(("header", "X-Delivery-Id"), "header X-Delivery-Id is required (1 to 150 characters, unique per delivery)",
-                           "missing" if not delivery_id else "string_too_long")
+        if not signature:
+            raise _unauthorized("missing X-Signature-256 header", bearer=False)
+        if not timestamp:
+            raise _unauthorized("missing X-Signature-Timestamp header (unix seconds, signed with the delivery id and the body)",
+                                bearer=False)
+        if not TIMESTAMP_PATTERN.fullmatch(timestamp):
+            raise _unauthorized("X-Signature-Timestamp must be unix seconds (digits only)", bearer=False)
+        if not delivery_id or not DELIVERY_ID_PATTERN.fullmatch(delivery_id):
+            raise _invalid(("header", "X-Delivery-Id"), "header X-Delivery-Id is required: 1 to 150 visible ASCII characters "
+                           "without ':', unique per delivery", "missing" if not delivery_id else "value_error")
+        _check_signature(secret, _signed_message(timestamp, delivery_id, body), signature)
+        _check_fresh(timestamp)
         report = _parse(body, PipelineTrigger)
         config = self.config()
         if (problem := _unknown_environment(config, report.environment, ("body", "environment"))) is not None:

@@ -7,12 +7,13 @@ into one of four outcomes per rule and decides when a rule fires or clears.
 
 from __future__ import annotations
 
+import json
 import math
 from datetime import datetime, timedelta
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rollback.models import RollbackTarget, RollbackTrigger
 
@@ -269,6 +270,59 @@ def step(rule: Rule, state: RuleState, result: Evaluation, now: datetime, *, err
     return Transition.NONE
 
 
+# -- evidence: shown to people, bounded -------------------------------------------------
+
+# Evidence (the alerts, samples or report behind a trigger) travels in signals, workflow inputs and the
+# monitor's carried state, where Temporal warns from 256 KB and refuses 2 MB. Unbounded, 20 alerts with
+# long labels were ~240 KB per trigger and nine such incidents broke the monitor's continue-as-new. It is
+# shown (status, plan), never decided on, so cutting it is safe.
+TRIGGER_EVIDENCE_MAX_BYTES = 16 * 1024  # what a trigger hands to the rollback it starts
+INCIDENT_EVIDENCE_MAX_BYTES = 4 * 1024  # what each of the monitor's recent incidents keeps
+# Ever smaller cuts (characters of a string, entries of a list or object), tried until one fits.
+_CUTS = ((1000, 50), (200, 20), (80, 10), (40, 6), (20, 3))
+_CUT_DEPTH = 6
+
+
+def json_size(value: Any) -> int:
+    """Bytes of `value` as compact JSON; a value that cannot be encoded (too deep) counts as too large."""
+    try:
+        return len(json.dumps(value, separators=(",", ":"), default=str).encode())
+    except (RecursionError, ValueError):
+        return 1 << 40
+
+
+def bounded_evidence(evidence: dict[str, Any], max_bytes: int) -> dict[str, Any]:
+    """`evidence` itself when its JSON fits `max_bytes`; else a copy cut down until it fits (strings
+    shortened, lists and objects keep their first entries), marked `"truncated": {"bytes": <original size>}`."""
+    size = json_size(evidence)
+    if size <= max_bytes:
+        return evidence
+    # Cut twice (a trigger's, then its incident's): the size said is still the original's.
+    earlier = evidence.get("truncated")
+    if isinstance(earlier, dict) and isinstance(earlier.get("bytes"), int):
+        size = max(size, earlier["bytes"])
+    for text, entries in _CUTS:
+        cut = _cut(evidence, text, entries, _CUT_DEPTH)
+        cut["truncated"] = {"bytes": size}
+        if json_size(cut) <= max_bytes:
+            return cut
+    return {"truncated": {"bytes": size}}
+
+
+def _cut(value: Any, text: int, entries: int, depth: int) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= text else value[:text] + "..."
+    if isinstance(value, dict):
+        if depth == 0:
+            return f"<{len(value)} entries>"
+        return {str(k)[:text]: _cut(v, text, entries, depth - 1) for k, v in list(value.items())[:entries]}
+    if isinstance(value, list | tuple):
+        if depth == 0:
+            return f"<{len(value)} entries>"
+        return [_cut(v, text, entries, depth - 1) for v in value[:entries]]
+    return value if value is None or isinstance(value, bool | int | float) else _cut(str(value), text, entries, 0)
+
+
 # -- monitor configuration, signals and state -------------------------------------------
 
 class MonitorSettings(BaseModel):
@@ -297,7 +351,13 @@ class TriggerRequest(BaseModel):
     targets: list[RollbackTarget] | None = None
     require_approval: bool | None = None
     key: str | None = Field(default=None, max_length=200, description="dedupe key: delivery id or alert fingerprint")
-    evidence: dict = Field(default_factory=dict)
+    evidence: dict = Field(default_factory=dict, description=f"cut to {TRIGGER_EVIDENCE_MAX_BYTES} bytes of JSON")
+
+    @field_validator("evidence")
+    @classmethod
+    def _bounded(cls, evidence: dict) -> dict:
+        # Any sender may signal the monitor (the API, `temporal workflow signal`): bounded here, whoever sent it.
+        return bounded_evidence(evidence, TRIGGER_EVIDENCE_MAX_BYTES)
 
 
 class PauseRequest(BaseModel):
@@ -315,7 +375,14 @@ class Incident(BaseModel):
     action: str
     rollback_id: str | None = None
     outcome: str = Field(description="started | attached | alerted | suppressed_cooldown | suppressed_paused | duplicate | failed")
-    evidence: dict = Field(default_factory=dict)
+    evidence: dict = Field(default_factory=dict, description=f"cut to {INCIDENT_EVIDENCE_MAX_BYTES} bytes of JSON")
+
+    @field_validator("evidence")
+    @classmethod
+    def _bounded(cls, evidence: dict) -> dict:
+        # Incidents are carried across continue-as-new and shown by the status query: each one small.
+        # (Also applied to incidents of a state carried from a run that kept them whole.)
+        return bounded_evidence(evidence, INCIDENT_EVIDENCE_MAX_BYTES)
 
 
 # -- the monitor workflow's input, carried state and status -------------------------------

@@ -1,4 +1,4 @@
-"""Durable records the activities keep outside Temporal: versions, locks, effects.
+"""Durable records the activities keep outside Temporal: versions, locks, effects, trigger replay keys.
 
 One JSON file per environment under the config's `state_dir`, updated under an
 exclusive `flock` and replaced atomically, so concurrent activities on one host
@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 
 class TargetVersions(BaseModel):
@@ -37,11 +37,39 @@ class EnvironmentState(BaseModel):
     lock: LockRecord | None = None
     # Idempotency keys of effects already performed, with what they did.
     effects: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Replay keys of inbound triggers (the API's), by source ("pipeline", "alertmanager"): key -> when it
+    # was last received. Kept apart from `effects`, and trimmed by age, not count (see TRIGGER_RETENTION).
+    triggers: dict[str, dict[str, datetime]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _triggers_out_of_effects(self) -> "EnvironmentState":
+        # Files written before `triggers` existed kept trigger keys in `effects`: move them, so that an
+        # alert Alertmanager keeps re-sending is still known after an upgrade (and starts nothing).
+        for key, detail in list(self.effects.items()):
+            if detail.get("effect") == "trigger":
+                del self.effects[key]
+                try:
+                    at = datetime.fromisoformat(str(detail.get("at")))
+                except ValueError:
+                    at = _now()
+                at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+                self.triggers.setdefault(str(detail.get("source") or "unknown"), {})[key] = at
+        return self
 
 
 HISTORY_LIMIT = 50
 # Effects are looked up by the retries of one rollback, so old keys can go.
 EFFECTS_LIMIT = 2000
+# Trigger replay keys are kept for a day after they were last received, whatever else arrives. They used to
+# share the count-trimmed effects journal, where two Alertmanager deliveries of 1,000 alerts pushed out a
+# pipeline delivery id signed a minute earlier, which then replayed as a new trigger. A day is far beyond
+# the API's signature window (5 minutes: an older pipeline delivery is refused anyway) and beyond
+# Alertmanager's repeat_interval (a still-firing alert re-sent every few hours stays known, as each
+# sighting renews it).
+TRIGGER_RETENTION = timedelta(hours=24)
+# The size bound, per source, so that one source cannot push out another's keys: a flood beyond it (ten
+# deliveries of 1,000 new alerts within a day) forgets its own oldest keys first. At most ~250 bytes a key.
+TRIGGER_KEYS_PER_SOURCE = 10_000
 
 
 def _now() -> datetime:
@@ -164,7 +192,37 @@ class StateStore:
             _trim(state)
             return True
 
+    # -- trigger replay keys (the inbound API) ---------------------------------
+
+    def triggers_seen(self, environment: str, source: str, keys: list[str]) -> list[str]:
+        """Those of `keys` received from `source` within TRIGGER_RETENTION. Each is marked received again
+        now: a key stays known for as long as it keeps arriving."""
+        with self._locked(environment) as state:
+            known = _trim_triggers(state.triggers.setdefault(source, {}))
+            seen = [key for key in keys if key in known]
+            for key in seen:
+                known[key] = _now()
+            return seen
+
+    def record_triggers(self, environment: str, source: str, keys: list[str]) -> None:
+        """Remember `keys` as received from `source` now (one write for the whole delivery)."""
+        with self._locked(environment) as state:
+            known = state.triggers.setdefault(source, {})
+            now = _now()
+            for key in keys:
+                known[key] = now
+            _trim_triggers(known)
+
 
 def _trim(state: EnvironmentState) -> None:
     for stale in list(state.effects)[:-EFFECTS_LIMIT]:
         del state.effects[stale]
+
+
+def _trim_triggers(known: dict[str, datetime]) -> dict[str, datetime]:
+    """Keys younger than TRIGGER_RETENTION, at most the newest TRIGGER_KEYS_PER_SOURCE (trimmed in place)."""
+    oldest = _now() - TRIGGER_RETENTION
+    kept = sorted(((at, key) for key, at in known.items() if at > oldest))[-TRIGGER_KEYS_PER_SOURCE:]
+    known.clear()
+    known.update((key, at) for at, key in kept)
+    return known

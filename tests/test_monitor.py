@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from temporalio.client import WorkflowExecutionStatus, WorkflowUpdateFailedError
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.service import RPCError
 
 from rollback.client import RollbackError, RollbackOrchestrator
@@ -68,6 +69,14 @@ def rule(current, name: str):
     found = [v for v in current.rules if v.rule.name == name]
     assert found, f"rule {name} not in the monitor's status: {[v.rule.name for v in current.rules]}"
     return found[0]
+
+
+async def largest_written_event(handle: WorkflowHandle) -> int:
+    """Bytes of the largest event of the workflow's current run other than the signals sent to it: its
+    input (the state carried by continue-as-new), activity inputs and results. What Temporal limits."""
+    history = await handle.fetch_history()
+    return max(event.ByteSize() for event in history.events
+               if event.event_type != EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED)
 
 
 def evaluated(name: str, times: int):
@@ -245,3 +254,31 @@ async def test_a_prometheus_rule_fires_a_rollback(blue_green, tmp_path, client, 
     assert "rule http_error_ratio (critical)" in incident.reason and "over 5s" in incident.reason
     assert (await orch.wait(incident.rollback_id)).state == Phase.SUCCEEDED
     assert await front_version(blue_green.front_url) == "v1"
+
+
+async def test_big_alerts_keep_the_monitor_within_temporal_payload_limits(blue_green, tmp_path, client, task_queue,
+                                                                           run_worker):
+    """Evidence as big as the API used to send (20 alerts with long labels and summaries, ~240 KB) must not
+    pile up in the monitor's state: nine such incidents made its continue-as-new input pass 2 MB."""
+    orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker)
+    await orch.pause_monitor("demo", by="sre", reason="incidents recorded, nothing rolled back")
+    handle = client.get_workflow_handle("monitor-demo")
+    alerts = [{"alertname": f"Big{n}", "fingerprint": f"{n:016x}", "labels": {f"label_{j}": "v" * 1000 for j in range(10)},
+               "summary": "s" * 2000} for n in range(20)]
+    keys = [f"alertmanager:big-{n}" for n in range(12)]
+    for key in keys:
+        # A plain dict, as `temporal workflow signal` or any other client would send it: the monitor bounds it.
+        await handle.signal("trigger_rollback", {"reason": f"Alertmanager: {key}", "initiated_by": "alertmanager", "key": key,
+                                                 "evidence": {"source": "alertmanager", "alerts": alerts}})
+    recorded = await status(orch, lambda s: {i.key for i in s.incidents} >= set(keys), timeout=90, what="the 12 incidents")
+    # Carried across a continue-as-new since: the next run starts from what was recorded.
+    carried = await status(orch, lambda s: s.runs > recorded.runs, timeout=90, what="a continue-as-new after the incidents")
+
+    assert (await handle.describe()).status == WorkflowExecutionStatus.RUNNING
+    assert {i.key for i in carried.incidents} >= set(keys)
+    assert all(i.outcome == "suppressed_paused" for i in carried.incidents if i.key in keys)
+    kept = next(i for i in carried.incidents if i.key == keys[-1]).evidence
+    assert kept["source"] == "alertmanager" and kept["alerts"][0]["alertname"] == "Big0", "the evidence is cut, not lost"
+    assert kept["truncated"]["bytes"] > 200_000
+    assert len(json.dumps(carried.model_dump(mode="json"))) < 200_000, "the status stays small"
+    assert await largest_written_event(handle) < 200_000, "the carried state stays far below 256 KB"

@@ -3,7 +3,8 @@
 Every interval it collects readings (an activity), evaluates the rules over bounded
 windows kept in its own state, and starts a rollback when a rollback rule fires.
 It continues-as-new before its history grows large, carrying windows, rule states
-and incidents, so nothing is lost across runs or worker restarts.
+and the recent incidents (bounded: what the status shows), so nothing is lost across
+runs or worker restarts.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ with workflow.unsafe.imports_passed_through():
 # Continue-as-new well before Temporal's suggestion at 10k events; an evaluation
 # is about 8 events.
 MAX_EVALUATIONS_PER_RUN = 500
-INCIDENTS_KEPT = 50
+# The state carried across continue-as-new holds what the status shows and no more: the last 20 incidents,
+# each with evidence cut to INCIDENT_EVIDENCE_MAX_BYTES (rollback.monitoring), so the carried input stays
+# far below Temporal's payload limits however big the alerts behind them were.
+INCIDENTS_KEPT = 20
 SEEN_KEYS_KEPT = 500
 SETTINGS_REFRESH_EVALUATIONS = 20
 
@@ -60,6 +64,8 @@ class HealthMonitorWorkflow:
         self._environment = inp.environment
         if inp.state is not None:
             self._state = inp.state
+            # A run from before INCIDENTS_KEPT was 20 may hand over more.
+            self._state.incidents = self._state.incidents[-INCIDENTS_KEPT:]
             self._triggers, self._state.pending_triggers = self._state.pending_triggers, []
         await self._refresh_settings()
         next_due = workflow.now()
@@ -129,7 +135,7 @@ class HealthMonitorWorkflow:
             last_evaluated_at=self._state.last_evaluated_at, runs=self._state.runs,
             interval_seconds=settings.interval_seconds,
             rules=[RuleView(rule=r, state=self._state.rules.get(r.name, RuleState())) for r in self.rules],
-            incidents=self._state.incidents[-20:],
+            incidents=self._state.incidents,
         )
 
     # -- evaluation -------------------------------------------------------------
