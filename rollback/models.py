@@ -5,6 +5,7 @@ Workflows import this module, so it stays free of I/O and heavy imports.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from enum import Enum
@@ -43,6 +44,10 @@ def _check_version(value: str) -> str:
 Version = Annotated[str, AfterValidator(_check_version), WithJsonSchema(
     {"type": "string", "pattern": r"^(?!.*\.\.)" + VERSION_PATTERN[1:], "maxLength": 64,
      "description": f"a release or database revision: {VERSION_RULE}"})]
+
+
+# Triggers hand a rollback at most 16 KB of evidence (rollback/monitoring.py); a request may carry twice that.
+REQUEST_EVIDENCE_MAX_BYTES = 32 * 1024
 
 
 class RollbackTarget(str, Enum):
@@ -120,8 +125,20 @@ class RollbackRequest(BaseModel):
     require_approval: bool | None = None
     dry_run: bool = False
     # What a monitor or an external trigger saw (rule, value, samples); shown in the plan.
-    evidence: dict[str, Any] = Field(default_factory=dict)
+    evidence: dict[str, Any] = Field(default_factory=dict, description=f"at most {REQUEST_EVIDENCE_MAX_BYTES} bytes of JSON")
     database: DatabaseOptions | None = None
+
+    @field_validator("evidence")
+    @classmethod
+    def _evidence_bounded(cls, evidence: dict[str, Any]) -> dict[str, Any]:
+        # It travels in the plan, the status, every query and the memo: bounded like any state.
+        try:
+            size = len(json.dumps(evidence, separators=(",", ":"), default=str).encode())
+        except (RecursionError, ValueError):
+            raise ValueError("cannot be written as JSON (nested too deeply?)") from None
+        if size > REQUEST_EVIDENCE_MAX_BYTES:
+            raise ValueError(f"{size} bytes of JSON; at most {REQUEST_EVIDENCE_MAX_BYTES}")
+        return evidence
 
     @field_validator("targets")
     @classmethod

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from rollback.models import RollbackRequest
+from rollback.models import RollbackRequest, Version
 
 
 
@@ -22,14 +22,14 @@ class LockInput(BaseModel):
 class RecordInput(BaseModel):
     environment: str
     target: str
-    version: str
+    version: Version
     key: str = Field(description="idempotency key: workflow id + step")
 
 
 class SwitchInput(BaseModel):
     environment: str
     colour: str
-    expect_version: str
+    expect_version: Version
 
 
 class SwitchResult(BaseModel):
@@ -42,7 +42,7 @@ class SwitchResult(BaseModel):
 class BatchInput(BaseModel):
     environment: str
     instances: list[str] = Field(min_length=1)
-    version: str
+    version: Version
     require_healthy: bool = True
 
 

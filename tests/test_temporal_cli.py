@@ -55,6 +55,9 @@ async def test_start_signal_and_query_with_the_temporal_cli(blue_green, tmp_path
     ('{"environment": "demo", "targets": ["backend"], "to_version": {"backend": "--help; $(curl x|sh) ../../etc"}}',
      "to_version.backend: '--help; $(curl x|sh) ../../etc' is not a valid version"),
     ('{"environment": "demo", "targets": ["frontend"]}', "targets: frontend is not available yet"),
+    # It would ride in the plan, the status, every query and the memo.
+    ('{"environment": "demo", "targets": ["backend"], "evidence": {"samples": "' + "x" * 40_000 + '"}}',
+     "evidence: Value error, 40014 bytes of JSON; at most 32768"),
 ])
 async def test_bad_json_from_the_cli_fails_the_workflow_within_seconds(blue_green, tmp_path, client, task_queue, run_worker, payload, field):
     await run_worker(write_config(blue_green, tmp_path))
