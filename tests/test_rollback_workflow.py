@@ -312,3 +312,22 @@ async def test_a_workflow_id_reused_in_the_same_second_performs_its_own_effects(
         assert (versions.current, versions.known_good) == ("v1", "v1"), f"after rolling back {bad}"
     sent = [(n["event"], n["fields"]["state"]) for n in notifications(blue_green)]
     assert sent == [("started", "coordination"), ("succeeded", "succeeded")] * 2
+
+
+async def test_incidents_attached_to_a_running_rollback_stay_bounded(blue_green, tmp_path, client, task_queue, run_worker):
+    """Anyone may signal attach_incident: the status (and every query and the memo) keeps the last 20, each cut."""
+    blue_green.deploy("v2", "errors")
+    await run_worker(write_config(blue_green, tmp_path))
+    orch = orchestrator(client, task_queue)
+    started = await orch.initiate_rollback(targets=BACKEND, initiated_by="tester", require_approval=True)
+    await status_when(orch, started.execution_id, lambda s: s.approval.decision == "pending", what="approval pending")
+    handle = client.get_workflow_handle(started.execution_id)
+    for number in range(25):
+        await handle.signal("attach_incident", {"key": f"k{number}", "reason": "r" * 100_000, "trigger": "automatic",
+                                                "samples": list(range(10_000))})
+    status = await status_when(orch, started.execution_id, lambda s: s.incidents and s.incidents[-1]["key"] == "k24",
+                               what="the last incident")
+    assert [i["key"] for i in status.incidents] == [f"k{n}" for n in range(5, 25)]
+    assert all(set(i) == {"key", "reason", "trigger"} and len(i["reason"]) == 2000 for i in status.incidents)
+    await orch.reject(started.execution_id, by="tester")
+    await orch.wait(started.execution_id)

@@ -135,7 +135,10 @@ class RollbackWorkflow:
     def attach_incident(self, incident: dict[str, Any]) -> None:
         """A monitor saw another incident while this rollback runs: keep it on the record."""
         if self._status is not None and isinstance(incident, dict):
-            self._status.incidents = (self._status.incidents + [incident])[-50:]
+            # What the monitor sends (activities/incidents.py), cut: anyone may signal, and the status,
+            # every query and the memo carry the last 20.
+            kept = {name: str(incident[name])[:2000] for name in ("key", "reason", "trigger") if name in incident}
+            self._status.incidents = (self._status.incidents + [kept])[-20:]
 
     @workflow.query
     def status(self) -> RollbackStatus:
