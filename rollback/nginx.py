@@ -37,7 +37,7 @@ class NginxRouter:
     def render(self, servers: list[UpstreamServer]) -> str:
         if not any(not s.down for s in servers):
             raise RouterError("refusing to write an upstream with no live server")
-        lines = [f"# managed by the rollback orchestrator; do not edit by hand", f"upstream {self.upstream_name} {{"]
+        lines = ["# managed by the rollback orchestrator; do not edit by hand", f"upstream {self.upstream_name} {{"]
         for server in servers:
             # max_fails=0: nginx must not mark a server failed on its own; the
             # orchestrator decides, and proxy_next_upstream retries transient errors.

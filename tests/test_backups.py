@@ -214,8 +214,8 @@ async def test_load_table_copy_reproduces_awkward_rows_exactly(database: str, tm
         assert await _fetchval(dsn, f"SELECT count(*) FROM (SELECT {COLUMNS} FROM {a} EXCEPT ALL "
                                     f"SELECT {COLUMNS} FROM {b}) d") == 0
     # Generated columns are not in a dump: the side table has only the columns that hold data.
-    assert await _fetchval(dsn, f"SELECT count(*) FROM information_schema.columns WHERE table_schema = "
-                                f"'rollback restore' AND table_name = 'Odd \"Name\" copy'") == 7
+    assert await _fetchval(dsn, "SELECT count(*) FROM information_schema.columns WHERE table_schema = "
+                                "'rollback restore' AND table_name = 'Odd \"Name\" copy'") == 7
     assert await _fetchval(dsn, "SELECT relpersistence::text FROM pg_class WHERE relname = 'Odd \"Name\" copy'") == "u"
 
 

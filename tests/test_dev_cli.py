@@ -10,11 +10,10 @@ import sys
 import uuid
 from pathlib import Path
 
-import asyncpg
 import httpx
 
 from rollback.dev.stack import free_port
-from rollback.pg import ident, local_dsn
+from tests.postgres import drop_database
 
 ROLLBACK = str(Path(sys.executable).parent / "rollback")
 
@@ -23,14 +22,6 @@ def listening(port: int) -> bool:
     with socket.socket() as probe:
         probe.settimeout(0.5)
         return probe.connect_ex(("127.0.0.1", port)) == 0
-
-
-async def drop_database(name: str) -> None:
-    conn = await asyncpg.connect(local_dsn(), timeout=10)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {ident(name)} WITH (FORCE)")
-    finally:
-        await conn.close()
 
 
 def process_env(pid: int) -> dict[str, str]:

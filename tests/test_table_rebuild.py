@@ -13,11 +13,10 @@ import uuid
 from pathlib import Path
 
 import asyncpg
-import pytest
 
 from rollback.backups import BackupManifest, take_backup
 from rollback.integrity import RebuiltTable, TableSpec, compare, take_snapshot
-from rollback.migrations import MigrationError, apply_up, load_migrations
+from rollback.migrations import apply_up, load_migrations
 from rollback.pg import local_dsn
 from rollback.schema_rollback import (
     RebuildOptions, RestoreResult, RevertResult, restore_data, restore_xids, revert_schema,
