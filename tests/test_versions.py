@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import ValidationError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
@@ -73,8 +74,11 @@ async def test_the_deploy_hook_never_gets_a_bad_version(rolling, tmp_path: Path,
     restarts = rolling.instances_state_dir / "restarts.log"
     before = restarts.read_text()
 
-    with pytest.raises(ApplicationError) as refused:
-        await ActivityEnvironment().run(backend.roll_batch, BatchInput(environment="demo", instances=["app-1"], version=INJECTION))
+    with pytest.raises(ValidationError, match="not a valid version"):  # the activity's input refuses it first
+        BatchInput(environment="demo", instances=["app-1"], version=INJECTION)
+    with pytest.raises(ApplicationError) as refused:  # and the activity, were it constructed unchecked
+        await ActivityEnvironment().run(backend.roll_batch, BatchInput.model_construct(
+            environment="demo", instances=["app-1"], version=INJECTION, require_healthy=True))
 
     assert refused.value.non_retryable and "not a valid version" in str(refused.value)
     assert restarts.read_text() == before

@@ -19,10 +19,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import random
 import shutil
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping
@@ -510,11 +510,24 @@ class DevPorts:
         )
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A port nobody listens on right now (the OS picks it; we release it at once)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port nobody listens on right now, below the kernel's ephemeral range, never the same twice
+    in one process. (A port the OS picks for bind(0) comes from the ephemeral range, which is also
+    where outgoing connections take their local ports: one could take it before our server binds.)"""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    candidates = range(max(1024, low - 12000), low)
+    for _ in range(500):
+        port = random.choice(candidates)
+        if port not in _handed_out and inst.port_is_free(port):
+            _handed_out.add(port)
+            return port
+    raise StackError(f"no free port between {candidates.start} and {candidates.stop - 1}")
 
 
 def temporal_binary() -> str:
