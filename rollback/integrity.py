@@ -297,7 +297,8 @@ class _Hashes(BaseModel):
         """The 32-bit xmin of whoever wrote the row's values."""
         if self.rebuilt is None:
             return "t._rb_xid::text::int8"
-        return (f"(CASE WHEN t._rb_xid::text::int8 = ANY({self._rebuild_xids}) THEN coalesce(t._rb_author, 0) "
+        # -1: the rebuild copied the row from the backup (no author): the rollback's own write.
+        return (f"(CASE WHEN t._rb_xid::text::int8 = ANY({self._rebuild_xids}) THEN coalesce(t._rb_author, -1) "
                 "ELSE t._rb_xid::text::int8 END)")
 
     def written_since(self, skip_rollback_writes: bool) -> str:
@@ -507,16 +508,24 @@ async def drop_kept_rows(conn: asyncpg.Connection, snapshot: Snapshot, *, timeou
 # pg_current_xact_id() are 64-bit). The 64-bit xid is rebuilt relative to the current
 # snapshot's xmax ($5; a live row's xmin is below it and less than 2^31 older), and compared
 # with before's pg_snapshot by pg_visible_in_snapshot. xids 1 and 2 (bootstrap, frozen) are
-# older than everything.
+# older than everything; -1 marks a row a table rebuild copied from the backup ('copied').
+#
+# pg_current_snapshot() lists in-progress transactions but not their subtransactions: a row
+# written in a savepoint (or an EXCEPTION block) of a transaction in progress at the snapshot
+# looks visible to it. Such a subtransaction's xid is above the snapshot's xmin (its parent was
+# in progress), so a "visible" writer from [xmin, xmax) is 'subtransaction'; only one below xmin
+# (or frozen) is surely 'old'.
 def _writer(row: str) -> str:
     """SQL naming who wrote the live row aliased `row` (which has _rb_xmin)."""
     xmin = f"{row}._rb_xmin"
-    return f"""CASE WHEN {xmin} < 3 THEN 'old'
+    full = f"($5::int8 - (($5::int8 - {xmin}) % 4294967296 + 4294967296) % 4294967296)::text::xid8"
+    return f"""CASE WHEN {xmin} = -1 THEN 'copied'
+     WHEN {xmin} < 3 THEN 'old'
      WHEN {xmin} = ANY($3::int8[]) THEN 'expected'
      WHEN {xmin} = ANY($2::int8[]) THEN 'rollback'
-     WHEN pg_visible_in_snapshot(($5::int8 - (($5::int8 - {xmin}) % 4294967296 + 4294967296) % 4294967296)
-                                 ::text::xid8, $1::text::pg_snapshot) THEN 'old'
-     ELSE 'concurrent' END"""
+     WHEN NOT pg_visible_in_snapshot({full}, $1::text::pg_snapshot) THEN 'concurrent'
+     WHEN {full} >= pg_snapshot_xmin($1::text::pg_snapshot) THEN 'subtransaction'
+     ELSE 'old' END"""
 
 
 def _live(h: _Hashes, *, every_bucket: bool = False) -> str:
@@ -604,10 +613,17 @@ def _cause(kind: str, writer: str | None, rules: _Rules) -> tuple[Cause, str]:
         return "rollback_write", "written by a rollback transaction that was meant to rewrite rows"
     if writer == "rollback":
         return "unexplained", "written by a rollback transaction that was not expected to change this table"
-    if writer == "concurrent":
+    if writer == "copied":
+        return "unexplained", "the rollback's table rebuild copied this row from the backup, and it differs from the before-snapshot"
+    if writer in ("concurrent", "subtransaction"):
+        # Every transaction of the rollback is named in $2, $3 or the rebuild's record: a version
+        # newer than the snapshot that none of them wrote is the application's.
+        detail = ("written by a transaction that was not visible to the before-snapshot" if writer == "concurrent" else
+                  "written by a subtransaction (savepoint, EXCEPTION block) of a transaction in progress at the "
+                  "before-snapshot")
         if rules.allow_concurrent_writes:
-            return "concurrent_write", "written by a transaction that was not visible to the before-snapshot"
-        return "unexplained", "written by a concurrent transaction, and concurrent writes are not allowed"
+            return "concurrent_write", detail
+        return "unexplained", f"{detail}, and concurrent writes are not allowed"
     return "unexplained", "the row differs but its version is older than the before-snapshot"
 
 
@@ -671,6 +687,8 @@ async def _bucket_differences(conn: asyncpg.Connection, spec: TableSpec, h: _Has
 
     A live row version whose xmin the before-snapshot saw existed then, so the bucket lost
     (rows_before - old) rows: deleted or rewritten, which without a key cannot be told apart.
+    A version that only looks seen ('subtransaction', see `_writer`) counts as old unless the
+    counts say it is one too many; then it is the new version of an application write.
     """
     writers: dict[int, dict[str, tuple[int, int]]] = {b: {} for b in buckets}
     for r in await conn.fetch(_bucket_sql(h), *params[:3], buckets, params[3], timeout=timeout):  # $1..$5
@@ -678,13 +696,22 @@ async def _bucket_differences(conn: asyncpg.Connection, spec: TableSpec, h: _Has
     found = []
     for bucket, by_writer in writers.items():
         rows_before = before.buckets[bucket].rows if bucket in before.buckets else 0
-        old = by_writer.pop("old", (0, 0))[0]
+        sub_rows, sub_xmin = by_writer.pop("subtransaction", (0, 0))
+        old = by_writer.pop("old", (0, 0))[0] + sub_rows
+        if old > rows_before:
+            by_writer["subtransaction"] = (old - rows_before, sub_xmin)
+            old = rows_before
         causes: list[tuple[Cause, str, int | None]] = []
         if old < rows_before:
             report.missing += rows_before - old
             cause, detail = _cause("missing", None, rules)
             _count_cause(report, cause, rows_before - old)
             causes.append((cause, f"{rows_before - old} of {rows_before} row(s) gone or rewritten: {detail}", None))
+        elif not by_writer and sub_rows:  # a row rewritten in a subtransaction: one version out, one in
+            cause, detail = _cause("changed", "subtransaction", rules)
+            report.changed += 1
+            _count_cause(report, cause, 1)
+            causes.append((cause, detail, sub_xmin))
         elif not by_writer:  # same old rows, no new ones, yet the fingerprint differs
             report.unexplained += 1
             causes.append(("unexplained", "rows older than the before-snapshot differ from it", None))

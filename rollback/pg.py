@@ -71,17 +71,18 @@ async def connect(dsn: str, *, timeout: float = 10, application_name: str = "rol
     return await asyncpg.connect(dsn, timeout=timeout, server_settings={"application_name": application_name})
 
 
-def written_after(snapshot: str, *, xmax: int, alias: str = "t") -> str:
-    """SQL: the row `alias` was written by a transaction the snapshot (pg_current_snapshot() text) could not see.
+def written_after(snapshot: str, *, alias: str = "t") -> str:
+    """SQL: the row `alias` may have been written by a transaction the snapshot (pg_current_snapshot()
+    text) could not see. Conservative: every row whose xmin is not older than the snapshot's xmin.
 
-    xmin is 32 bits: its 64-bit xid is rebuilt relative to `xmax` (the xmax of the current
-    transaction's snapshot; live rows are less than 2^31 transactions older). Rows older than
-    the snapshot's xmin are ruled out first, cheaply; frozen and bootstrap xids (< 3) are old.
-    The snapshot text is checked by the pattern before it is pasted in.
+    pg_visible_in_snapshot cannot decide it: the snapshot lists transactions in progress but not
+    their subtransactions, so a row written in a savepoint of a transaction in progress then looks
+    visible (and a table rebuild would put the backup's older value back). Rows that completed in
+    the window [xmin, xmax) before the snapshot are taken too: re-syncing or re-copying them again
+    is harmless. Frozen and bootstrap xids (< 3) are old. The snapshot text is checked by the
+    pattern before it is pasted in.
     """
     if not re.fullmatch(r"\d+:\d+:[\d,]*", snapshot):
         raise ValueError(f"not a pg_snapshot: {snapshot[:80]!r}")
     oldest = int(snapshot.partition(":")[0]) & 0xFFFFFFFF
-    full = f"({int(xmax)} - (({int(xmax)} - {alias}.xmin::text::int8) % 4294967296 + 4294967296) % 4294967296)"
-    return (f"(age({alias}.xmin) <= age('{oldest}'::xid) AND {alias}.xmin::text::int8 >= 3 "
-            f"AND NOT pg_visible_in_snapshot({full}::text::xid8, '{snapshot}'::pg_snapshot))")
+    return f"(age({alias}.xmin) <= age('{oldest}'::xid) AND {alias}.xmin::text::int8 >= 3)"

@@ -70,6 +70,7 @@ class SchemaDiff(BaseModel):
     dropped_tables: list[str] = Field(default_factory=list)
     added_columns: dict[str, list[str]] = Field(default_factory=dict)
     dropped_columns: dict[str, list[str]] = Field(default_factory=dict)
+    retyped_columns: dict[str, list[str]] = Field(default_factory=dict, description="columns whose type changed")
 
     def describe(self, limit: int = 40) -> str:
         """One line for a plan or a step (at most `limit` changes named: it travels through Temporal)."""
@@ -77,6 +78,7 @@ class SchemaDiff(BaseModel):
         parts += [f"added {t}({', '.join(c)})" for t, c in self.added_columns.items()]
         parts += [f"dropped table {t}" for t in self.dropped_tables]
         parts += [f"dropped {t}({', '.join(c)})" for t, c in self.dropped_columns.items()]
+        parts += [f"changed the type of {t}({', '.join(c)})" for t, c in self.retyped_columns.items()]
         more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
         return "; ".join(parts[:limit])[:4000] + more or "no table or column added or dropped"
 
@@ -93,6 +95,10 @@ def diff(before: SchemaSnapshot, live: SchemaSnapshot) -> SchemaDiff:
             result.added_columns[name] = [c.name for c in live.tables[name].columns if c.name not in old]
         if old - new:
             result.dropped_columns[name] = [c.name for c in before.tables[name].columns if c.name not in new]
+        retyped = [c.name for c in before.tables[name].columns
+                   if (now := live.tables[name].column(c.name)) is not None and now.type != c.type]
+        if retyped:
+            result.retyped_columns[name] = retyped
     return result
 
 
@@ -106,6 +112,7 @@ def _existing(changes: SchemaDiff, live: SchemaSnapshot) -> SchemaDiff:
                        and any(live.tables[t].column(c) is not None for c in cols)},
         dropped_columns={t: cols for t, cols in changes.dropped_columns.items()
                          if t in live.tables and all(live.tables[t].column(c) is None for c in cols)},
+        retyped_columns={t: cols for t, cols in changes.retyped_columns.items() if t in live.tables},
     )
 
 
@@ -156,10 +163,9 @@ async def _archive(conn: asyncpg.Connection, key: str, live: TableShape, columns
         def on(left: str, right: str) -> str:
             return " AND ".join(f"{left}.{ident(k)} = {right}.{ident(k)}" for k in live.primary_key)
 
-        xmax = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8")
         await conn.execute(f"DROP TABLE IF EXISTS pg_temp.rb_changed_since_copy; CREATE TEMP TABLE rb_changed_since_copy "
                            f"ON COMMIT DROP AS SELECT {_cols(live.primary_key, 't.')} FROM {source} t "
-                           f"WHERE {written_after(copied_at, xmax=xmax)}")
+                           f"WHERE {written_after(copied_at)}")
         await conn.execute(f"DELETE FROM {target} a USING rb_changed_since_copy c WHERE {on('a', 'c')}")
         await conn.execute(f"INSERT INTO {target} ({_cols(keep)}) SELECT {_cols(keep, 't.')} FROM {source} t "
                            f"JOIN rb_changed_since_copy c ON {on('t', 'c')}")
@@ -225,6 +231,21 @@ def _shape_problems(target: SchemaSnapshot, now: SchemaSnapshot, tables: set[str
     return problems
 
 
+def lock_order(tables: list[str], attempt: int) -> list[str]:
+    """The order to lock `tables` in on this attempt: the sorted list, rotated by the attempt.
+
+    Holding one table's lock while waiting for the next deadlocks with an application
+    transaction that holds the next and then wants the first (insert an order, then update its
+    customer): our short lock_timeout ends the wait first, and the same order would deadlock
+    again on every attempt. Each attempt starts from another table, so one of them locks in
+    the application's order, where no such cycle can form.
+    """
+    if not tables:
+        return []
+    turn = (attempt - 1) % len(tables)
+    return tables[turn:] + tables[:turn]
+
+
 async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, target_shape: SchemaSnapshot, key: str,
                         lock_timeout_ms: int, attempts: int, around_attempt: AttemptWrapper | None = None,
                         on_blocked: Callable[[int], Awaitable[None]] | None = None) -> RevertResult:
@@ -233,8 +254,11 @@ async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, targe
         raise MigrationError(f"migration {migration.label} has no .down.sql: its schema change cannot be reverted")
     await ensure_bookkeeping(conn)
     copied = await _copy_ahead(conn, key, migration, target_shape)
+    attempts_made = 0
 
     async def body(c: asyncpg.Connection) -> RevertResult:
+        nonlocal attempts_made
+        attempts_made += 1
         done = await c.fetchval("SELECT result FROM rollback_meta.reverts WHERE key = $1", key)
         if done is not None:
             return RevertResult.model_validate({**json.loads(done), "repeated": True})
@@ -247,8 +271,9 @@ async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, targe
         # what still exists (objects created outside migrations since are not its doing).
         after_migration = SchemaSnapshot.model_validate_json(record["shape_after"]) if record["shape_after"] else live
         changes = _existing(diff(target_shape, after_migration), live)
-        involved = sorted(set(changes.added_tables) | set(changes.added_columns) | set(changes.dropped_columns))
-        for name in involved:  # sorted: two rollbacks never lock in opposite orders
+        involved = sorted(set(changes.added_tables) | set(changes.added_columns) | set(changes.dropped_columns)
+                          | set(changes.retyped_columns))
+        for name in lock_order(involved, attempts_made):
             shape = live.tables[name]
             await c.execute(f"LOCK TABLE {qualified(shape.schema_name, shape.name)} IN ACCESS EXCLUSIVE MODE")
         archived = [await _archive(c, key, live.tables[t], [], True, copied.get(_archive_name(key, live.tables[t], True)))

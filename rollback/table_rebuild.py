@@ -288,7 +288,7 @@ async def _build(conn: asyncpg.Connection, sql: _Sql, copy: TableCopy, backup_sn
     n, live = sql.names, sql.live
     async with conn.transaction(isolation="repeatable_read"):
         # The first query fixes the snapshot S that the new table is built from.
-        xmax = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8")
+        await conn.fetchval("SELECT pg_current_snapshot()")
         await conn.execute("SET LOCAL maintenance_work_mem = '512MB'; SET LOCAL work_mem = '256MB'; "
                            "SET LOCAL jit = off; SET LOCAL synchronous_commit = off")
         await conn.execute(f"DELETE FROM {n.log}")  # changes S already sees
@@ -306,7 +306,7 @@ async def _build(conn: asyncpg.Connection, sql: _Sql, copy: TableCopy, backup_sn
         backup_rows = int(status.split()[-1])
         say(f"{live.qualified_name}: {backup_rows} backup rows loaded; building indexes")
         await _build_indexes(conn, sql)
-        changed, deleted = await _changed_since_backup(conn, sql, backup_snapshot, xmax, backup_rows)
+        changed, deleted = await _changed_since_backup(conn, sql, backup_snapshot, backup_rows)
         say(f"{live.qualified_name}: {changed} rows changed and {deleted} deleted since the backup; re-syncing them")
         for statement in sql.sync():
             await conn.execute(statement)
@@ -346,13 +346,13 @@ async def _build_indexes(conn: asyncpg.Connection, sql: _Sql) -> None:
                            [(f"{n.new_name[:55]}_i{number}", row["name"]) for number, row in enumerate(rows)])
 
 
-async def _changed_since_backup(conn: asyncpg.Connection, sql: _Sql, backup_snapshot: str, xmax: int,
+async def _changed_since_backup(conn: asyncpg.Connection, sql: _Sql, backup_snapshot: str,
                                 backup_rows: int) -> tuple[int, int]:
-    """Fill rb_batch with the keys whose live row differs from the backup's; (changed, deleted) counts."""
+    """Fill rb_batch with the keys whose live row may differ from the backup's (a few more: see
+    written_after; re-syncing an unchanged row changes nothing); (changed, deleted) counts."""
     n = sql.names
-    # A live row is the backup's own version if the backup's snapshot could see its xmin.
     await conn.execute(f"INSERT INTO rb_batch SELECT {', '.join(f't.{ident(k)}' for k in sql.key)} FROM {n.live} t "
-                       f"WHERE {written_after(backup_snapshot, xmax=xmax)}")
+                       f"WHERE {written_after(backup_snapshot)}")
     changed = await conn.fetchval("SELECT count(*) FROM rb_batch")
     live_rows = await conn.fetchval(f"SELECT count(*) FROM {n.live}")
     changed_in_backup = await conn.fetchval(f"SELECT count(*) FROM rb_batch b JOIN {n.new} n ON {sql.on('n', 'b')}")

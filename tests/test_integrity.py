@@ -141,6 +141,63 @@ async def test_concurrent_writes_are_expected_but_deletes_are_not(conn: asyncpg.
     assert allowed.ok and _named(allowed)[("10",)] == ("missing", "allowed_delete")
 
 
+@pytest.mark.parametrize("every_bucket", [False, True], ids=["recent rows", "bucket drill-down"])
+async def test_transactions_in_progress_at_the_snapshot_are_application_writes(conn: asyncpg.Connection, database: str,  # noqa: F811
+                                                                              monkeypatch, every_bucket: bool) -> None:
+    """Multi-statement transactions straddle the before-snapshot: one wrote before it and commits
+    after; one wrote inside savepoints (their subtransaction ids are not in pg_current_snapshot's
+    list); one stays open through the comparison. All are the application's, never unexplained."""
+    if every_bucket:  # the path a rollback that rewrote most rows takes
+        monkeypatch.setattr("rollback.integrity.RECENT_ROWS_LIMIT", 0)
+    await _accounts(conn)
+    apps = [await connect(local_dsn(database), application_name=f"test-app-{n}") for n in range(3)]
+    try:
+        straddling, savepoints, long_running = apps
+        await straddling.execute("BEGIN; INSERT INTO accounts VALUES (5001, 'straddling', 1, NULL)")
+        await savepoints.execute("BEGIN; UPDATE accounts SET note = 'top' WHERE id = 40; SAVEPOINT a; "
+                                 "INSERT INTO accounts VALUES (5002, 'in a savepoint', 1, NULL); "
+                                 "UPDATE accounts SET balance = -1 WHERE id = 41; RELEASE SAVEPOINT a")
+        await savepoints.execute("DO $$ BEGIN UPDATE accounts SET balance = -2 WHERE id = 42; "
+                                 "EXCEPTION WHEN others THEN NULL; END $$")
+        await long_running.execute("BEGIN; UPDATE accounts SET name = 'long' WHERE id = 43")
+        before = await take_snapshot(conn, [ACCOUNTS], label="straddle", keep_rows=True)
+        await straddling.execute("UPDATE accounts SET balance = 7 WHERE id = 44; COMMIT")
+        await savepoints.execute("COMMIT")
+
+        report = await compare(conn, before, [ACCOUNTS])
+        await long_running.execute("COMMIT")
+        later = await compare(conn, before, [ACCOUNTS])
+    finally:
+        for app in apps:
+            await app.close()
+
+    written = {("5001",): ("inserted", "concurrent_write"), ("44",): ("changed", "concurrent_write"),
+               ("40",): ("changed", "concurrent_write"), ("5002",): ("inserted", "concurrent_write"),
+               ("41",): ("changed", "concurrent_write"), ("42",): ("changed", "concurrent_write")}
+    assert report.ok and _named(report) == written, report.summary
+    assert later.ok and _named(later) == {**written, ("43",): ("changed", "concurrent_write")}, later.summary
+
+
+async def test_subtransaction_writes_to_a_table_without_primary_key_are_application_writes(
+        conn: asyncpg.Connection, database: str) -> None:  # noqa: F811
+    await conn.execute("CREATE TABLE ledger (account int, amount int); "
+                       "INSERT INTO ledger SELECT i % 50, i FROM generate_series(1, 2000) i")
+    spec = TableSpec(table="public.ledger", key=[], columns=["account", "amount"])
+    app = await connect(local_dsn(database), application_name="test-app")
+    try:
+        # (An update without a key looks like a delete plus an insert: see the test above.)
+        await app.execute("BEGIN; INSERT INTO ledger VALUES (1, -1); SAVEPOINT s; INSERT INTO ledger VALUES (2, -2); "
+                          "INSERT INTO ledger VALUES (3, -3); RELEASE SAVEPOINT s")
+        before = await take_snapshot(conn, [spec], label="ledger", keep_rows=True)
+        await app.execute("COMMIT")
+    finally:
+        await app.close()
+    report = await compare(conn, before, [spec])
+    assert report.ok, report.summary
+    ledger = report.tables["public.ledger"]
+    assert (ledger.unexplained, ledger.concurrent, ledger.rows_after) == (0, 3, 2003), ledger
+
+
 async def test_rollback_writes_are_explained_only_when_expected(conn: asyncpg.Connection, database: str) -> None:  # noqa: F811
     await _accounts(conn)
     before = await take_snapshot(conn, [ACCOUNTS], label="rollback", keep_rows=True)
