@@ -363,11 +363,14 @@ class DatabaseRollback:
                 report = await self._compare(conn, target, inp)
                 # The report names what differs; the snapshot and its per-row hashes have served either way.
                 await integrity.store_report(conn, inp.key, report)
+        brief = integrity.brief(report, stored_as=f"rollback_meta.integrity_reports key {inp.key}").model_dump(mode="json")
         if not report.ok:
             named = "; ".join(f"{d.table} {d.kind} " + ",".join(f"{k}={v}" for k, v in (d.key or {}).items())
                               for d in report.differences if d.cause == "unexplained")
-            raise _fail(f"integrity check failed: {report.summary}; {named}"[:1500], "IntegrityViolation")
-        return integrity.brief(report, stored_as=f"rollback_meta.integrity_reports key {inp.key}").model_dump(mode="json")
+            # The brief rides along (failure details), so the status shows the evidence of a failed check too.
+            raise ApplicationError(f"integrity check failed: {report.summary}; {named}"[:1500], brief,
+                                   type="IntegrityViolation", non_retryable=True)
+        return brief
 
     @staticmethod
     async def _compare(conn: asyncpg.Connection, target: DatabaseTarget, inp: ValidateDbInput) -> integrity.IntegrityReport:
@@ -407,6 +410,11 @@ class DatabaseRollback:
             if raw is None:
                 return {"reapplied": False, "why": "the revert never happened"}
             revert = RevertResult.model_validate_json(raw)
+            if destroyed := await _restored_since_revert(conn, revert, inp.restore_key):
+                raise ApplicationError(
+                    f"{migration.label} is not re-applied: the rollback brought back {destroyed}, and re-applying it "
+                    "would destroy that again, with whatever the application has written there since; the reverted "
+                    "schema and the restored data are kept", type="RevertIrreversible", non_retryable=True)
 
             async def body(c: asyncpg.Connection) -> dict[str, Any]:
                 if await c.fetchval("SELECT count(*) FROM rollback_meta.migrations WHERE revision = $1", migration.revision):
@@ -491,6 +499,19 @@ class DatabaseRollback:
         async with self.connection(target) as conn:
             done = await applied(conn)
         return done[-1].revision if done else None
+
+
+async def _restored_since_revert(conn: asyncpg.Connection, revert: RevertResult, restore_key: str | None) -> str:
+    """What re-applying a reverted migration would destroy again, in words ('' when nothing): what it
+    dropped or retyped (the revert re-created it, and the restore or the application filled it since),
+    and whatever the restore step wrote."""
+    changes = revert.diff
+    parts = [f"table {t}" for t in changes.dropped_tables]
+    parts += [f"{t}({', '.join(c)})" for t, c in changes.dropped_columns.items()]
+    parts += [f"the type of {t}({', '.join(c)})" for t, c in changes.retyped_columns.items()]
+    if restore_key and (await restore_xids(conn, restore_key) or await _rebuilt_tables(conn, [restore_key])):
+        parts.append("the values its restore step wrote")
+    return ", ".join(parts)
 
 
 async def _rebuilt_tables(conn: asyncpg.Connection, restore_keys: list[str]) -> dict[str, integrity.RebuiltTable]:

@@ -105,6 +105,7 @@ class BackupInput(DbStepInput):
 class MigrationInput(DbStepInput):
     revision: str
     backup_id: str | None = None
+    restore_key: str | None = Field(default=None, description="re-apply: the key of the restore step after the revert")
 
 
 class RestoreInput(DbStepInput):

@@ -7,6 +7,7 @@ database; migrations are written per test into a temporary directory.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
 from pathlib import Path
@@ -656,3 +657,34 @@ async def test_revert_copies_added_data_before_its_locks_and_only_rows_written_s
     assert 3 not in reviews and reviews[4] == 9 and len(reviews) == 300 and reviews[301] == 7
     assert archives["public.customers"].rows == len(names) and archives["public.reviews"].rows == 300
     assert recopied == 2, "under the lock only the rows written since the copy made ahead are copied again"
+
+
+async def test_a_destructive_revert_is_never_undone_by_re_applying_the_migration(shop, client, task_queue, run_worker):
+    """Once the revert of a migration that dropped data has committed, a later failure (here the
+    integrity check: the down SQL also deletes an order) must not run the migration again: the
+    rollback ends failed with the reverted schema and the restored data, and pages."""
+    make, dsn = shop
+    sneaky = (DESTRUCTIVE[0], DESTRUCTIVE[1] + " DELETE FROM orders WHERE id = 17;")
+    config = make(sneaky)
+    await run_worker(config)
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    emails = dict(await fetch(dsn, "SELECT id, email FROM customers"))
+    await migrate(orch, "0002")
+
+    workflow_id, status = await rollback_database(orch)
+
+    assert status.state == Phase.FAILED, status.error
+    assert "integrity" in status.error and "not compensated" in status.error and "0002_step2 is not re-applied" in status.error
+    reapply = next(s for s in status.steps if s.name.startswith("re-apply"))
+    assert reapply.state == "skipped" and "public.customers(email)" in reapply.detail, reapply
+    # What the rollback brought back stays: the schema is 0001's, every e-mail and coupon is back.
+    assert dict(await fetch(dsn, "SELECT id, email FROM customers")) == emails
+    assert await value(dsn, "SELECT count(*) FROM coupons") == 60
+    assert await value(dsn, "SELECT max(revision) FROM rollback_meta.migrations") == "0001"
+    # The evidence is in the status, and someone is paged.
+    integrity = status.reports["database_integrity"]
+    assert integrity["ok"] is False and any(d["key"] == {"id": "17"} for d in integrity["differences"]), integrity
+    sent = [json.loads(line) for line in (Path(config.get().state_dir) / "notifications.jsonl").read_text().splitlines()]
+    assert [(n["event"], n["fields"]["severity"]) for n in sent if n["fields"]["workflow_id"] == workflow_id][-2:] == [
+        ("needs_attention", "page"), ("failed", "info")]

@@ -79,6 +79,7 @@ class RollbackWorkflow:
         self._lock_held = False
         self._health_timeout: timedelta | None = None
         self._undo: list[tuple[str, str, Callable[[], Awaitable[Any]]]] = []
+        self._halted: str | None = None  # why compensation stopped short (see _compensate)
 
     # -- interface ------------------------------------------------------------
 
@@ -111,7 +112,7 @@ class RollbackWorkflow:
                 # Cancelled from the UI or CLI: undo what was done, then end as cancelled.
                 undone = await self._compensate()
                 await self._finish(Phase.CANCELLED, self._status.plan, "cancelled by request" if undone else
-                                   "cancelled by request; some undo steps failed, see steps")
+                                   "cancelled by request; " + (self._halted or "some undo steps failed, see steps"))
                 raise
             message = describe_failure(err)
             plan = self._status.plan
@@ -119,7 +120,7 @@ class RollbackWorkflow:
                 await self._finish(Phase.FAILED, plan, f"{message} (halted by policy: completed steps left in place; page the on-call)")
             else:
                 state = Phase.COMPENSATED if self._undo and await self._compensate() else Phase.FAILED
-                await self._finish(state, plan, message)
+                await self._finish(state, plan, f"{message}; {self._halted}" if self._halted else message)
             raise ApplicationError(f"rollback {self._status.state.value}: {message}", type="RollbackFailed",
                                    non_retryable=True) from None
 
@@ -290,8 +291,10 @@ class RollbackWorkflow:
         restores: list[dict[str, Any]] = []
         for item in undo:
             revert_in = MigrationInput(environment=environment, key=effect_key("revert", item["revision"]),
-                                       revision=item["revision"], backup_id=item["backup_id"])
-            # Registered first: a revert whose transaction committed just before a crash must be undone too.
+                                       revision=item["revision"], backup_id=item["backup_id"],
+                                       restore_key=effect_key("restore", item["revision"]))
+            # Registered first: a revert whose transaction committed just before a crash must be undone too
+            # (or, if it destroyed something, be left and stop the compensation: see _compensate).
             self._undo.append((f"re-apply {item['label']} (undo its revert)", "database", lambda r=revert_in: self._activity(
                 "database.reapply_migration", r, dict, attempts=attempts, long=True)))
             revert = await self._step(f"revert schema {item['label']}", "database", lambda r=revert_in: self._activity(
@@ -303,11 +306,15 @@ class RollbackWorkflow:
         validate = ValidateDbInput(environment=environment, key=effect_key("validate"), snapshot_label=snapshot.label,
                                    restore_keys=[effect_key("restore", i["revision"]) for i in undo],
                                    revert_keys=[effect_key("revert", i["revision"]) for i in undo])
+        assert self._status is not None
         try:
             report = await self._step("validate database integrity", "database", lambda: self._activity(
                 "database.validate", validate, dict, attempts=attempts, long=True))
+        except ActivityError as err:
+            if isinstance(err.cause, ApplicationError) and err.cause.details:
+                self._status.reports["database_integrity"] = err.cause.details[0]  # the evidence of the failed check
+            raise
         finally:
-            assert self._status is not None
             self._status.reports["database_restore"] = restores
         self._status.reports["database_integrity"] = report
 
@@ -342,14 +349,28 @@ class RollbackWorkflow:
     # -- compensation and the end ----------------------------------------------
 
     async def _compensate(self) -> bool:
-        """Undo completed steps in reverse order. True if every undo step succeeded."""
+        """Undo completed steps in reverse order. True if every undo step succeeded.
+
+        A database revert that destroyed something (a dropped column's values restored since, a
+        table re-created and refilled) is never undone by re-applying its migration: that step
+        refuses (RevertIrreversible) and compensation stops there, leaving every earlier step as
+        it is too, since an older backend or frontend put back against the reverted schema would
+        be worse than the tiers as the rollback left them. The status says so, and it pages.
+        """
         assert self._status is not None
         ok = True
         while self._undo:
             name, target, undo = self._undo.pop()
             try:
                 await self._step(name, target, undo, planned=False)
-            except (ActivityError, ApplicationError):
+            except (ActivityError, ApplicationError) as err:
+                if _failure_type(err) == "RevertIrreversible":
+                    self._status.steps[-1].state = "skipped"
+                    self._halted = (f"not compensated: {describe_failure(err)}; the earlier steps are left as they are "
+                                    f"({len(self._undo)} undo step(s) not run). Page the on-call.")
+                    self._undo.clear()
+                    await self._notify("needs_attention", self._halted, severity="page")
+                    return False
                 ok = False  # keep undoing the rest; the step record says what failed
         return ok
 
@@ -389,11 +410,12 @@ class RollbackWorkflow:
         assert self._status is not None
         return LockInput(environment=self._status.environment, holder=workflow.info().workflow_id)
 
-    async def _notify(self, event: str, message: str) -> None:
+    async def _notify(self, event: str, message: str, *, severity: str = "info") -> None:
         assert self._status is not None
         note = Notification(environment=self._status.environment, event=event, message=message,
                             key=effect_key(event),
-                            fields={"workflow_id": workflow.info().workflow_id, "state": self._status.state.value})
+                            fields={"workflow_id": workflow.info().workflow_id, "state": self._status.state.value,
+                                    "severity": severity})
         try:
             await self._activity("notify.send", note, NotifyResult, attempts=5)
         except ActivityError as err:
@@ -442,6 +464,16 @@ class RollbackWorkflow:
         if planned and _cancel_requested():
             raise asyncio.CancelledError("cancel requested while this step ran to completion")
         return result
+
+
+def _failure_type(err: BaseException) -> str | None:
+    """The type of the innermost ApplicationError of a failure chain (what the activity raised)."""
+    found = None
+    while err is not None:
+        if isinstance(err, ApplicationError):
+            found = err.type
+        err = err.cause if isinstance(err, FailureError) else None  # type: ignore[assignment]
+    return found
 
 
 def _cancel_requested() -> bool:
