@@ -24,11 +24,12 @@ from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeating
 from rollback import integrity, pitr
+from rollback.captured_restore import restore_captured
 from rollback.backups import BackupCatalog, BackupCorrupt, BackupError, BackupManifest, take_backup, verify_backup
 from rollback.config import ConfigSource, DatabaseTarget
 from rollback.migrations import (
     Migration, MigrationError, applied, apply_up, edited_since_applied, find, in_transaction_with_lock_timeout, load_migrations, plan_upgrade,
-    position,
+    position, record_applied, run_captured,
 )
 from rollback.models import RollbackTarget, TargetPlan
 from rollback.payloads import (
@@ -40,7 +41,8 @@ from rollback.pg import MissingDsn, database_name, dsn_from_env, ident, qualifie
 from rollback.pgbouncer import PgBouncerError, paused
 from rollback.pgschema import SchemaSnapshot, snapshot
 from rollback.schema_rollback import (
-    ARCHIVE_SCHEMA, RebuildOptions, RevertResult, diff, ensure_bookkeeping, restore_data, restore_xids, revert_schema,
+    ARCHIVE_SCHEMA, RebuildOptions, RestoreResult, RevertResult, diff, ensure_bookkeeping, restore_data, restore_xids,
+    revert_schema,
 )
 from rollback.state import TargetVersions
 from rollback.table_rebuild import LockPolicy
@@ -145,7 +147,13 @@ class DatabaseRollback:
                 raise _refuse(f"migration {migration.label} has no .down.sql: it cannot be reverted (point-in-time recovery can)")
             if not record.backup_id or catalog.get(record.backup_id) is None:
                 raise _refuse(f"migration {migration.label} has no backup in the catalog: its destroyed data could not be restored")
+            if record.capture is not None and record.capture.uncaptured:
+                raise _refuse(f"migration {migration.label} destroyed what no schema rollback can put back: "
+                              f"{'; '.join(record.capture.uncaptured)} (point-in-time recovery can)")
             steps_undo.append({"revision": record.revision, "label": migration.label, "backup_id": record.backup_id})
+            evidence.setdefault("destroyed", {})[migration.label] = (
+                "; ".join(record.capture.destroys()) or "nothing" if record.capture is not None
+                else "applied before captures existed: restored from its backup")
         oldest = self.manifest(target, steps_undo[-1]["backup_id"])
         evidence["schema_changes_since_known_good"] = diff(oldest.schema_snapshot, live).describe()
         edited = edited_since_applied(migrations, undo)
@@ -156,8 +164,10 @@ class DatabaseRollback:
             steps += [f"revert schema {s['label']}", f"restore data destroyed by {s['label']}"]
         steps.append("validate database integrity")
         evidence["preserves"] = ("every row written after the migration(s) stays; data only in added objects is archived in "
-                                 f"{ARCHIVE_SCHEMA}; dropped tables, dropped columns and rows the migration rewrote are "
-                                 "restored from the backup by primary key")
+                                 f"{ARCHIVE_SCHEMA}; what the migration destroyed (rows it deleted or updated, tables and "
+                                 "columns it dropped, values it retyped) is restored by primary key from what it captured "
+                                 "when it ran (migrations applied before captures: from the backup), keeping every value "
+                                 "the application wrote since")
         return TargetPlan(target=RollbackTarget.DATABASE, strategy="schema_rollback", from_version=current, to_version=to,
                           steps=steps, checks=["down SQL restores the backup's shape", "restored values match the backup",
                                                "row fingerprints before vs after (REPEATABLE READ)"],
@@ -338,12 +348,18 @@ class DatabaseRollback:
             except BackupCorrupt as err:
                 raise _fail(f"backup {inp.backup_id} refused for restore: {err}", "BackupCorrupt") from None
             try:
-                async with self.connection(target) as conn:
-                    result = await restore_data(
-                        self.dsn(target), backup_path=Path(manifest.path), target_shape=manifest.schema_snapshot,
-                        changes=revert.diff, system_xids=system_xids, key=inp.key, rows_per_chunk=target.restore_chunk_rows,
-                        workers=target.restore_workers, revert_xid=revert.xid, rebuild=self._rebuild_options(target, manifest, conn),
-                        progress=lambda text: progress.update(last=text))
+                if revert.capture is not None:  # the images taken when the migration ran
+                    result = RestoreResult(tables=await restore_captured(
+                        self.dsn(target), capture=revert.capture, target_shape=manifest.schema_snapshot,
+                        revert_xid=revert.xid, key=inp.key, rows_per_chunk=target.restore_chunk_rows,
+                        progress=lambda text: progress.update(last=text)))
+                else:
+                    async with self.connection(target) as conn:
+                        result = await restore_data(
+                            self.dsn(target), backup_path=Path(manifest.path), target_shape=manifest.schema_snapshot,
+                            changes=revert.diff, system_xids=system_xids, key=inp.key, rows_per_chunk=target.restore_chunk_rows,
+                            workers=target.restore_workers, revert_xid=revert.xid,
+                            rebuild=self._rebuild_options(target, manifest, conn), progress=lambda text: progress.update(last=text))
             except (MigrationError, BackupError) as err:  # BackupError: the backup has no rows for a table it should
                 raise _fail(str(err), "RestoreRefused") from None
             except PgBouncerError as err:
@@ -419,7 +435,7 @@ class DatabaseRollback:
             async def body(c: asyncpg.Connection) -> dict[str, Any]:
                 if await c.fetchval("SELECT count(*) FROM rollback_meta.migrations WHERE revision = $1", migration.revision):
                     return {"reapplied": False, "why": "already re-applied"}
-                await c.execute(migration.up_sql)
+                xid, capture = await run_captured(c, migration)
                 for item in revert.archived:
                     schema, table = item.source.split(".", 1)
                     source = qualified(ARCHIVE_SCHEMA, item.archive_table)
@@ -430,9 +446,7 @@ class DatabaseRollback:
                         sets = ", ".join(f"{ident(x)} = a.{ident(x)}" for x in item.columns)
                         join = " AND ".join(f"t.{ident(k)} = a.{ident(k)}" for k in item.key)
                         await c.execute(f"UPDATE {qualified(schema, table)} t SET {sets} FROM {source} a WHERE {join}")
-                await c.execute("INSERT INTO rollback_meta.migrations (revision, name, checksum, xid, backup_id, shape_after) "
-                                "VALUES ($1, $2, $3, txid_current(), $4, $5)", migration.revision, migration.name,
-                                migration.checksum, inp.backup_id, (await snapshot(c)).model_dump_json())
+                await record_applied(c, migration, xid=xid, backup_id=inp.backup_id, capture=capture)
                 return {"reapplied": True, "archives_restored": [a.archive_table for a in revert.archived]}
 
             try:

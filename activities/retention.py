@@ -74,7 +74,9 @@ class Retention:
             expired = await integrity.expire_stored(conn, cutoff, drop=drop)
             if not await conn.fetchval("SELECT to_regclass('rollback_meta.reverts') IS NOT NULL"):
                 return {"dropped": expired, "recent_revisions": set()}
-            rows = await conn.fetch("SELECT key, revision, done_at, result->'archived' AS archived FROM rollback_meta.reverts")
+            # A revert's archives: what the added objects held, and the capture its restore read.
+            rows = await conn.fetch("SELECT key, revision, done_at, coalesce(result->'archived', '[]') || "
+                                    "coalesce(result->'capture'->'objects', '[]') AS archived FROM rollback_meta.reverts")
             dropped, recent = expired, set()
             for row in rows:
                 if row["done_at"] >= cutoff:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import random
 import re
 from collections.abc import Awaitable, Callable
@@ -19,8 +20,9 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import asyncpg
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from rollback.capture import Capture, CaptureError, MigrationCapture
 from rollback.pgschema import snapshot
 
 FILE_NAME = re.compile(r"^(?P<revision>\d{1,12})_(?P<name>[A-Za-z0-9_-]+)\.(?P<direction>up|down)\.sql$")
@@ -36,6 +38,7 @@ CREATE TABLE IF NOT EXISTS rollback_meta.migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 ALTER TABLE rollback_meta.migrations ADD COLUMN IF NOT EXISTS shape_after jsonb;
+ALTER TABLE rollback_meta.migrations ADD COLUMN IF NOT EXISTS capture jsonb;
 """
 
 
@@ -61,6 +64,8 @@ class AppliedMigration(BaseModel):
     xid: int
     backup_id: str | None = None
     checksum: str | None = None
+    capture: Capture | None = Field(default=None, description="what it destroyed, captured when applied (None: "
+                                    "applied before captures existed; its rollback restores from the backup)")
 
 
 def revision_key(revision: str) -> int:
@@ -133,9 +138,13 @@ async def applied(conn: asyncpg.Connection) -> list[AppliedMigration]:
     exists = await conn.fetchval("SELECT to_regclass('rollback_meta.migrations') IS NOT NULL")
     if not exists:
         return []
-    rows = await conn.fetch("SELECT revision, name, xid, backup_id, checksum FROM rollback_meta.migrations")
+    has_capture = await conn.fetchval("SELECT EXISTS (SELECT FROM information_schema.columns WHERE table_schema = "
+                                      "'rollback_meta' AND table_name = 'migrations' AND column_name = 'capture')")
+    rows = await conn.fetch("SELECT revision, name, xid, backup_id, checksum"
+                            f"{', capture' if has_capture else ''} FROM rollback_meta.migrations")
     # Transaction ids grow with time: the order in which they were applied.
-    return sorted((AppliedMigration(**dict(r)) for r in rows), key=lambda m: m.xid)
+    return sorted((AppliedMigration(**{**dict(r), "capture": json.loads(r["capture"]) if has_capture and r["capture"] else None})
+                   for r in rows), key=lambda m: m.xid)
 
 
 def edited_since_applied(migrations: list[Migration], done: list[AppliedMigration]) -> list[str]:
@@ -197,6 +206,27 @@ async def in_transaction_with_lock_timeout(
     raise AssertionError("unreachable")
 
 
+async def run_captured(conn: asyncpg.Connection, migration: Migration) -> tuple[int, Capture]:
+    """Run the migration's up SQL in the caller's transaction, capturing what it destroys (rollback/capture.py):
+    (the transaction's id, the capture)."""
+    xid = await conn.fetchval("SELECT txid_current()")
+    try:
+        capture = await MigrationCapture(conn, key=f"capture:{migration.revision}:{xid}").apply(migration.up_sql)
+    except (CaptureError, ValueError) as err:  # ValueError: SqlSplitError, the script is not complete SQL
+        raise MigrationError(f"migration {migration.label} was not applied: {err}") from None
+    return xid, capture
+
+
+async def record_applied(conn: asyncpg.Connection, migration: Migration, *, xid: int, backup_id: str | None,
+                         capture: Capture | None) -> None:
+    # The shape right after the migration: what it added is this minus the backup's shape,
+    # whatever else is created in the database later.
+    shape = (await snapshot(conn)).model_dump_json()
+    await conn.execute("INSERT INTO rollback_meta.migrations (revision, name, checksum, xid, backup_id, shape_after, capture) "
+                       "VALUES ($1, $2, $3, $4, $5, $6, $7)", migration.revision, migration.name, migration.checksum, xid,
+                       backup_id, shape, capture.model_dump_json() if capture else None)
+
+
 async def apply_up(conn: asyncpg.Connection, migration: Migration, *, backup_id: str | None,
                    lock_timeout_ms: int, attempts: int) -> AppliedMigration:
     """Apply one migration and record it, atomically: a failure half-way leaves nothing behind."""
@@ -207,14 +237,10 @@ async def apply_up(conn: asyncpg.Connection, migration: Migration, *, backup_id:
                                    migration.revision)
         if already is not None:
             return AppliedMigration(**dict(already))  # a retried activity: applied once, reported again
-        await c.execute(migration.up_sql)
-        xid = await c.fetchval("SELECT txid_current()")
-        # The shape right after the migration: what it added is this minus the backup's shape,
-        # whatever else is created in the database later.
-        shape = (await snapshot(c)).model_dump_json()
-        await c.execute("INSERT INTO rollback_meta.migrations (revision, name, checksum, xid, backup_id, shape_after) "
-                        "VALUES ($1, $2, $3, $4, $5, $6)", migration.revision, migration.name, migration.checksum, xid, backup_id, shape)
-        return AppliedMigration(revision=migration.revision, name=migration.name, xid=xid, backup_id=backup_id)
+        xid, capture = await run_captured(c, migration)
+        await record_applied(c, migration, xid=xid, backup_id=backup_id, capture=capture)
+        return AppliedMigration(revision=migration.revision, name=migration.name, xid=xid, backup_id=backup_id,
+                                capture=capture)
 
     try:
         return await in_transaction_with_lock_timeout(conn, body, lock_timeout_ms=lock_timeout_ms, attempts=attempts,

@@ -29,6 +29,7 @@ import asyncpg
 from pydantic import BaseModel, Field
 
 from rollback.backups import TableCopy, open_table_copy
+from rollback.capture import Capture
 from rollback.migrations import AttemptWrapper, Migration, MigrationError, in_transaction_with_lock_timeout
 from rollback.names import derived_name
 from rollback.pg import ident, qualified, written_after
@@ -132,6 +133,8 @@ class RevertResult(BaseModel):
     diff: SchemaDiff
     archived: list[ArchivedObject] = Field(default_factory=list)
     repeated: bool = Field(default=False, description="True: an earlier attempt had already done it")
+    capture: Capture | None = Field(default=None, description="what the migration destroyed, captured when it was "
+                                    "applied: the restore's source (None: restored from the backup)")
 
 
 async def ensure_bookkeeping(conn: asyncpg.Connection) -> None:
@@ -262,7 +265,8 @@ async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, targe
         done = await c.fetchval("SELECT result FROM rollback_meta.reverts WHERE key = $1", key)
         if done is not None:
             return RevertResult.model_validate({**json.loads(done), "repeated": True})
-        record = await c.fetchrow("SELECT xid, shape_after FROM rollback_meta.migrations WHERE revision = $1", migration.revision)
+        record = await c.fetchrow("SELECT xid, shape_after, capture FROM rollback_meta.migrations WHERE revision = $1",
+                                  migration.revision)
         if record is None:
             raise MigrationError(f"migration {migration.label} is not applied: nothing to revert")
         migration_xid = record["xid"]
@@ -289,7 +293,7 @@ async def revert_schema(conn: asyncpg.Connection, *, migration: Migration, targe
         xid = await c.fetchval("SELECT txid_current()")
         await c.execute("DELETE FROM rollback_meta.migrations WHERE revision = $1", migration.revision)
         result = RevertResult(revision=migration.revision, xid=xid, migration_xid=migration_xid, diff=changes,
-                              archived=archived)
+                              archived=archived, capture=Capture.model_validate_json(record["capture"]) if record["capture"] else None)
         await c.execute("INSERT INTO rollback_meta.reverts (key, revision, xid, result) VALUES ($1, $2, $3, $4)",
                         key, migration.revision, xid, result.model_dump_json())
         return result
@@ -317,12 +321,15 @@ async def _drop_copies(conn: asyncpg.Connection, copied: dict[str, str]) -> None
 
 class TableRestore(BaseModel):
     table: str
-    mode: str = Field(description="rows (dropped table), columns (dropped columns), rewritten (rows the migration changed)")
+    mode: str = Field(description="rows (dropped table), columns (dropped columns), rewritten (rows the migration changed); "
+                                  "captured: from the images the migration's capture took (every kind, three-way)")
     columns: list[str]
     backup_rows: int = 0
     restored: int = 0
     missing_in_live: int = Field(default=0, description="backup rows whose key is gone from the live table (deleted since)")
     kept_application_version: int = Field(default=0, description="rewritten rows the application changed since: left as they are")
+    reinserted: int = Field(default=0, description="captured: rows the migration deleted, inserted again")
+    key_reused: int = Field(default=0, description="captured: deleted rows whose key the application has used since (its row stays)")
     mismatches_after: int = Field(default=0, description="restored values that do not match the backup afterwards: must be 0")
     method: Literal["merge", "rebuild"] = Field(default="merge", description="merged in place, or the table rebuilt and swapped")
     caught_up: int = Field(default=0, description="rebuild: changes the application made during it, re-synced before the swap")
@@ -474,7 +481,7 @@ async def restore_data(dsn: str, *, backup_path: Path, target_shape: SchemaSnaps
         if live_shape is None:
             raise MigrationError(f"{shape.qualified_name} does not exist after the revert: cannot restore its rows")
         report = TableRestore(table=shape.qualified_name, mode=mode, columns=columns)
-        defaults = await _constant_defaults(dsn, live_shape, columns) if mode == "columns" else {}
+        defaults = await constant_defaults(dsn, live_shape, columns) if mode == "columns" else {}
         if mode == "columns" and rebuild is not None and await _rebuilt(
                 dsn, backup_path, shape, live_shape, columns, restorable_condition(columns, defaults, revert_xid), report,
                 key=key, rebuild=rebuild, timeout=timeout, progress=progress):
@@ -523,7 +530,7 @@ async def _rebuilt(dsn: str, backup_path: Path, shape: TableShape, live: TableSh
     return True
 
 
-async def _constant_defaults(dsn: str, table: TableShape, columns: list[str]) -> dict[str, str]:
+async def constant_defaults(dsn: str, table: TableShape, columns: list[str]) -> dict[str, str]:
     """The re-added columns' defaults that are constants (what the down SQL's ADD COLUMN filled in)."""
     conn = await asyncpg.connect(dsn, timeout=10)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import os
 import uuid
 from pathlib import Path
@@ -138,7 +139,7 @@ async def applied_with_backup(conn: asyncpg.Connection, dsn: str, tmp_path: Path
 
 
 async def killed_mid_rollback(client, task_queue: str, config: ConfigSource, log: Path, dsn: str, *, bulk: int, prepare: str,
-                              when: str, accept, what: str) -> tuple[RollbackStatus, dict[int, str]]:
+                              when: str, accept, what: str, before_captures: bool = False) -> tuple[RollbackStatus, dict[int, str]]:
     """Migrate to 0002 (dropping e-mails of `bulk` more customers), run `prepare`, start a database
     rollback, SIGKILL its worker once `when` (SQL) satisfies `accept`, finish on a new worker:
     (final status, the e-mails before the migration)."""
@@ -152,6 +153,8 @@ async def killed_mid_rollback(client, task_queue: str, config: ConfigSource, log
                          f"FROM generate_series(1, {bulk}) g")
         emails = dict(await fetch(dsn, "SELECT id, email FROM customers"))
         await migrate(orch, "0002")
+        if before_captures:
+            await as_if_applied_before_captures(dsn)
         if prepare:
             await execute(dsn, prepare)
         started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester"))
@@ -191,11 +194,15 @@ async def test_additive_migration_rolled_back_keeps_new_rows_and_archives_new_co
     await history_without(client, workflow_id, [PLANTED_PASSWORD])
 
 
-@pytest.mark.parametrize("rebuild_min_rows", [None, 1], ids=["merged", "rebuilt"])
-async def test_destructive_migration_rolled_back_restores_dropped_data_and_keeps_new_rows(shop, client, task_queue, run_worker,
-                                                                                          rebuild_min_rows):
+async def as_if_applied_before_captures(dsn: str) -> None:
+    """The applied migrations, as this tool recorded them before it captured anything: their rollback
+    restores from the backup (merged in place, or big tables rebuilt)."""
+    await execute(dsn, "UPDATE rollback_meta.migrations SET capture = NULL")
+
+
+async def test_destructive_migration_rolled_back_restores_dropped_data_and_keeps_new_rows(shop, client, task_queue, run_worker):
     make, dsn = shop
-    config = make(DESTRUCTIVE, rebuild_min_rows=rebuild_min_rows)
+    config = make(DESTRUCTIVE)
     await run_worker(config)
     orch = orchestrator(client, task_queue)
     await migrate(orch, "0001")
@@ -220,8 +227,9 @@ async def test_destructive_migration_rolled_back_restores_dropped_data_and_keeps
     assert {i: now[i] for i in original if i != 3} == {i: a for i, (a, _) in original.items() if i != 3}  # rounding undone
     assert str(now[3]) == "99.99"  # the application's later write wins over the backup
     detail = next(s for s in status.steps if s.name.startswith("restore data")).detail
-    assert "public.coupons rows: 60 restored" in detail and "public.customers columns: 400 restored" in detail, detail
-    assert ("table rebuilt" in detail) == (rebuild_min_rows is not None), detail
+    assert "public.coupons captured: 0 restored, 60 deleted rows inserted again" in detail, detail
+    assert "public.customers captured: 400 restored" in detail, detail
+    assert re.search(r"public.orders captured: 399 restored, .* 1 kept as the application wrote them", detail), detail
     assert status.reports["database_integrity"]["ok"] is True
     await history_without(client, workflow_id, [PLANTED_PASSWORD])
 
@@ -394,8 +402,9 @@ async def test_worker_killed_during_restore_resumes_and_restores_each_value_once
 
 
 async def test_worker_killed_during_a_table_rebuild_resumes_and_rebuilds_once(shop, client, task_queue, tmp_path):
-    """SIGKILL the worker while it builds the new copy of a table; a new worker starts the rebuild
-    again from the backup and swaps once: every value back, nothing left behind."""
+    """SIGKILL the worker while it builds the new copy of a table (a migration applied before captures:
+    restored from its backup); a new worker starts the rebuild again and swaps once: every value back,
+    nothing left behind."""
     make, dsn = shop
     config = make(DROP_EMAIL, rebuild_min_rows=1)
     log = tmp_path / "worker.log"
@@ -403,7 +412,8 @@ async def test_worker_killed_during_a_table_rebuild_resumes_and_rebuilds_once(sh
     building = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'rollback-rebuild' "
                 "AND state = 'active' AND query LIKE 'COPY %'")
     status, emails = await killed_mid_rollback(client, task_queue, config, log, dsn, bulk=400000, prepare="",
-                                               when=building, accept=lambda n: n > 0, what="the rebuild under way")
+                                               when=building, accept=lambda n: n > 0, what="the rebuild under way",
+                                               before_captures=True)
 
     assert status.state == Phase.SUCCEEDED, (status.error, log.read_text()[-2000:])
     restore = next(s for s in status.steps if s.name.startswith("restore data"))
@@ -453,8 +463,9 @@ async def test_pgbouncer_is_paused_around_a_rebuild_swap_and_resumed(shop, pgbou
     from rollback.pgbouncer import is_paused
 
     settings = pgbouncer.settings(pause_timeout_seconds=20)
-    _, _, orch = await at_second_migration(shop, run_worker, client, task_queue, DESTRUCTIVE,
-                                                  pgbouncer=settings.model_dump(mode="json"), rebuild_min_rows=1)
+    _, dsn, orch = await at_second_migration(shop, run_worker, client, task_queue, DROP_EMAIL,
+                                             pgbouncer=settings.model_dump(mode="json"), rebuild_min_rows=1)
+    await as_if_applied_before_captures(dsn)  # a rebuild restores from the backup
     emails = {i: f"c{i}@example.com" for i in range(1, 401)}
     app = await asyncpg.connect(pgbouncer.client_dsn, timeout=10, statement_cache_size=0)
     try:
@@ -517,6 +528,9 @@ async def test_retention_schedule_deletes_only_unpinned_expired_backups_and_old_
     await fetch(dsn, "UPDATE rollback_meta.reverts SET done_at = done_at - interval '40 days'")
     archives_before = await value(dsn, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'rollback_archive' "
                                        "AND table_name LIKE 'rb_%'")
+    applied_captures = {r[0] for r in await fetch(dsn, "SELECT o->>'archive_table' FROM rollback_meta.migrations, "
+                                                       "jsonb_array_elements(capture->'objects') o")}
+    assert applied_captures and archives_before > len(applied_captures)
     # An integrity snapshot a terminated rollback left behind, and the first rollback's report, both old.
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
@@ -554,11 +568,13 @@ async def test_retention_schedule_deletes_only_unpinned_expired_backups_and_old_
     assert sorted(report["deleted"]) == sorted(m.id for m in everything[1:])
     assert [m.id for m in catalog.list("shop")] == [needed.id]
     assert Path(needed.path).is_dir() and not any(Path(m.path).exists() for m in everything[1:])
-    # The archive tables of the 40-day-old rollback are dropped too, and old integrity records.
-    assert archives_before == 2 and len(report["archives_dropped"]) == 4, report["archives_dropped"]
+    # The archive tables of the 40-day-old rollback (what the added objects held, and the captures its
+    # restore read) are dropped too, and old integrity records; the captures of the migrations applied
+    # now stay: a rollback of them needs them.
+    assert len(report["archives_dropped"]) == archives_before - len(applied_captures) + 2, report["archives_dropped"]
     assert "terminated:integrity" in report["archives_dropped"]
-    assert await value(dsn, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'rollback_archive' "
-                            "AND table_name LIKE 'rb_%'") == 0
+    assert {r[0] for r in await fetch(dsn, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'rollback_archive' "
+                                           "AND table_name LIKE 'rb_%'")} == applied_captures
     assert await _kept_row_tables(dsn) == 0
     assert await value(dsn, "SELECT count(*) FROM rollback_meta.integrity_snapshots") == 0
     assert await value(dsn, "SELECT count(*) FROM rollback_meta.integrity_reports") == 0

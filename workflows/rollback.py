@@ -517,9 +517,11 @@ def _database_summary(result: dict[str, Any]) -> str:
         again = " (done by an earlier attempt)" if result.get("repeated") else ""
         return f"down SQL applied{again}; archived: {archived or 'nothing'}"
     if "tables" in result and isinstance(result["tables"], list):
-        parts = [f"{t['table']} {t['mode']}: {t['restored']} restored, {t['missing_in_live']} deleted since, "
-                 f"{t['kept_application_version']} kept as the application wrote them{_restore_method(t)}"
-                 for t in result["tables"]]
+        parts = [f"{t['table']} {t['mode']}: {t['restored']} restored, "
+                 + (f"{t.get('reinserted', 0)} deleted rows inserted again, {t.get('key_reused', 0)} keys re-used by the "
+                    "application (its rows kept), " if t["mode"] == "captured" else "")
+                 + f"{t['missing_in_live']} deleted since, {t['kept_application_version']} kept as the application "
+                 f"wrote them{_restore_method(t)}" for t in result["tables"]]
         return "; ".join(parts) or "nothing to restore"
     if "summary" in result:
         return str(result["summary"])

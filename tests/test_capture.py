@@ -1,0 +1,135 @@
+"""Capture at the moment of destruction (rollback/capture.py) on the real PostgreSQL: each kind of
+destruction leaves its before-image in rollback_archive, taken in the migration's own transaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from rollback.capture import Capture
+from rollback.migrations import MigrationError, apply_up, load_migrations
+from rollback.pg import local_dsn, qualified
+from tests.postgres import database  # noqa: F401 - fixture
+
+SETUP = """
+CREATE TABLE customers (id bigint PRIMARY KEY, name text NOT NULL, email text);
+CREATE TABLE orders (id bigint PRIMARY KEY, customer_id bigint REFERENCES customers ON DELETE CASCADE,
+                     amount numeric(10,2) NOT NULL, note text);
+CREATE TABLE coupons (code text PRIMARY KEY, percent int NOT NULL);
+CREATE TABLE untouched (id int PRIMARY KEY, v text);
+INSERT INTO customers SELECT g, 'c' || g, 'c' || g || '@example.com' FROM generate_series(1, 50) g;
+INSERT INTO orders SELECT g, 1 + g % 50, g + 0.25, 'note ' || g FROM generate_series(1, 200) g;
+INSERT INTO coupons SELECT 'K' || g, g FROM generate_series(1, 10) g;
+INSERT INTO untouched SELECT g, 'v' FROM generate_series(1, 5) g;
+"""
+
+
+def migrations(tmp_path: Path, up: str):
+    directory = tmp_path / "m"
+    directory.mkdir()
+    (directory / "0001_setup.up.sql").write_text(SETUP)
+    (directory / "0002_bad.up.sql").write_text(up)
+    return load_migrations(directory)
+
+
+async def apply(dsn: str, tmp_path: Path, up: str) -> tuple[asyncpg.Connection, Capture]:
+    conn = await asyncpg.connect(dsn, timeout=10)
+    first, second = migrations(tmp_path, up)
+    await apply_up(conn, first, backup_id=None, lock_timeout_ms=500, attempts=3)
+    applied = await apply_up(conn, second, backup_id=None, lock_timeout_ms=500, attempts=3)
+    assert applied.capture is not None
+    return conn, applied.capture
+
+
+def archive(capture: Capture, table: str, kind: str):
+    return [o for o in capture.objects if o.table == table and o.kind == kind]
+
+
+async def test_each_kind_of_destruction_is_captured_before_it_happens(database, tmp_path):  # noqa: F811
+    up = """
+        DELETE FROM customers WHERE id = 7;                 -- cascades to its orders
+        UPDATE orders SET amount = round(amount) WHERE id % 3 = 0;
+        DROP TABLE coupons;
+        ALTER TABLE customers DROP COLUMN email;
+        ALTER TABLE orders ALTER COLUMN note TYPE varchar(4) USING left(note, 4);
+        CREATE TABLE added (id int PRIMARY KEY); INSERT INTO added VALUES (1); UPDATE added SET id = 2;
+    """
+    conn, capture = await apply(local_dsn(database), tmp_path, up)
+    try:
+        async def rows(o, columns: str = "*") -> list[dict]:
+            return [dict(r) for r in await conn.fetch(f"SELECT {columns} FROM {qualified('rollback_archive', o.archive_table)}")]
+
+        # A captured table whose shape a later statement changes gets another archive for its new shape.
+        deleted_customers, customers_after_drop = archive(capture, "public.customers", "rows")
+        assert customers_after_drop.statement == 4 and "email" not in customers_after_drop.columns
+        assert [(r["id"], r["email"], r["_rb_op"]) for r in await rows(deleted_customers)] == [(7, "c7@example.com", "d")]
+        order_rows = archive(capture, "public.orders", "rows")[0]
+        captured = await rows(order_rows)
+        cascaded = {r["id"] for r in captured if r["_rb_op"] == "d"}
+        assert cascaded == {o for o in range(1, 201) if 1 + o % 50 == 7}  # the FK cascade was foreseen
+        rounded = {r["id"]: str(r["amount"]) for r in captured if r["_rb_op"] == "u"}
+        assert rounded == {o: f"{o + 0.25:.2f}" for o in range(3, 201, 3) if o not in cascaded}
+        [coupons] = archive(capture, "public.coupons", "table")
+        assert len(await rows(coupons)) == 10 and coupons.statement == 3
+        [emails] = archive(capture, "public.customers", "columns")
+        assert emails.columns == ["id", "email"] and len(await rows(emails)) == 49
+        [notes] = archive(capture, "public.orders", "retyped")
+        assert notes.types == {"id": "bigint", "note": "text"}
+        assert {r["id"]: r["note"] for r in await rows(notes)}[10] == "note 10"
+        [after] = archive(capture, "public.orders", "after")  # what the migration left, for the three-way restore
+        assert {r["id"]: r["note"] for r in await rows(after, "id, note")}[10] == "note"
+        assert not archive(capture, "public.added", "rows") and not archive(capture, "public.untouched", "rows")
+        assert await conn.fetchval("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal") == 0
+        assert "public.coupons: dropped" in capture.destroys()
+    finally:
+        await conn.close()
+
+
+async def test_destruction_nobody_could_foresee_runs_again_after_its_capture(database, tmp_path):  # noqa: F811
+    """A function deletes rows, a trigger updates another table, TRUNCATE empties one: only the check
+    after each statement sees them; the statement is undone, captured and run again."""
+    up = """
+        CREATE FUNCTION purge() RETURNS void LANGUAGE sql AS $$ DELETE FROM coupons WHERE percent > 8 $$;
+        SELECT purge();
+        CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN UPDATE untouched SET v = 'w'; RETURN NULL; END $$;
+        CREATE TRIGGER touch AFTER UPDATE ON customers FOR EACH STATEMENT EXECUTE FUNCTION touch();
+        UPDATE customers SET name = upper(name) WHERE id = 1;
+        TRUNCATE orders;
+    """
+    conn, capture = await apply(local_dsn(database), tmp_path, up)
+    try:
+        def ops(table: str):
+            [o] = archive(capture, table, "rows")
+            return o
+
+        coupons = await conn.fetch(f"SELECT code, _rb_op FROM {qualified('rollback_archive', ops('public.coupons').archive_table)}")
+        assert sorted(tuple(r) for r in coupons) == [("K10", "d"), ("K9", "d")]
+        assert await conn.fetchval(f"SELECT count(*) FROM {qualified('rollback_archive', ops('public.untouched').archive_table)} "
+                                   "WHERE _rb_op = 'u'") == 5
+        assert await conn.fetchval(f"SELECT count(*) FROM {qualified('rollback_archive', ops('public.orders').archive_table)} "
+                                   "WHERE _rb_op = 't'") == 200
+        assert await conn.fetchval("SELECT count(*) FROM orders") == 0  # the migration itself ran as written
+    finally:
+        await conn.close()
+
+
+async def test_transaction_control_inside_a_migration_is_refused_and_nothing_is_applied(database, tmp_path):  # noqa: F811
+    conn = await asyncpg.connect(local_dsn(database), timeout=10)
+    try:
+        first, second = migrations(tmp_path, "DROP TABLE coupons; COMMIT; DROP TABLE untouched;")
+        await apply_up(conn, first, backup_id=None, lock_timeout_ms=500, attempts=3)
+        with pytest.raises(MigrationError, match="statement 2 .*controls the transaction"):
+            await apply_up(conn, second, backup_id=None, lock_timeout_ms=500, attempts=3)
+        assert await conn.fetchval("SELECT to_regclass('coupons') IS NOT NULL AND to_regclass('untouched') IS NOT NULL")
+    finally:
+        await conn.close()
+
+
+async def test_a_script_wrapped_in_begin_and_commit_is_applied_in_our_transaction(database, tmp_path):  # noqa: F811
+    conn, capture = await apply(local_dsn(database), tmp_path, "BEGIN;\nDELETE FROM coupons WHERE percent = 1;\nCOMMIT;\n")
+    try:
+        assert capture.statements == 1 and archive(capture, "public.coupons", "rows")[0].rows == 1
+    finally:
+        await conn.close()
