@@ -133,3 +133,53 @@ async def test_a_script_wrapped_in_begin_and_commit_is_applied_in_our_transactio
         assert capture.statements == 1 and archive(capture, "public.coupons", "rows")[0].rows == 1
     finally:
         await conn.close()
+
+
+async def test_the_restore_is_three_way_per_column_and_the_application_always_wins(database, tmp_path):  # noqa: F811
+    """After the migration the application re-uses a deleted key, writes a rewritten column, writes another
+    column of a rewritten row, and deletes a row: its writes stay, everything else the migration did is undone."""
+    from rollback.backups import take_backup
+    from rollback.captured_restore import restore_captured
+    from rollback.schema_rollback import revert_schema
+
+    dsn = local_dsn(database)
+    up = ("DELETE FROM coupons WHERE percent <= 3; UPDATE orders SET amount = 0, note = 'zeroed' WHERE id <= 20; "
+          "ALTER TABLE customers DROP COLUMN email;")
+    down = "ALTER TABLE customers ADD COLUMN email text;"
+    directory = tmp_path / "m"
+    directory.mkdir()
+    (directory / "0001_setup.up.sql").write_text(SETUP)
+    (directory / "0002_bad.up.sql").write_text(up)
+    (directory / "0002_bad.down.sql").write_text(down)
+    first, second = load_migrations(directory)
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        await apply_up(conn, first, backup_id=None, lock_timeout_ms=500, attempts=3)
+        backup = await take_backup(dsn=dsn, root=tmp_path / "backups", backup_id="b1", environment="shop",
+                                   revision="0001", next_revision="0002")
+        await apply_up(conn, second, backup_id="b1", lock_timeout_ms=500, attempts=3)
+        await conn.execute("INSERT INTO coupons VALUES ('K1', 99);"            # a deleted key, used again
+                           "UPDATE orders SET note = 'app note' WHERE id = 1;"   # a column the migration rewrote
+                           "UPDATE orders SET customer_id = 2 WHERE id = 2;"     # another column of a rewritten row
+                           "DELETE FROM orders WHERE id = 3;")                   # a rewritten row, deleted
+        revert = await revert_schema(conn, migration=second, target_shape=backup.schema_snapshot, key="k:revert",
+                                     lock_timeout_ms=500, attempts=3)
+        await conn.execute("UPDATE customers SET email = 'new@example.com' WHERE id = 5")  # the restored release writes
+        assert revert.capture is not None
+        tables = {t.table: t for t in await restore_captured(dsn, capture=revert.capture, target_shape=backup.schema_snapshot,
+                                                            revert_xid=revert.xid, key="k:restore", rows_per_chunk=6)}
+        coupons = dict(await conn.fetch("SELECT code, percent FROM coupons"))
+        orders = {r["id"]: (r["customer_id"], str(r["amount"]), r["note"]) for r in await conn.fetch("SELECT * FROM orders WHERE id <= 20")}
+        emails = dict(await conn.fetch("SELECT id, email FROM customers"))
+    finally:
+        await conn.close()
+
+    assert coupons == {"K1": 99, "K2": 2, "K3": 3, **{f"K{g}": g for g in range(4, 11)}}
+    assert (tables["public.coupons"].reinserted, tables["public.coupons"].key_reused) == (2, 1)
+    assert orders[1] == (2, "1.25", "app note")  # amount back; the note the application wrote stays
+    assert orders[2] == (2, "2.25", "note 2")    # the application's customer_id stays; amount and note back
+    assert 3 not in orders                        # deleted by the application since: stays deleted
+    assert all(orders[o] == (1 + o % 50, f"{o + 0.25:.2f}", f"note {o}") for o in range(4, 21))
+    assert (tables["public.orders"].kept_application_version, tables["public.orders"].missing_in_live) == (2, 1)  # rows 1, 2; row 3
+    assert emails[5] == "new@example.com" and all(emails[c] == f"c{c}@example.com" for c in emails if c != 5)
+    assert all(t.mismatches_after == 0 for t in tables.values())
