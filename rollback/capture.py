@@ -4,18 +4,20 @@
 inside the one transaction that also records it. Before a statement destroys anything, the
 before-image of what it destroys is copied into `rollback_archive`:
 
-- rows it updates or deletes (or truncates): statement-level triggers with a transition table
-  copy the old rows (`rows` captures, one archive table per table and shape);
+- rows it updates or deletes (or truncates): statement-level triggers with transition tables
+  copy the old rows (`rows` captures, one archive table per table and shape) and, of an update,
+  the new ones (`new`);
 - tables it drops: the whole table (`table`);
-- columns it drops (`columns`) or whose type it changes (`retyped`): the key and those columns.
+- columns it drops (`columns`) or whose type it changes (`retyped`, and `retyped_after` right
+  after the statement): the key and those columns.
 
 Only what existed when the migration started is captured: a table or column the migration
 created itself holds nothing to give back.
 
 Nothing written between a backup's snapshot and the migration's commit can be lost: the images
-are taken under the migration's own locks. At the end, the rows the migration left in every
-table whose rows or column types it changed (`after`) are copied too, so that a rollback can tell, column by
-column, a value the migration wrote from one the application wrote since.
+are taken under the migration's own locks. The images of what the migration wrote (`new`,
+`retyped_after`) let a rollback tell, column by column, a value the migration wrote from one the
+application wrote since.
 
 Which statement destroys what is predicted where it is cheap (EXPLAIN names the tables a DML
 statement modifies, FK cascades add the ones it reaches) and always checked afterwards: each
@@ -48,9 +50,18 @@ CREATE SCHEMA IF NOT EXISTS rollback_meta;
 CREATE SCHEMA IF NOT EXISTS {ARCHIVE_SCHEMA};
 CREATE OR REPLACE FUNCTION rollback_meta.capture_old_rows() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-  -- TG_ARGV[0]: the archive table (quoted, schema-qualified); rb_old: the statement's old rows.
+  -- TG_ARGV[0]: the archive of old rows (quoted, schema-qualified); rb_old: the statement's old rows.
   EXECUTE format('INSERT INTO %s SELECT o.*, %s, %L FROM rb_old o', TG_ARGV[0],
                  current_setting('rollback.capture_statement')::int, lower(left(TG_OP, 1)));
+  RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION rollback_meta.capture_updated_rows() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  -- TG_ARGV[0], TG_ARGV[1]: the archives of old and new rows; rb_old, rb_new: the statement's.
+  EXECUTE format('INSERT INTO %s SELECT o.*, %s, %L FROM rb_old o', TG_ARGV[0],
+                 current_setting('rollback.capture_statement')::int, 'u');
+  EXECUTE format('INSERT INTO %s SELECT n.*, %s, %L FROM rb_new n', TG_ARGV[1],
+                 current_setting('rollback.capture_statement')::int, 'n');
   RETURN NULL;
 END $$;
 CREATE OR REPLACE FUNCTION rollback_meta.capture_truncated_rows() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -69,8 +80,8 @@ class CapturedObject(BaseModel):
 
     table: str = Field(description="schema.table as named when captured")
     initial_table: str = Field(description="schema.table as named when the migration started (before any rename)")
-    kind: Literal["rows", "table", "columns", "retyped", "after"]
-    statement: int = Field(description="1-based statement that destroyed it (rows: the first; after: 0)")
+    kind: Literal["rows", "new", "table", "columns", "retyped", "retyped_after"]
+    statement: int = Field(description="1-based statement that destroyed it (rows, new: the first; each row has its own)")
     archive_table: str = Field(description=f"table in {ARCHIVE_SCHEMA}")
     key: list[str]
     columns: list[str] = Field(description="captured columns of the table, with their types below")
@@ -193,6 +204,7 @@ class MigrationCapture:
             destroyed = await self._uncaptured(before, after)
             if not destroyed:
                 await self.conn.execute("RELEASE SAVEPOINT rb_capture")
+                await self._copy_retyped_after(before, after)
                 await self._follow_shapes(before, after)
                 return
             # It destroyed something before we could copy it: undo the statement, capture, run it again.
@@ -274,6 +286,16 @@ class MigrationCapture:
                 await self._copy(table, kind, [*table.key, *[c for c in columns if c not in table.key]])  # type: ignore[arg-type]
                 self._copied |= {(oid, c) for c in columns}
 
+    async def _copy_retyped_after(self, before: dict[int, _Table], after: dict[int, _Table]) -> None:
+        """What the statement made of the columns whose type it changed: the rollback compares the live value with it."""
+        for captured in [o for o in self.capture.objects if o.kind == "retyped" and o.statement == self._statement]:
+            oid = next(o for o, t in before.items() if t.name == captured.table)
+            table = after[oid]
+            attnums = [n for n, (name, _) in before[oid].columns.items() if name in captured.columns]
+            columns = [table.columns[n][0] for n in attnums if n in table.columns]
+            if set(table.key) <= set(columns):  # the key itself renamed away: nothing to match by (said by the restore)
+                await self._copy(table, "retyped_after", columns)
+
     async def _follow_shapes(self, before: dict[int, _Table], after: dict[int, _Table]) -> None:
         """A captured table whose columns changed needs an archive of its new shape for later statements."""
         for oid in list(self._rows_archive):
@@ -295,25 +317,32 @@ class MigrationCapture:
             self.capture.uncaptured.append(f"{table.name}: rows changed by the migration have no primary key to "
                                            "restore them by")
         columns = [name for name, _ in table.columns.values()]
-        archive = self._name(table, f"rows{self._statement}")
         source = _quoted(table.name)
-        await self.conn.execute(
-            f"CREATE TABLE {qualified(ARCHIVE_SCHEMA, archive)} AS SELECT * FROM ONLY {source} WITH NO DATA; "
-            f"ALTER TABLE {qualified(ARCHIVE_SCHEMA, archive)} ADD COLUMN _rb_statement int, ADD COLUMN _rb_op text")
+        archives = {}
+        for kind in ("rows", "new"):
+            archives[kind] = self._name(table, f"{kind}{self._statement}")
+            await self.conn.execute(
+                f"CREATE TABLE {qualified(ARCHIVE_SCHEMA, archives[kind])} AS SELECT * FROM ONLY {source} WITH NO DATA; "
+                f"ALTER TABLE {qualified(ARCHIVE_SCHEMA, archives[kind])} ADD COLUMN _rb_statement int, ADD COLUMN _rb_op text")
+        archive = archives["rows"]
         target = qualified(ARCHIVE_SCHEMA, archive).replace("'", "''")
+        new_rows = qualified(ARCHIVE_SCHEMA, archives["new"]).replace("'", "''")
         trigger = self._triggers[table.oid] = derived_name(self.key, table.name, f"capture{self._statement}")
         await self.conn.execute(
             f"CREATE TRIGGER {ident(trigger + '_u')} AFTER UPDATE ON {source} REFERENCING OLD TABLE AS rb_old "
-            f"FOR EACH STATEMENT EXECUTE FUNCTION rollback_meta.capture_old_rows('{target}'); "
+            f"NEW TABLE AS rb_new FOR EACH STATEMENT EXECUTE FUNCTION rollback_meta.capture_updated_rows('{target}', "
+            f"'{new_rows}'); "
             f"CREATE TRIGGER {ident(trigger + '_d')} AFTER DELETE ON {source} REFERENCING OLD TABLE AS rb_old "
             f"FOR EACH STATEMENT EXECUTE FUNCTION rollback_meta.capture_old_rows('{target}'); "
             f"CREATE TRIGGER {ident(trigger + '_t')} BEFORE TRUNCATE ON {source} "
             f"FOR EACH STATEMENT EXECUTE FUNCTION rollback_meta.capture_truncated_rows('{target}')")
-        captured = CapturedObject(table=table.name, initial_table=self._initial[table.oid].name, kind="rows",
-                                  statement=self._statement, archive_table=archive,
-                                  key=list(table.key), columns=columns, types=dict(table.columns.values()))
-        self._rows_archive[table.oid] = captured
-        self.capture.objects.append(captured)
+        for kind, name in archives.items():
+            captured = CapturedObject(table=table.name, initial_table=self._initial[table.oid].name, kind=kind,  # type: ignore[arg-type]
+                                      statement=self._statement, archive_table=name, key=list(table.key), columns=columns,
+                                      types=dict(table.columns.values()))
+            self.capture.objects.append(captured)
+            if kind == "rows":
+                self._rows_archive[table.oid] = captured
 
     async def _drop_triggers(self, oid: int) -> None:
         # By oid: the statement may have renamed the table since.
@@ -328,7 +357,7 @@ class MigrationCapture:
         # is exactly what the statement destroys. Readers go on.
         await self.conn.execute(f"LOCK TABLE ONLY {_quoted(table.name)} IN SHARE ROW EXCLUSIVE MODE")
 
-    async def _copy(self, table: _Table, kind: Literal["table", "columns", "retyped", "after"], columns: list[str],
+    async def _copy(self, table: _Table, kind: Literal["table", "columns", "retyped", "retyped_after"], columns: list[str],
                     where: str = "") -> None:
         archive = self._name(table, f"{kind}{self._statement}")
         types = dict(table.columns.values())
@@ -336,33 +365,18 @@ class MigrationCapture:
             f"CREATE TABLE {qualified(ARCHIVE_SCHEMA, archive)} AS SELECT {', '.join(ident(c) for c in columns)} "
             f"FROM ONLY {_quoted(table.name)} t {where}")
         self.capture.objects.append(CapturedObject(
-            table=table.name, initial_table=self._initial[table.oid].name, kind=kind,
-            statement=0 if kind == "after" else self._statement, archive_table=archive,
+            table=table.name, initial_table=self._initial[table.oid].name, kind=kind, statement=self._statement,
+            archive_table=archive,
             key=list(table.key), columns=columns, types={c: types[c] for c in columns}, rows=int(status.split()[-1])))
 
     async def _finish(self) -> None:
-        """Drop the triggers; copy what the migration left where it changed rows or column types (the after-image)."""
+        """Drop the triggers (the application must never run them); count what the triggers archived."""
         for oid in list(self._triggers):
             await self._drop_triggers(oid)
         for captured in self.capture.objects:
-            if captured.kind == "rows":
+            if captured.kind in ("rows", "new"):
                 captured.rows = await self.conn.fetchval(
                     f"SELECT count(*) FROM {qualified(ARCHIVE_SCHEMA, captured.archive_table)}")
-        self._statement = 0
-        tables = {t.name: t for t in (await _observe(self.conn)).values()}
-        for name in dict.fromkeys(o.table for o in self.capture.objects if o.kind in ("rows", "retyped")):
-            table = tables.get(name)
-            if table is None or not table.key or table.oid not in self._initial:
-                continue  # dropped (or renamed, or re-created) later in the migration: nothing left to compare with
-            ours = [o for o in self.capture.objects if o.table == name and o.kind in ("rows", "retyped")]
-            touched = " UNION ".join(f"SELECT {', '.join(ident(k) for k in table.key)} FROM "
-                                     f"{qualified(ARCHIVE_SCHEMA, o.archive_table)}" for o in ours
-                                     if set(table.key) <= set(o.columns))
-            if not touched:
-                continue
-            on = " AND ".join(f"t.{ident(k)} = k.{ident(k)}" for k in table.key)
-            await self._copy(table, "after", [column for column, _ in table.columns.values()],
-                             where=f"WHERE EXISTS (SELECT FROM ({touched}) k WHERE {on})")
 
     def _name(self, table: _Table, what: str) -> str:
         return derived_name(self.key, table.name, what)

@@ -4,13 +4,14 @@ For every table of the pre-migration shape that the capture touched, three image
 
 - before: the value each column had before the migration first touched the row, folded from the
   captures in statement order (the first image of a (row, column) wins);
-- after: what the migration left (the `after` capture), for tables whose rows or column types it changed;
+- after: what the migration left, folded the other way (the last image wins) from the new rows
+  of its updates (`new`), its type changes (`retyped_after`) and its deletes;
 - live: the table now, after the revert, with whatever the application has written since.
 
 Then, per row and column:
-- a row the migration deleted (in `before`, not in `after`, or its whole table dropped) is inserted
-  again, unless the application has used its key since: then the application's row stays
-  (`key_reused`);
+- a row the migration deleted (its last image is a delete, or its whole table was dropped) is
+  inserted again, unless the application has used its key since: then the application's row
+  stays (`key_reused`);
 - a column the migration dropped gets its value back where the re-added column still holds what
   the down SQL put there (NULL or its constant default) or the row was not written since the revert;
 - any other column gets its before value back where the live value is still the migration's
@@ -37,52 +38,90 @@ from rollback.schema_rollback import TableRestore, constant_defaults, ensure_boo
 
 
 class _Source:
-    """One image of some rows, as a subquery: the key, the columns it holds (by target column), its statement."""
+    """One image of some rows, as a subquery: the key, the columns it holds (by target column), its statement.
 
-    def __init__(self, obj: CapturedObject, target: TableShape, statement: int, alias: str) -> None:
+    A before-image holds a column only in the column's own type (an image taken after the type changed
+    cannot hold the value from before); an after-image holds every column it has, cast to the column's
+    type (as the down SQL casts the live value back). A `gone` source marks the rows a statement deleted.
+    """
+
+    def __init__(self, obj: CapturedObject, target: TableShape, statement: int, alias: str, *, after: bool = False,
+                 gone: bool = False) -> None:
         archive = qualified(ARCHIVE_SCHEMA, obj.archive_table)
-        self.statement = statement
-        self.alias = alias
-        self.columns = [c.name for c in target.columns
-                        if c.name in obj.columns and obj.types.get(c.name) == c.type and c.name not in target.primary_key]
+        self.statement, self.alias, self.gone = statement, alias, gone
+        self.columns = [] if gone else [
+            c.name for c in target.columns if c.name in obj.columns and c.name not in target.primary_key
+            and (after or obj.types.get(c.name) == c.type)]
         keys = ", ".join(ident(k) for k in target.primary_key)
-        wanted = ", ".join([*(ident(k) for k in target.primary_key), *(ident(c) for c in self.columns)])
-        where = f" WHERE _rb_statement = {int(statement)}" if obj.kind == "rows" else ""
-        self.sql = f"(SELECT DISTINCT ON ({keys}) {wanted} FROM {archive}{where} ORDER BY {keys})"
+        wanted = ", ".join([*(ident(k) for k in target.primary_key), *(
+            f"CAST({ident(c)} AS {target.column(c).type}) AS {ident(c)}" if after else ident(c)  # type: ignore[union-attr]
+            for c in self.columns)])
+        where = []
+        if obj.kind in ("rows", "new"):
+            where.append(f"_rb_statement = {int(statement)}")
+        if gone:
+            where.append("_rb_op IN ('d', 't')")
+        self.sql = (f"(SELECT DISTINCT ON ({keys}) {wanted} FROM {archive}"
+                    f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {keys})")
 
 
-async def _sources(conn: asyncpg.Connection, captures: list[CapturedObject], target: TableShape) -> list[_Source]:
-    """Every image of the table's rows, earliest statement first."""
+async def _statements(conn: asyncpg.Connection, obj: CapturedObject, ops: tuple[str, ...]) -> list[int]:
+    rows = await conn.fetch(f"SELECT DISTINCT _rb_statement FROM {qualified(ARCHIVE_SCHEMA, obj.archive_table)} "
+                            "WHERE _rb_op = ANY($1::text[]) ORDER BY 1", list(ops))
+    return [r["_rb_statement"] for r in rows]
+
+
+async def _before_sources(conn: asyncpg.Connection, captures: list[CapturedObject], target: TableShape) -> list[_Source]:
+    """Every image of the table's rows from before a statement changed them, earliest statement first."""
     found: list[tuple[int, CapturedObject]] = []
     for obj in captures:
         if obj.kind == "rows":
-            statements = await conn.fetch(f"SELECT DISTINCT _rb_statement FROM {qualified(ARCHIVE_SCHEMA, obj.archive_table)}")
-            found += [(r["_rb_statement"], obj) for r in statements]
+            found += [(statement, obj) for statement in await _statements(conn, obj, ("u", "d", "t"))]
         elif obj.kind in ("table", "columns", "retyped"):
             found.append((obj.statement, obj))
     found.sort(key=lambda item: item[0])
     return [_Source(obj, target, statement, f"s{n}") for n, (statement, obj) in enumerate(found)]
 
 
+async def _after_sources(conn: asyncpg.Connection, captures: list[CapturedObject], target: TableShape) -> list[_Source]:
+    """Every image of what a statement left in the rows (or that it deleted them), latest statement first."""
+    found: list[tuple[int, CapturedObject, bool]] = []
+    for obj in captures:
+        if obj.kind == "new":
+            found += [(statement, obj, False) for statement in await _statements(conn, obj, ("n",))]
+        elif obj.kind == "rows":
+            found += [(statement, obj, True) for statement in await _statements(conn, obj, ("d", "t"))]
+        elif obj.kind == "retyped_after":
+            found.append((obj.statement, obj, False))
+    found.sort(key=lambda item: -item[0])
+    return [_Source(obj, target, statement, f"a{n}", after=True, gone=gone) for n, (statement, obj, gone) in enumerate(found)]
+
+
 def _fold_sql(sources: list[_Source], target: TableShape, into: str) -> str:
-    """CREATE TABLE `into` with, per key, each column's earliest image and a flag saying it has one."""
+    """CREATE TABLE `into` with, per key, each column's value from the first source (in the order given) that
+    has the row, a flag saying whether one had it, and whether that first source says the row was deleted."""
     keys = [ident(k) for k in target.primary_key]
     joined = sources[0].sql + f" {sources[0].alias}"
     for source in sources[1:]:
         joined += f" FULL JOIN {source.sql} {source.alias} USING ({', '.join(keys)})"
+
+    def present(source: _Source) -> str:
+        return f"{source.alias}.{keys[0]} IS NOT NULL"
+
     columns = []
     for column in (c.name for c in target.columns if c.name not in target.primary_key):
-        holders = [s for s in sources if column in s.columns]
-        present = [f"{s.alias}.{keys[0]} IS NOT NULL" for s in holders]
+        holders = [s for s in sources if column in s.columns or s.gone]
         if holders:
-            arms = " ".join(f"WHEN {s.alias}.{keys[0]} IS NOT NULL THEN {s.alias}.{ident(column)}" for s in holders)
+            arms = " ".join(f"WHEN {present(s)} THEN {'NULL' if s.gone else f'{s.alias}.{ident(column)}'}" for s in holders)
             columns.append(f"CASE {arms} END AS {ident(column)}")
-            columns.append(f"({' OR '.join(present)}) AS {ident('_rb_has_' + column)}")
+            columns.append(f"({' OR '.join(present(s) for s in holders)}) AS {ident('_rb_has_' + column)}")
         else:
             columns.append(f"NULL::{target.column(column).type} AS {ident(column)}")  # type: ignore[union-attr]
             columns.append(f"false AS {ident('_rb_has_' + column)}")
+    gone = " ".join(f"WHEN {present(s)} THEN {'true' if s.gone else 'false'}" for s in sources)
     # _rb_n numbers the keys: the restore walks them in chunks.
-    selected = ", ".join([f"row_number() OVER (ORDER BY {', '.join(keys)}) AS _rb_n", *keys, *columns])
+    selected = ", ".join([f"row_number() OVER (ORDER BY {', '.join(keys)}) AS _rb_n", *keys, *columns,
+                          f"CASE {gone} END AS _rb_gone"])
     return (f"DROP TABLE IF EXISTS {into}; CREATE UNLOGGED TABLE {into} AS SELECT {selected} "
             f"FROM {joined}; ALTER TABLE {into} ADD PRIMARY KEY ({', '.join(keys)})")
 
@@ -90,13 +129,11 @@ def _fold_sql(sources: list[_Source], target: TableShape, into: str) -> str:
 class _Plan:
     """The SQL of one table's restore."""
 
-    def __init__(self, target: TableShape, before: str, after: CapturedObject | None, dropped_table: bool,
+    def __init__(self, target: TableShape, before: str, after: str | None, after_columns: set[str], dropped_table: bool,
                  dropped_columns: set[str], writable: list[str], restorable: Callable[[list[str]], str]) -> None:
-        self.target, self.before, self.dropped_table = target, before, dropped_table
+        self.target, self.before, self.after, self.dropped_table = target, before, after, dropped_table
         self.key = [ident(k) for k in target.primary_key]
         self.live = qualified(target.schema_name, target.name)
-        self.after = qualified(ARCHIVE_SCHEMA, after.archive_table) if after else None
-        after_columns = set(after.columns) if after else set()
         self.writable = writable  # target columns an INSERT or UPDATE may set (not generated)
         values = [c for c in writable if c not in target.primary_key]
         # Per column: when its before value goes back (over the live row t, before b, after a).
@@ -106,9 +143,8 @@ class _Plan:
             if column in dropped_columns and column not in after_columns:
                 self.conditions[column] = f"{has} AND {restorable([column])}"
             elif self.after and column in after_columns:
-                type_ = target.column(column).type  # type: ignore[union-attr]
-                self.conditions[column] = (f"{has} AND a.{self.key[0]} IS NOT NULL AND "
-                                           f"t.{ident(column)} IS NOT DISTINCT FROM CAST(a.{ident(column)} AS {type_})")
+                self.conditions[column] = (f"{has} AND a.{ident('_rb_has_' + column)} AND NOT a._rb_gone AND "
+                                           f"t.{ident(column)} IS NOT DISTINCT FROM a.{ident(column)}")
 
     def on(self, left: str, right: str) -> str:
         return " AND ".join(f"{left}.{k} = {right}.{k}" for k in self.key)
@@ -124,7 +160,7 @@ class _Plan:
             return "true"
         if self.after is None:
             return "false"
-        return f"NOT EXISTS (SELECT FROM {self.after} x WHERE {self.on('x', 'b')})"
+        return f"EXISTS (SELECT FROM {self.after} x WHERE {self.on('x', 'b')} AND x._rb_gone)"
 
     def reinsert(self, overriding: bool) -> str:
         columns = ", ".join(ident(c) for c in self.writable)
@@ -175,8 +211,8 @@ async def restore_captured(dsn: str, *, capture: Capture, target_shape: SchemaSn
         reports = []
         for name, objects in by_table.items():
             target = target_shape.tables.get(name)
-            if target is None or not any(o.kind != "after" for o in objects):
-                continue  # a table the migration created, or one it only left rows in
+            if target is None:
+                continue  # a table the migration created
             if not target.primary_key:
                 raise MigrationError(f"{name} has no primary key: what the migration destroyed in it cannot be put back "
                                      "by key; restore it by hand from rollback_archive or use point-in-time recovery")
@@ -194,17 +230,20 @@ async def _restore_table(conn: asyncpg.Connection, dsn: str, target: TableShape,
                          progress: Callable[[str], None] | None) -> TableRestore:
     name = target.qualified_name
     before = qualified(ARCHIVE_SCHEMA, derived_name(key, name, "before"))
-    sources = await _sources(conn, objects, target)
-    await conn.execute(_fold_sql(sources, target, before))
+    await conn.execute(_fold_sql(await _before_sources(conn, objects, target), target, before))
     await conn.execute(f"CREATE INDEX ON {before} (_rb_n); ANALYZE {before}")
+    after_sources = await _after_sources(conn, objects, target)
+    after = qualified(ARCHIVE_SCHEMA, derived_name(key, name, "after")) if after_sources else None
+    if after:
+        await conn.execute(_fold_sql(after_sources, target, after) + f"; ANALYZE {after}")
     flags = await conn.fetch("SELECT attname, attgenerated <> '' AS generated, attidentity = 'a' AS always "
                              "FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
                              qualified(target.schema_name, target.name))
     generated = {r["attname"] for r in flags if r["generated"]}
-    after = next((o for o in objects if o.kind == "after"), None)
     dropped_columns = {c for o in objects if o.kind == "columns" for c in o.columns if c not in o.key}
     defaults = await constant_defaults(dsn, target, sorted(dropped_columns)) if dropped_columns else {}
-    plan = _Plan(target, before, after, dropped_table=any(o.kind == "table" for o in objects),
+    plan = _Plan(target, before, after, {c for s in after_sources for c in s.columns},
+                 dropped_table=any(o.kind == "table" for o in objects),
                  dropped_columns=dropped_columns, writable=[c.name for c in target.columns if c.name not in generated],
                  restorable=lambda columns: restorable_condition(columns, defaults, revert_xid))
     report = TableRestore(table=name, mode="captured", columns=sorted(plan.conditions), method="merge")
@@ -229,5 +268,5 @@ async def _restore_table(conn: asyncpg.Connection, dsn: str, target: TableShape,
         report.mismatches_after += failed
         if progress:
             progress(f"{name}: {min(high, total)} of {total} captured rows restored")
-    await conn.execute(f"DROP TABLE IF EXISTS {before}")
+    await conn.execute(f"DROP TABLE IF EXISTS {before}" + (f"; DROP TABLE IF EXISTS {after}" if after else ""))
     return report

@@ -78,8 +78,11 @@ async def test_each_kind_of_destruction_is_captured_before_it_happens(database, 
         [notes] = archive(capture, "public.orders", "retyped")
         assert notes.types == {"id": "bigint", "note": "text"}
         assert {r["id"]: r["note"] for r in await rows(notes)}[10] == "note 10"
-        [after] = archive(capture, "public.orders", "after")  # what the migration left, for the three-way restore
-        assert {r["id"]: r["note"] for r in await rows(after, "id, note")}[10] == "note"
+        # What the migration left, for the three-way restore: its updates' new rows, its type change's values.
+        new_orders = archive(capture, "public.orders", "new")[0]
+        assert {r["id"]: str(r["amount"]) for r in await rows(new_orders)}[3] == "3.00"
+        [retyped_after] = archive(capture, "public.orders", "retyped_after")
+        assert {r["id"]: r["note"] for r in await rows(retyped_after)}[10] == "note"
         assert not archive(capture, "public.added", "rows") and not archive(capture, "public.untouched", "rows")
         assert await conn.fetchval("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal") == 0
         assert "public.coupons: dropped" in capture.destroys()
