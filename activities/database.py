@@ -24,7 +24,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeating
 from rollback import integrity, pitr
-from rollback.captured_restore import restore_captured
+from rollback.captured_restore import CapturedRebuild, restore_captured
 from rollback.backups import BackupCatalog, BackupCorrupt, BackupError, BackupManifest, take_backup, verify_backup
 from rollback.config import ConfigSource, DatabaseTarget
 from rollback.migrations import (
@@ -299,9 +299,12 @@ class DatabaseRollback:
         if target.rebuild_min_rows is None or manifest.pg_snapshot is None:
             return None  # (backups taken before their snapshot was recorded: merged in place)
         return RebuildOptions(backup_snapshot=manifest.pg_snapshot, min_rows=target.rebuild_min_rows,
-                              locks=LockPolicy(lock_timeout_ms=target.lock_timeout_ms, attempts=target.lock_attempts,
-                                               around_attempt=self._pause_around(target),
-                                               on_blocked=self._blocker_policy(target, conn)))
+                              locks=self._lock_policy(target, conn))
+
+    def _lock_policy(self, target: DatabaseTarget, conn: asyncpg.Connection) -> LockPolicy:
+        """How a rebuild's swap takes its lock: the target's lock_timeout and attempts, its pool pause, its blocker policy."""
+        return LockPolicy(lock_timeout_ms=target.lock_timeout_ms, attempts=target.lock_attempts,
+                          around_attempt=self._pause_around(target), on_blocked=self._blocker_policy(target, conn))
 
     def _pause_around(self, target: DatabaseTarget):
         """PAUSE the application's pool for one DDL transaction, RESUME whatever happens."""
@@ -349,10 +352,14 @@ class DatabaseRollback:
                 raise _fail(f"backup {inp.backup_id} refused for restore: {err}", "BackupCorrupt") from None
             try:
                 if revert.capture is not None:  # the images taken when the migration ran
-                    result = RestoreResult(tables=await restore_captured(
-                        self.dsn(target), capture=revert.capture, target_shape=manifest.schema_snapshot,
-                        revert_xid=revert.xid, key=inp.key, rows_per_chunk=target.restore_chunk_rows,
-                        progress=lambda text: progress.update(last=text)))
+                    async with self.connection(target) as conn:
+                        rebuild = None if target.rebuild_min_rows is None else CapturedRebuild(
+                            min_rows=target.rebuild_min_rows, locks=self._lock_policy(target, conn),
+                            since_snapshot=inp.integrity_snapshot)
+                        result = RestoreResult(tables=await restore_captured(
+                            self.dsn(target), capture=revert.capture, target_shape=manifest.schema_snapshot,
+                            revert_xid=revert.xid, key=inp.key, rows_per_chunk=target.restore_chunk_rows, rebuild=rebuild,
+                            progress=lambda text: progress.update(last=text)))
                 else:
                     async with self.connection(target) as conn:
                         result = await restore_data(

@@ -26,15 +26,18 @@ the integrity check. Every statement is guarded so that a retry after a crash re
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
 from rollback.capture import ARCHIVE_SCHEMA, Capture, CapturedObject
 from rollback.migrations import MigrationError
 from rollback.names import derived_name
-from rollback.pg import ident, qualified
+from rollback.pg import ident, qualified, written_after
 from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
 from rollback.schema_rollback import TableRestore, constant_defaults, ensure_bookkeeping, restorable_condition, restore_xids
+from rollback.table_rebuild import LockPolicy, RebuildRefused, RebuildSql, author_of_resynced_rows, rebuild_table
 
 
 class _Source:
@@ -162,24 +165,42 @@ class _Plan:
             return "false"
         return f"EXISTS (SELECT FROM {self.after} x WHERE {self.on('x', 'b')} AND x._rb_gone)"
 
+    @property
+    def to_reinsert(self) -> str:
+        """Over b: a row the migration deleted, every column of it captured, its key not in the live table."""
+        complete = " AND ".join(f"b.{ident('_rb_has_' + c)}" for c in self.writable if c not in self.target.primary_key) or "true"
+        return (f"{self.deleted_by_migration} AND {complete} "
+                f"AND NOT EXISTS (SELECT FROM ONLY {self.live} t WHERE {self.on('t', 'b')})")
+
     def reinsert(self, overriding: bool) -> str:
         columns = ", ".join(ident(c) for c in self.writable)
-        complete = " AND ".join(f"b.{ident('_rb_has_' + c)}" for c in self.writable if c not in self.target.primary_key) or "true"
         return (f"INSERT INTO {self.live} ({columns}){' OVERRIDING SYSTEM VALUE' if overriding else ''} "
                 f"SELECT {', '.join(f'b.{ident(c)}' for c in self.writable)} FROM {self.chunk} "
-                f"WHERE {self.deleted_by_migration} AND {complete} "
-                f"AND NOT EXISTS (SELECT FROM {self.live} t WHERE {self.on('t', 'b')}) "
-                f"ON CONFLICT ({', '.join(self.key)}) DO NOTHING")
+                f"WHERE {self.to_reinsert} ON CONFLICT ({', '.join(self.key)}) DO NOTHING")
+
+    def merged(self, columns: list[str]) -> str:
+        """The select list of the live row `t` with every restorable column's before value put back."""
+        return ", ".join(f"CASE WHEN {self.conditions[c]} THEN b.{ident(c)} ELSE t.{ident(c)} END" if c in self.conditions
+                         else f"t.{ident(c)}" for c in columns)
+
+    def images(self, row: str) -> str:
+        """LEFT JOINs of the before (b) and after (a) images to the row aliased `row`."""
+        after = f" LEFT JOIN {self.after} a ON {self.on('a', row)}" if self.after else ""
+        return f"LEFT JOIN {self.before} b ON {self.on('b', row)}{after}"
+
+    @property
+    def restores_something(self) -> str:
+        """Over t, b, a: at least one of the row's values goes back."""
+        return " OR ".join(f"({cond} AND t.{ident(c)} IS DISTINCT FROM b.{ident(c)})" for c, cond in self.conditions.items()) or "false"
 
     def update(self) -> str | None:
         if not self.conditions:
             return None
         sets = ", ".join(f"{ident(c)} = CASE WHEN {cond} THEN b.{ident(c)} ELSE t.{ident(c)} END"
                          for c, cond in self.conditions.items())
-        any_change = " OR ".join(f"({cond} AND t.{ident(c)} IS DISTINCT FROM b.{ident(c)})" for c, cond in self.conditions.items())
         after = f" LEFT JOIN {self.after} a ON {self.on('a', 'b')}" if self.after else ""
         return (f"UPDATE {self.live} t SET {sets} FROM {self.chunk}{after} "
-                f"WHERE {self.on('t', 'b')} AND ({any_change})")
+                f"WHERE {self.on('t', 'b')} AND ({self.restores_something})")
 
     def check(self) -> str:
         """After the chunk: (rows the application deleted since, rows keeping its values, keys it re-used, values
@@ -196,12 +217,104 @@ class _Plan:
                 f"FROM {self.chunk} LEFT JOIN {self.live} t ON {self.on('t', 'b')}{after}")
 
 
+@dataclass(frozen=True)
+class CapturedRebuild:
+    """When a table's restore rebuilds it (rollback/table_rebuild.py) instead of updating its rows in place."""
+
+    min_rows: int  # rows to put back; fewer are merged in place
+    locks: LockPolicy
+    since_snapshot: str | None  # the integrity check's before-snapshot: who wrote a row after it is recorded
+
+
+@dataclass
+class CapturedRows:
+    """A rebuild's rows: the live table's, with the captured before-images put back (the same rules as the
+    in-place merge, see _Plan), and the rows the migration deleted inserted again. Every row is written
+    once, in bulk, instead of updated in place.
+
+    Who wrote each row (the authors table the integrity check reads): the rollback, for a row inserted
+    again or whose fingerprinted values were put back; the live row's writer, for a row written after
+    the integrity snapshot; nobody (the row must equal the snapshot) for the rest.
+    """
+
+    plan: _Plan
+    fingerprinted: list[str]
+    since_snapshot: str | None
+    restored: int = 0
+    reinserted: int = 0
+    key_reused: int = 0
+
+    def temp_tables(self, sql: RebuildSql) -> str:
+        return f"DROP TABLE IF EXISTS pg_temp.rb_batch; CREATE TEMP TABLE rb_batch ({sql.key_defs});"
+
+    def _columns(self, sql: RebuildSql) -> list[str]:
+        return [c.name for c in sql.live.columns]
+
+    async def fill(self, conn: asyncpg.Connection, sql: RebuildSql, say: Callable[[str], None]) -> int:
+        n, plan, columns = sql.names, self.plan, self._columns(sql)
+        say(f"{sql.live.qualified_name}: building a restored copy from the live rows and the captured images")
+        rows = int((await conn.execute(f"INSERT INTO {n.new} ({_cols(columns)}) SELECT {plan.merged(columns)} "
+                                       f"FROM ONLY {n.live} t {plan.images('t')}")).split()[-1])
+        self.reinserted = int((await conn.execute(
+            f"INSERT INTO {n.new} ({_cols(plan.writable)}) SELECT {_cols(plan.writable, 'b.')} FROM {plan.before} b "
+            f"WHERE {plan.to_reinsert}")).split()[-1])
+        self.restored = await conn.fetchval(f"SELECT count(*) FROM ONLY {n.live} t {plan.images('t')} "
+                                            f"WHERE {plan.restores_something}")
+        self.key_reused = await conn.fetchval(f"SELECT count(*) FROM {plan.before} b WHERE {plan.deleted_by_migration} "
+                                              f"AND EXISTS (SELECT FROM ONLY {n.live} t WHERE {plan.on('t', 'b')})")
+        ours = "txid_current() % 4294967296"
+        keys = ", ".join(f"b.{k}" for k in plan.key)
+        await conn.execute(f"INSERT INTO {n.authors} SELECT {keys}, {ours} FROM {plan.before} b WHERE {plan.to_reinsert}")
+        if fingerprinted := [c for c in self.fingerprinted if c in plan.conditions]:
+            put_back = " OR ".join(f"({plan.conditions[c]} AND t.{ident(c)} IS DISTINCT FROM b.{ident(c)})" for c in fingerprinted)
+            await conn.execute(f"INSERT INTO {n.authors} SELECT {', '.join(f't.{k}' for k in plan.key)}, {ours} "
+                               f"FROM ONLY {n.live} t {plan.images('t')} WHERE {put_back} ON CONFLICT DO NOTHING")
+        recent = written_after(self.since_snapshot) if self.since_snapshot else "true"
+        await conn.execute(f"INSERT INTO {n.authors} SELECT {', '.join(f't.{k}' for k in plan.key)}, t.xmin::text::int8 "
+                           f"FROM ONLY {n.live} t WHERE {recent} ON CONFLICT DO NOTHING")
+        return rows + self.reinserted
+
+    async def after_indexes(self, conn: asyncpg.Connection, sql: RebuildSql, rows: int, say: Callable[[str], None]) -> None:
+        return None
+
+    def sync(self, sql: RebuildSql) -> list[str]:
+        n, plan, columns = sql.names, self.plan, self._columns(sql)
+        keys = ", ".join(f"b.{k}" for k in plan.key)
+        return [
+            f"DELETE FROM {n.new} n USING rb_batch k WHERE {sql.on('n', 'k')}",
+            f"INSERT INTO {n.new} ({_cols(columns)}) SELECT {plan.merged(columns)} FROM rb_batch k "
+            f"JOIN ONLY {n.live} t ON {sql.on('t', 'k')} {plan.images('t')}",
+            f"INSERT INTO {n.new} ({_cols(plan.writable)}) SELECT {_cols(plan.writable, 'b.')} FROM rb_batch k "
+            f"JOIN {plan.before} b ON {sql.on('b', 'k')} WHERE {plan.to_reinsert}",
+            author_of_resynced_rows(sql),
+            f"INSERT INTO {n.authors} SELECT {keys}, txid_current() % 4294967296 FROM rb_batch k JOIN {plan.before} b "
+            f"ON {sql.on('b', 'k')} WHERE {plan.to_reinsert} ON CONFLICT ({sql.key_cols}) DO UPDATE SET "
+            "source_xmin = excluded.source_xmin",
+        ]
+
+    async def counts(self, conn: asyncpg.Connection, sql: RebuildSql, rows: int) -> dict[str, Any]:
+        """After the swap, over every captured row (the re-used keys were counted when the copy was built:
+        every row of the rebuilt table now carries the rebuild's transaction id)."""
+        total = await conn.fetchval(f"SELECT count(*) FROM {self.plan.before}")
+        missing, kept, _, failed = await conn.fetchrow(self.plan.check(), 1, total, [])
+        return {"restored": self.restored, "reinserted": self.reinserted, "missing_in_live": missing,
+                "kept_application_version": kept, "key_reused": self.key_reused, "mismatches_after": failed}
+
+
+def _cols(names: list[str], prefix: str = "") -> str:
+    return ", ".join(f"{prefix}{ident(n)}" for n in names)
+
+
 async def restore_captured(dsn: str, *, capture: Capture, target_shape: SchemaSnapshot, revert_xid: int, key: str,
-                           rows_per_chunk: int = 50_000, progress: Callable[[str], None] | None = None) -> list[TableRestore]:
+                           rows_per_chunk: int = 50_000, rebuild: CapturedRebuild | None = None,
+                           progress: Callable[[str], None] | None = None) -> list[TableRestore]:
     """Restore every table of `target_shape` the capture holds images of; a report per table."""
     if capture.uncaptured:  # the plan refuses these; a restore never quietly skips them
         raise MigrationError(f"the capture could not keep everything: {'; '.join(capture.uncaptured)}")
-    conn = await asyncpg.connect(dsn, timeout=10, server_settings={"application_name": "rollback-restore"})
+    # Custom plans: a chunk's bounds ($1, $2) must steer the plan to the index on _rb_n; a generic plan
+    # (chosen after five executions) scans the whole before-image for every chunk.
+    conn = await asyncpg.connect(dsn, timeout=10, server_settings={"application_name": "rollback-restore",
+                                                                    "plan_cache_mode": "force_custom_plan"})
     try:
         await ensure_bookkeeping(conn)
         by_table: dict[str, list[CapturedObject]] = {}
@@ -219,14 +332,14 @@ async def restore_captured(dsn: str, *, capture: Capture, target_shape: SchemaSn
             if name not in live.tables:
                 raise MigrationError(f"{name} does not exist after the revert: cannot restore its rows")
             reports.append(await _restore_table(conn, dsn, target, objects, revert_xid=revert_xid, key=key,
-                                                rows_per_chunk=rows_per_chunk, progress=progress))
+                                                rows_per_chunk=rows_per_chunk, rebuild=rebuild, progress=progress))
         return reports
     finally:
         await conn.close()
 
 
 async def _restore_table(conn: asyncpg.Connection, dsn: str, target: TableShape, objects: list[CapturedObject], *,
-                         revert_xid: int, key: str, rows_per_chunk: int,
+                         revert_xid: int, key: str, rows_per_chunk: int, rebuild: CapturedRebuild | None,
                          progress: Callable[[str], None] | None) -> TableRestore:
     name = target.qualified_name
     before = qualified(ARCHIVE_SCHEMA, derived_name(key, name, "before"))
@@ -249,6 +362,21 @@ async def _restore_table(conn: asyncpg.Connection, dsn: str, target: TableShape,
     report = TableRestore(table=name, mode="captured", columns=sorted(plan.conditions), method="merge")
     total = await conn.fetchval(f"SELECT count(*) FROM {before}")
     report.backup_rows = total
+    if rebuild is not None and total >= rebuild.min_rows:
+        # The columns the integrity snapshot fingerprints: the ones with the same type before and after the migration.
+        fingerprinted = [c for c in plan.conditions if c not in dropped_columns
+                         and not any(o.kind == "retyped" and c in o.columns for o in objects)]
+        source = CapturedRows(plan, fingerprinted=fingerprinted, since_snapshot=rebuild.since_snapshot)
+        try:
+            counts = await rebuild_table(dsn, source=source, live=target, key=key, locks=rebuild.locks, progress=progress)
+        except RebuildRefused as err:
+            report.note = f"{err}: merged in place"
+        else:
+            report.method = "rebuild"
+            for field_name, value in counts.items():
+                setattr(report, field_name, value)
+            await conn.execute(f"DROP TABLE IF EXISTS {before}" + (f"; DROP TABLE IF EXISTS {after}" if after else ""))
+            return report
     reinsert, update, check = plan.reinsert(any(r["always"] for r in flags)), plan.update(), plan.check()
     for low in range(1, total + 1, rows_per_chunk):
         high = low + rows_per_chunk - 1

@@ -112,6 +112,8 @@ class RestoreInput(DbStepInput):
     revision: str
     backup_id: str
     revert: dict[str, Any] = Field(description="the revert step's result: what changed and its transaction id")
+    integrity_snapshot: str | None = Field(default=None, description="SnapshotRef.pg_snapshot: a table rebuild records "
+                                           "who wrote the rows written after it")
 
 
 class IntegrityInput(DbStepInput):

@@ -34,7 +34,7 @@ from rollback.migrations import AttemptWrapper, Migration, MigrationError, in_tr
 from rollback.names import derived_name
 from rollback.pg import ident, qualified, written_after
 from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
-from rollback.table_rebuild import LockPolicy, RebuildRefused, rebuild_table
+from rollback.table_rebuild import BackupRows, LockPolicy, RebuildRefused, rebuild_table
 
 ARCHIVE_SCHEMA = "rollback_archive"
 XID_MASK = 0xFFFFFFFF  # a row's xmin is the low 32 bits of the 64-bit txid
@@ -519,8 +519,9 @@ async def _rebuilt(dsn: str, backup_path: Path, shape: TableShape, live: TableSh
     try:
         async with asyncio.timeout(timeout), open_table_copy(backup_path, shape) as copy:
             counts = await rebuild_table(
-                dsn, copy=copy, backup_snapshot=rebuild.backup_snapshot, live=live,
-                columns=columns, restorable=restorable, key=key, locks=rebuild.locks, progress=progress)
+                dsn, source=BackupRows(copy=copy, backup_snapshot=rebuild.backup_snapshot, columns=columns,
+                                       restorable=restorable),
+                live=live, key=key, locks=rebuild.locks, progress=progress)
     except RebuildRefused as err:
         report.note = f"{err}: merged in place"
         return False

@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -154,15 +154,14 @@ class _Names:
                    trigger=_name(key, table, "trigger"))
 
 
-class _Sql:
+class RebuildSql:
     """The statements of one rebuild: `t` is the live table, `n` the new one, temp tables on our session."""
 
-    def __init__(self, names: _Names, live: TableShape, columns: list[str], restorable: str) -> None:
-        self.names, self.live, self.columns = names, live, columns
+    def __init__(self, names: _Names, live: TableShape) -> None:
+        self.names, self.live = names, live
         self.key = live.primary_key
         self.key_cols = ", ".join(ident(k) for k in self.key)
         self.key_defs = ", ".join(f"{ident(k)} {live.column(k).type}" for k in self.key)  # type: ignore[union-attr]
-        self.restorable = restorable
 
     def on(self, a: str, b: str) -> str:
         return " AND ".join(f"{a}.{ident(k)} = {b}.{ident(k)}" for k in self.key)
@@ -189,39 +188,6 @@ CREATE OR REPLACE TRIGGER {ident(n.trigger + '_t')} AFTER TRUNCATE ON {n.live}
   FOR EACH STATEMENT EXECUTE FUNCTION {n.function}();
 """
 
-    def temp_tables(self) -> str:
-        restored = ", ".join(f"{ident(c)} {self.live.column(c).type}" for c in self.columns)  # type: ignore[union-attr]
-        return f"""
-DROP TABLE IF EXISTS pg_temp.rb_batch, pg_temp.rb_vals;
-CREATE TEMP TABLE rb_batch ({self.key_defs});
-CREATE TEMP TABLE rb_vals ({self.key_defs}, {restored}, _rb_in_backup bool NOT NULL, PRIMARY KEY ({self.key_cols}));
-"""
-
-    def sync(self) -> list[str]:
-        """Re-sync the keys in rb_batch: remember their backup values once, then rewrite them from the live table.
-
-        The live row's xmin goes to the authors table too: the new row's own xmin is the
-        rebuild's, and the integrity check must still tell who really wrote its values.
-        """
-        n = self.names
-        restored = ", ".join(f"n.{ident(c)}" for c in self.columns)
-        first_key = ident(self.key[0])
-        values = ", ".join(
-            f"CASE WHEN v._rb_in_backup AND {self.restorable} THEN v.{ident(c.name)} ELSE t.{ident(c.name)} END"
-            if c.name in self.columns else f"t.{ident(c.name)}" for c in self.live.columns)
-        all_cols = ", ".join(ident(c.name) for c in self.live.columns)
-        return [
-            f"INSERT INTO rb_vals SELECT {', '.join(f'b.{ident(k)}' for k in self.key)}, {restored}, "
-            f"n.{first_key} IS NOT NULL FROM rb_batch b LEFT JOIN {n.new} n ON {self.on('n', 'b')} "
-            f"ON CONFLICT ({self.key_cols}) DO NOTHING",
-            f"DELETE FROM {n.new} n USING rb_batch b WHERE {self.on('n', 'b')}",
-            f"INSERT INTO {n.new} ({all_cols}) SELECT {values} FROM rb_batch b "
-            f"JOIN {n.live} t ON {self.on('t', 'b')} JOIN rb_vals v ON {self.on('v', 'b')}",
-            f"INSERT INTO {n.authors} SELECT {', '.join(f't.{ident(k)}' for k in self.key)}, t.xmin::text::int8 "
-            f"FROM rb_batch b JOIN {n.live} t ON {self.on('t', 'b')} "
-            f"ON CONFLICT ({self.key_cols}) DO UPDATE SET source_xmin = excluded.source_xmin",
-        ]
-
     def take_logged(self, limit: int | None) -> str:
         """Move up to `limit` logged keys (all without a limit) into rb_batch; returns how many log rows."""
         n = self.names
@@ -233,14 +199,121 @@ SELECT count(*) AS changes, bool_or(truncated) AS truncated FROM taken
 """
 
 
-async def rebuild_table(dsn: str, *, copy: TableCopy, backup_snapshot: str,
-                        live: TableShape, columns: list[str], restorable: str, key: str, locks: LockPolicy,
-                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Rebuild `live` with `columns` restored from the backup's COPY stream; the counts of what happened.
+class RebuildSource(Protocol):
+    """Where a rebuilt table's rows come from, and how a key the application changed meanwhile is re-synced."""
+
+    def temp_tables(self, sql: RebuildSql) -> str: ...
+
+    async def fill(self, conn: asyncpg.Connection, sql: RebuildSql, say: Callable[[str], None]) -> int:
+        """Fill the new table (in the build's snapshot, before its indexes exist): how many rows."""
+
+    async def after_indexes(self, conn: asyncpg.Connection, sql: RebuildSql, rows: int, say: Callable[[str], None]) -> None:
+        """Anything of the build that needs the new table's indexes."""
+
+    def sync(self, sql: RebuildSql) -> list[str]:
+        """Statements re-syncing the keys in rb_batch from the live table."""
+
+    async def counts(self, conn: asyncpg.Connection, sql: RebuildSql, rows: int) -> dict[str, Any]:
+        """After the swap: how the restored values ended up."""
+
+
+@dataclass(frozen=True)
+class BackupRows:
+    """Columns restored from the backup's COPY stream, the rows changed since the backup re-synced.
 
     `restorable` is the SQL condition (over the live row aliased `t`) under which a restored
-    column takes the backup's value. Raises RebuildRefused before touching anything when the
-    table cannot be rebuilt.
+    column takes the backup's value; `backup_snapshot` the backup's pg_current_snapshot().
+    """
+
+    copy: TableCopy
+    backup_snapshot: str
+    columns: list[str]
+    restorable: str
+
+    def temp_tables(self, sql: RebuildSql) -> str:
+        restored = ", ".join(f"{ident(c)} {sql.live.column(c).type}" for c in self.columns)  # type: ignore[union-attr]
+        return f"""
+DROP TABLE IF EXISTS pg_temp.rb_batch, pg_temp.rb_vals;
+CREATE TEMP TABLE rb_batch ({sql.key_defs});
+CREATE TEMP TABLE rb_vals ({sql.key_defs}, {restored}, _rb_in_backup bool NOT NULL, PRIMARY KEY ({sql.key_cols}));
+"""
+
+    async def fill(self, conn: asyncpg.Connection, sql: RebuildSql, say: Callable[[str], None]) -> int:
+        say(f"{sql.live.qualified_name}: loading the backup's rows into a new table")
+        status = await conn.copy_to_table(sql.names.new_name, schema_name=sql.live.schema_name, source=self.copy.rows(),
+                                          columns=self.copy.columns, encoding=self.copy.encoding)
+        return int(status.split()[-1])
+
+    async def after_indexes(self, conn: asyncpg.Connection, sql: RebuildSql, rows: int, say: Callable[[str], None]) -> None:
+        changed, deleted = await self._changed_since_backup(conn, sql, rows)
+        say(f"{sql.live.qualified_name}: {changed} rows changed and {deleted} deleted since the backup; re-syncing them")
+        for statement in self.sync(sql):
+            await conn.execute(statement)
+        await conn.execute("TRUNCATE rb_batch")
+
+    async def _changed_since_backup(self, conn: asyncpg.Connection, sql: RebuildSql, backup_rows: int) -> tuple[int, int]:
+        """Fill rb_batch with the keys whose live row may differ from the backup's (a few more: see
+        written_after; re-syncing an unchanged row changes nothing); (changed, deleted) counts."""
+        n = sql.names
+        await conn.execute(f"INSERT INTO rb_batch SELECT {', '.join(f't.{ident(k)}' for k in sql.key)} FROM {n.live} t "
+                           f"WHERE {written_after(self.backup_snapshot)}")
+        changed = await conn.fetchval("SELECT count(*) FROM rb_batch")
+        live_rows = await conn.fetchval(f"SELECT count(*) FROM {n.live}")
+        changed_in_backup = await conn.fetchval(f"SELECT count(*) FROM rb_batch b JOIN {n.new} n ON {sql.on('n', 'b')}")
+        # Every unchanged live row is in the backup; what else the backup holds was deleted since.
+        deleted = backup_rows - (live_rows - changed) - changed_in_backup
+        if deleted:
+            await conn.execute(f"INSERT INTO rb_batch SELECT {', '.join(f'n.{ident(k)}' for k in sql.key)} FROM {n.new} n "
+                               f"WHERE NOT EXISTS (SELECT FROM {n.live} t WHERE {sql.on('t', 'n')})")
+        return changed, deleted
+
+    def sync(self, sql: RebuildSql) -> list[str]:
+        """Re-sync the keys in rb_batch: remember their backup values once, then rewrite them from the live table.
+
+        The live row's xmin goes to the authors table too: the new row's own xmin is the
+        rebuild's, and the integrity check must still tell who really wrote its values.
+        """
+        n = sql.names
+        restored = ", ".join(f"n.{ident(c)}" for c in self.columns)
+        first_key = ident(sql.key[0])
+        values = ", ".join(
+            f"CASE WHEN v._rb_in_backup AND {self.restorable} THEN v.{ident(c.name)} ELSE t.{ident(c.name)} END"
+            if c.name in self.columns else f"t.{ident(c.name)}" for c in sql.live.columns)
+        all_cols = ", ".join(ident(c.name) for c in sql.live.columns)
+        return [
+            f"INSERT INTO rb_vals SELECT {', '.join(f'b.{ident(k)}' for k in sql.key)}, {restored}, "
+            f"n.{first_key} IS NOT NULL FROM rb_batch b LEFT JOIN {n.new} n ON {sql.on('n', 'b')} "
+            f"ON CONFLICT ({sql.key_cols}) DO NOTHING",
+            f"DELETE FROM {n.new} n USING rb_batch b WHERE {sql.on('n', 'b')}",
+            f"INSERT INTO {n.new} ({all_cols}) SELECT {values} FROM rb_batch b "
+            f"JOIN {n.live} t ON {sql.on('t', 'b')} JOIN rb_vals v ON {sql.on('v', 'b')}",
+            author_of_resynced_rows(sql),
+        ]
+
+    async def counts(self, conn: asyncpg.Connection, sql: RebuildSql, rows: int) -> dict[str, Any]:
+        """How the backup's rows ended up, from the keys that were re-synced (rb_vals); run after the rename."""
+        row = await conn.fetchrow(
+            f"SELECT count(*) FILTER (WHERE t.{ident(sql.key[0])} IS NULL) AS missing, "
+            f"count(*) FILTER (WHERE t.{ident(sql.key[0])} IS NOT NULL AND ({', '.join(f't.{ident(c)}' for c in self.columns)}) "
+            f"IS DISTINCT FROM ({', '.join(f'v.{ident(c)}' for c in self.columns)})) AS kept "
+            f"FROM rb_vals v LEFT JOIN {sql.names.live} t ON {sql.on('t', 'v')} WHERE v._rb_in_backup")
+        return {"restored": rows - row["missing"] - row["kept"], "missing_in_live": row["missing"],
+                "kept_application_version": row["kept"]}
+
+
+def author_of_resynced_rows(sql: RebuildSql) -> str:
+    """Who last wrote each row re-synced from the live table (rb_batch): its live xmin, for the integrity check."""
+    n = sql.names
+    return (f"INSERT INTO {n.authors} SELECT {', '.join(f't.{ident(k)}' for k in sql.key)}, t.xmin::text::int8 "
+            f"FROM rb_batch b JOIN {n.live} t ON {sql.on('t', 'b')} "
+            f"ON CONFLICT ({sql.key_cols}) DO UPDATE SET source_xmin = excluded.source_xmin")
+
+
+async def rebuild_table(dsn: str, *, source: RebuildSource, live: TableShape, key: str, locks: LockPolicy,
+                        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Rebuild `live` with its rows from `source` and swap it in; the counts of what happened.
+
+    Raises RebuildRefused before touching anything when the table cannot be rebuilt.
     """
     names = _Names.of(key, live)
     say = progress or (lambda _: None)
@@ -254,16 +327,16 @@ async def rebuild_table(dsn: str, *, copy: TableCopy, backup_snapshot: str,
         reasons = await rebuild_blockers(conn, live, trigger=names.trigger)
         if reasons:
             raise RebuildRefused(f"{live.qualified_name} cannot be rebuilt: {'; '.join(reasons)}")
-        sql = _Sql(names, live, columns, restorable)
+        sql = RebuildSql(names, live)
         try:
             say(f"{live.qualified_name}: installing the change-capture trigger")
             await in_transaction_with_lock_timeout(
                 conn, lambda c: c.execute(sql.capture()), lock_timeout_ms=locks.lock_timeout_ms,
                 attempts=locks.attempts, what=f"change capture on {live.qualified_name}", on_blocked=locks.on_blocked)
-            await conn.execute(sql.temp_tables())
-            counts = await _build(conn, sql, copy, backup_snapshot, key, say)
-            counts["caught_up"] = await _catch_up(conn, sql, key, counts["xids"], say)
-            report = await _swap(conn, sql, key, locks, counts, say)
+            await conn.execute(source.temp_tables(sql))
+            counts = await _build(conn, sql, source, key, say)
+            counts["caught_up"] = await _catch_up(conn, sql, source, key, counts["xids"], say)
+            report = await _swap(conn, sql, source, key, locks, counts, say)
         except BaseException as err:
             await _clean_up(conn, names, locks, key=key, table=live.qualified_name)
             if isinstance(err, (asyncpg.PostgresError, MigrationError)) and not isinstance(err, RebuildRefused):
@@ -275,7 +348,7 @@ async def rebuild_table(dsn: str, *, copy: TableCopy, backup_snapshot: str,
         # Swapped. Counted after the lock is released (the keys re-synced can be many), outside the
         # clean-up above: from here on nothing may undo what is done.
         await conn.execute(f"DROP FUNCTION IF EXISTS {names.function}(); DROP TABLE IF EXISTS {names.log}")
-        report.update(await _counts(conn, sql, report["backup_rows"]))
+        report.update(await source.counts(conn, sql, report["backup_rows"]))
         await conn.execute("UPDATE rollback_meta.rebuilds SET report = $3 WHERE key = $1 AND table_name = $2",
                            key, live.qualified_name, json.dumps(report))
         return report
@@ -283,7 +356,7 @@ async def rebuild_table(dsn: str, *, copy: TableCopy, backup_snapshot: str,
         await conn.close()
 
 
-async def _build(conn: asyncpg.Connection, sql: _Sql, copy: TableCopy, backup_snapshot: str, key: str,
+async def _build(conn: asyncpg.Connection, sql: RebuildSql, source: RebuildSource, key: str,
                  say: Callable[[str], None]) -> dict[str, Any]:
     n, live = sql.names, sql.live
     async with conn.transaction(isolation="repeatable_read"):
@@ -300,23 +373,16 @@ async def _build(conn: asyncpg.Connection, sql: _Sql, copy: TableCopy, backup_sn
             f"DROP TABLE IF EXISTS {n.new}; CREATE TABLE {n.new} (LIKE {n.live} INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
             "INCLUDING STORAGE INCLUDING COMMENTS INCLUDING COMPRESSION INCLUDING STATISTICS)"
             + (f" WITH ({reloptions})" if reloptions else ""))
-        say(f"{live.qualified_name}: loading the backup's rows into a new table")
-        status = await conn.copy_to_table(n.new_name, schema_name=live.schema_name, source=copy.rows(),
-                                          columns=copy.columns, encoding=copy.encoding)
-        backup_rows = int(status.split()[-1])
-        say(f"{live.qualified_name}: {backup_rows} backup rows loaded; building indexes")
+        rows = await source.fill(conn, sql, say)
+        say(f"{live.qualified_name}: {rows} rows in the new table; building indexes")
         await _build_indexes(conn, sql)
-        changed, deleted = await _changed_since_backup(conn, sql, backup_snapshot, backup_rows)
-        say(f"{live.qualified_name}: {changed} rows changed and {deleted} deleted since the backup; re-syncing them")
-        for statement in sql.sync():
-            await conn.execute(statement)
-        await conn.execute("TRUNCATE rb_batch")
+        await source.after_indexes(conn, sql, rows, say)
         await conn.execute(f"ANALYZE {n.new}")
         xid = await _record_xid(conn, key)
-    return {"backup_rows": backup_rows, "xids": [xid]}
+    return {"backup_rows": rows, "xids": [xid]}
 
 
-async def _build_indexes(conn: asyncpg.Connection, sql: _Sql) -> None:
+async def _build_indexes(conn: asyncpg.Connection, sql: RebuildSql) -> None:
     """The live table's indexes on the new table, under temporary names; keys and unique constraints on them."""
     n = sql.names
     rows = await conn.fetch(
@@ -346,48 +412,32 @@ async def _build_indexes(conn: asyncpg.Connection, sql: _Sql) -> None:
                            [(f"{n.new_name[:55]}_i{number}", row["name"]) for number, row in enumerate(rows)])
 
 
-async def _changed_since_backup(conn: asyncpg.Connection, sql: _Sql, backup_snapshot: str,
-                                backup_rows: int) -> tuple[int, int]:
-    """Fill rb_batch with the keys whose live row may differ from the backup's (a few more: see
-    written_after; re-syncing an unchanged row changes nothing); (changed, deleted) counts."""
-    n = sql.names
-    await conn.execute(f"INSERT INTO rb_batch SELECT {', '.join(f't.{ident(k)}' for k in sql.key)} FROM {n.live} t "
-                       f"WHERE {written_after(backup_snapshot)}")
-    changed = await conn.fetchval("SELECT count(*) FROM rb_batch")
-    live_rows = await conn.fetchval(f"SELECT count(*) FROM {n.live}")
-    changed_in_backup = await conn.fetchval(f"SELECT count(*) FROM rb_batch b JOIN {n.new} n ON {sql.on('n', 'b')}")
-    # Every unchanged live row is in the backup; what else the backup holds was deleted since.
-    deleted = backup_rows - (live_rows - changed) - changed_in_backup
-    if deleted:
-        await conn.execute(f"INSERT INTO rb_batch SELECT {', '.join(f'n.{ident(k)}' for k in sql.key)} FROM {n.new} n "
-                           f"WHERE NOT EXISTS (SELECT FROM {n.live} t WHERE {sql.on('t', 'n')})")
-    return changed, deleted
-
-
 async def _record_xid(conn: asyncpg.Connection, key: str) -> int:
     # Every transaction that writes rows of the new table: the integrity check recognises them as the rollback's.
     return await conn.fetchval("INSERT INTO rollback_meta.restore_xids (key, xid) VALUES ($1, txid_current()) "
                                "ON CONFLICT (key, xid) DO UPDATE SET xid = excluded.xid RETURNING xid", key)
 
 
-async def _sync_logged(conn: asyncpg.Connection, sql: _Sql, key: str, limit: int | None, xids: list[int]) -> int:
+async def _sync_logged(conn: asyncpg.Connection, sql: RebuildSql, source: RebuildSource, key: str, limit: int | None,
+                       xids: list[int]) -> int:
     row = await conn.fetchrow(sql.take_logged(limit))
     if row["truncated"]:
         raise MigrationError(f"{sql.live.qualified_name} was truncated during the rebuild: rebuild abandoned, "
                              "nothing changed; run the rollback again")
     if row["changes"]:
-        for statement in sql.sync():
+        for statement in source.sync(sql):
             await conn.execute(statement)
         xids.append(await _record_xid(conn, key))
     await conn.execute("TRUNCATE rb_batch")
     return row["changes"]
 
 
-async def _catch_up(conn: asyncpg.Connection, sql: _Sql, key: str, xids: list[int], say: Callable[[str], None]) -> int:
+async def _catch_up(conn: asyncpg.Connection, sql: RebuildSql, source: RebuildSource, key: str, xids: list[int],
+                    say: Callable[[str], None]) -> int:
     total = 0
     for _ in range(CATCH_UP_ROUNDS):
         async with conn.transaction():
-            changes = await _sync_logged(conn, sql, key, CATCH_UP_BATCH, xids)
+            changes = await _sync_logged(conn, sql, source, key, CATCH_UP_BATCH, xids)
         total += changes
         say(f"{sql.live.qualified_name}: caught up with {changes} changes made during the rebuild")
         if changes <= SWAP_BACKLOG:
@@ -395,15 +445,15 @@ async def _catch_up(conn: asyncpg.Connection, sql: _Sql, key: str, xids: list[in
     return total
 
 
-async def _swap(conn: asyncpg.Connection, sql: _Sql, key: str, locks: LockPolicy, counts: dict[str, Any],
-                say: Callable[[str], None]) -> dict[str, Any]:
+async def _swap(conn: asyncpg.Connection, sql: RebuildSql, source: RebuildSource, key: str, locks: LockPolicy,
+                counts: dict[str, Any], say: Callable[[str], None]) -> dict[str, Any]:
     n, live = sql.names, sql.live
     renames = await conn.fetch("SELECT temporary, original FROM rb_index_names")
 
     async def body(c: asyncpg.Connection) -> dict[str, Any]:
         xids = list(counts["xids"])
         await c.execute(f"LOCK TABLE {n.live} IN ACCESS EXCLUSIVE MODE")
-        last = await _sync_logged(c, sql, key, None, xids)  # nobody writes now: the log is complete
+        last = await _sync_logged(c, sql, source, key, None, xids)  # nobody writes now: the log is complete
         facts = await c.fetchrow("SELECT pg_get_userbyid(relowner) AS owner, obj_description(oid, 'pg_class') AS comment, "
                                  "ARRAY(SELECT format('GRANT %s ON %s TO %s%s', a.privilege_type, $2::text, "
                                  "CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(a.grantee)) END, "
@@ -438,18 +488,6 @@ async def _swap(conn: asyncpg.Connection, sql: _Sql, key: str, locks: LockPolicy
         conn, body, lock_timeout_ms=locks.lock_timeout_ms, attempts=locks.attempts,
         what=f"swap of the rebuilt {live.qualified_name}", on_blocked=locks.on_blocked, around_attempt=locks.around_attempt)
     return report
-
-
-async def _counts(conn: asyncpg.Connection, sql: _Sql, backup_rows: int) -> dict[str, Any]:
-    """How the backup's rows ended up, from the keys that were re-synced (rb_vals); run after the rename."""
-    row = await conn.fetchrow(
-        f"SELECT count(*) FILTER (WHERE t.{ident(sql.key[0])} IS NULL) AS missing, "
-        f"count(*) FILTER (WHERE t.{ident(sql.key[0])} IS NOT NULL AND ({', '.join(f't.{ident(c)}' for c in sql.columns)}) "
-        f"IS DISTINCT FROM ({', '.join(f'v.{ident(c)}' for c in sql.columns)})) AS kept "
-        f"FROM rb_vals v LEFT JOIN {sql.names.live} t ON {sql.on('t', 'v')} WHERE v._rb_in_backup")
-    return {"restored": backup_rows - row["missing"] - row["kept"], "missing_in_live": row["missing"],
-            "kept_application_version": row["kept"]}
-
 
 
 async def _clean_up(conn: asyncpg.Connection, names: _Names, locks: LockPolicy, *, key: str, table: str) -> None:

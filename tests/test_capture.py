@@ -138,12 +138,14 @@ async def test_a_script_wrapped_in_begin_and_commit_is_applied_in_our_transactio
         await conn.close()
 
 
-async def test_the_restore_is_three_way_per_column_and_the_application_always_wins(database, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("rebuild", [False, True], ids=["merged", "rebuilt"])
+async def test_the_restore_is_three_way_per_column_and_the_application_always_wins(database, tmp_path, rebuild):  # noqa: F811
     """After the migration the application re-uses a deleted key, writes a rewritten column, writes another
     column of a rewritten row, and deletes a row: its writes stay, everything else the migration did is undone."""
     from rollback.backups import take_backup
-    from rollback.captured_restore import restore_captured
+    from rollback.captured_restore import CapturedRebuild, restore_captured
     from rollback.schema_rollback import revert_schema
+    from rollback.table_rebuild import LockPolicy
 
     dsn = local_dsn(database)
     up = ("DELETE FROM coupons WHERE percent <= 3; UPDATE orders SET amount = 0, note = 'zeroed' WHERE id <= 20; "
@@ -169,8 +171,10 @@ async def test_the_restore_is_three_way_per_column_and_the_application_always_wi
                                      lock_timeout_ms=500, attempts=3)
         await conn.execute("UPDATE customers SET email = 'new@example.com' WHERE id = 5")  # the restored release writes
         assert revert.capture is not None
+        options = CapturedRebuild(min_rows=1, locks=LockPolicy(lock_timeout_ms=500, attempts=3), since_snapshot=None)
         tables = {t.table: t for t in await restore_captured(dsn, capture=revert.capture, target_shape=backup.schema_snapshot,
-                                                            revert_xid=revert.xid, key="k:restore", rows_per_chunk=6)}
+                                                            revert_xid=revert.xid, key="k:restore", rows_per_chunk=6,
+                                                            rebuild=options if rebuild else None)}
         coupons = dict(await conn.fetch("SELECT code, percent FROM coupons"))
         orders = {r["id"]: (r["customer_id"], str(r["amount"]), r["note"]) for r in await conn.fetch("SELECT * FROM orders WHERE id <= 20")}
         emails = dict(await conn.fetch("SELECT id, email FROM customers"))
@@ -186,3 +190,7 @@ async def test_the_restore_is_three_way_per_column_and_the_application_always_wi
     assert (tables["public.orders"].kept_application_version, tables["public.orders"].missing_in_live) == (2, 1)  # rows 1, 2; row 3
     assert emails[5] == "new@example.com" and all(emails[c] == f"c{c}@example.com" for c in emails if c != 5)
     assert all(t.mismatches_after == 0 for t in tables.values())
+    # A rebuild is refused for orders (a foreign key to customers) and coupons is rebuilt; merged otherwise.
+    assert {t.table: t.method for t in tables.values()} == (
+        {"public.coupons": "rebuild", "public.orders": "merge", "public.customers": "merge"} if rebuild
+        else {"public.coupons": "merge", "public.orders": "merge", "public.customers": "merge"})

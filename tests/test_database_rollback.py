@@ -200,9 +200,11 @@ async def as_if_applied_before_captures(dsn: str) -> None:
     await execute(dsn, "UPDATE rollback_meta.migrations SET capture = NULL")
 
 
-async def test_destructive_migration_rolled_back_restores_dropped_data_and_keeps_new_rows(shop, client, task_queue, run_worker):
+@pytest.mark.parametrize("rebuild_min_rows", [None, 1], ids=["merged", "rebuilt"])
+async def test_destructive_migration_rolled_back_restores_dropped_data_and_keeps_new_rows(shop, client, task_queue, run_worker,
+                                                                                          rebuild_min_rows):
     make, dsn = shop
-    config = make(DESTRUCTIVE)
+    config = make(DESTRUCTIVE, rebuild_min_rows=rebuild_min_rows)
     await run_worker(config)
     orch = orchestrator(client, task_queue)
     await migrate(orch, "0001")
@@ -230,7 +232,9 @@ async def test_destructive_migration_rolled_back_restores_dropped_data_and_keeps
     assert "public.coupons captured: 0 restored, 60 deleted rows inserted again" in detail, detail
     assert "public.customers captured: 400 restored" in detail, detail
     assert re.search(r"public.orders captured: 399 restored, .* 1 kept as the application wrote them", detail), detail
-    assert status.reports["database_integrity"]["ok"] is True
+    assert ("table rebuilt" in detail) == (rebuild_min_rows is not None), detail
+    integrity = status.reports["database_integrity"]
+    assert integrity["ok"] is True and all(t["unexplained"] == 0 for t in integrity["tables"].values()), integrity
     await history_without(client, workflow_id, [PLANTED_PASSWORD])
 
 

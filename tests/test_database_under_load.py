@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from rollback.models import Phase
 from tests.helpers import orchestrator
-from tests.pgbench_load import PgbenchLoad
+from rollback.dev.pgbench_load import PgbenchLoad
 from tests.test_database_rollback import fetch, migrate, rollback_database, shop, value  # noqa: F401 - fixture
 from tests.postgres import database  # noqa: F401 - fixture
 
@@ -94,10 +96,13 @@ END;
 """
 
 
-async def test_a_destructive_rollback_under_tpcb_load_loses_nothing(shop, client, task_queue, run_worker, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("rebuild_min_rows", [None, 1], ids=["merged", "rebuilt"])
+async def test_a_destructive_rollback_under_tpcb_load_loses_nothing(shop, client, task_queue, run_worker, tmp_path,  # noqa: F811
+                                                                    rebuild_min_rows):
+    """Also with the accounts table rebuilt (and swapped) while TPC-B keeps updating it."""
     make, dsn = shop
     await run_worker(make((TPCB_SCHEMA, "DROP TABLE pgbench_history, pgbench_accounts, pgbench_tellers, pgbench_branches;"),
-                          TPCB_MIGRATION))
+                          TPCB_MIGRATION, rebuild_min_rows=rebuild_min_rows))
     orch = orchestrator(client, task_queue)
     await migrate(orch, "0002")  # the shop and the pgbench tables
     tellers = dict(await fetch(dsn, "SELECT tid, filler FROM pgbench_tellers"))
@@ -114,6 +119,9 @@ async def test_a_destructive_rollback_under_tpcb_load_loses_nothing(shop, client
     assert await value(dsn, "SELECT count(*) FROM pgbench_accounts") == 20000  # the deleted 10% are back
     assert await value(dsn, "SELECT count(*) FROM pgbench_accounts WHERE filler IS DISTINCT FROM md5(aid::text)") == 0
     assert dict(await fetch(dsn, "SELECT tid, filler FROM pgbench_tellers")) == tellers
+    [restore] = [s for s in status.steps if s.name.startswith("restore data")]
+    assert ("public.pgbench_accounts captured:" in restore.detail
+            and ("table rebuilt" in restore.detail.split("public.pgbench_tellers")[0]) == (rebuild_min_rows is not None)), restore.detail
     # Every balance the application wrote is there: an account it never lost holds exactly its history's deltas.
     wrong = await fetch(dsn, "SELECT a.aid, a.abalance, h.total FROM pgbench_accounts a JOIN (SELECT aid, sum(delta) AS total "
                              "FROM pgbench_history GROUP BY aid) h USING (aid) WHERE a.aid % 10 <> 0 AND a.abalance <> h.total")

@@ -300,7 +300,8 @@ class RollbackWorkflow:
             revert = await self._step(f"revert schema {item['label']}", "database", lambda r=revert_in: self._activity(
                 "database.revert_migration", r, dict, attempts=attempts, long=True))
             restore_in = RestoreInput(environment=environment, key=effect_key("restore", item["revision"]),
-                                      revision=item["revision"], backup_id=item["backup_id"], revert=revert)
+                                      revision=item["revision"], backup_id=item["backup_id"], revert=revert,
+                                      integrity_snapshot=snapshot.pg_snapshot)
             restores.append(await self._step(f"restore data destroyed by {item['label']}", "database", lambda r=restore_in: self._activity(
                 "database.restore_data", r, dict, attempts=attempts, long=True)))
         validate = ValidateDbInput(environment=environment, key=effect_key("validate"), snapshot_label=snapshot.label,
