@@ -37,7 +37,9 @@ from rollback.names import derived_name
 from rollback.pg import ident, qualified, written_after
 from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
 from rollback.schema_rollback import TableRestore, constant_defaults, ensure_bookkeeping, restorable_condition, restore_xids
-from rollback.table_rebuild import LockPolicy, RebuildRefused, RebuildSql, author_of_resynced_rows, rebuild_table
+from rollback.table_rebuild import (
+    LockPolicy, RebuildRefused, RebuildSql, author_of_resynced_rows, rebuild_blockers, rebuild_table,
+)
 
 
 class _Source:
@@ -55,7 +57,6 @@ class _Source:
         self.columns = [] if gone else [
             c.name for c in target.columns if c.name in obj.columns and c.name not in target.primary_key
             and (after or obj.types.get(c.name) == c.type)]
-        keys = ", ".join(ident(k) for k in target.primary_key)
         wanted = ", ".join([*(ident(k) for k in target.primary_key), *(
             f"CAST({ident(c)} AS {target.column(c).type}) AS {ident(c)}" if after else ident(c)  # type: ignore[union-attr]
             for c in self.columns)])
@@ -64,8 +65,9 @@ class _Source:
             where.append(f"_rb_statement = {int(statement)}")
         if gone:
             where.append("_rb_op IN ('d', 't')")
-        self.sql = (f"(SELECT DISTINCT ON ({keys}) {wanted} FROM {archive}"
-                    f"{' WHERE ' + ' AND '.join(where) if where else ''} ORDER BY {keys})")
+        # One image per key: a statement writes a row once, and copies hold a table's rows once (the
+        # fold's primary key would refuse a second).
+        self.sql = f"(SELECT {wanted} FROM {archive}{' WHERE ' + ' AND '.join(where) if where else ''})"
 
 
 async def _statements(conn: asyncpg.Connection, obj: CapturedObject, ops: tuple[str, ...]) -> list[int]:
@@ -100,7 +102,7 @@ async def _after_sources(conn: asyncpg.Connection, captures: list[CapturedObject
     return [_Source(obj, target, statement, f"a{n}", after=True, gone=gone) for n, (statement, obj, gone) in enumerate(found)]
 
 
-def _fold_sql(sources: list[_Source], target: TableShape, into: str) -> str:
+def _fold_sql(sources: list[_Source], target: TableShape, into: str, *, numbered: bool) -> str:
     """CREATE TABLE `into` with, per key, each column's value from the first source (in the order given) that
     has the row, a flag saying whether one had it, and whether that first source says the row was deleted."""
     keys = [ident(k) for k in target.primary_key]
@@ -122,9 +124,9 @@ def _fold_sql(sources: list[_Source], target: TableShape, into: str) -> str:
             columns.append(f"NULL::{target.column(column).type} AS {ident(column)}")  # type: ignore[union-attr]
             columns.append(f"false AS {ident('_rb_has_' + column)}")
     gone = " ".join(f"WHEN {present(s)} THEN {'true' if s.gone else 'false'}" for s in sources)
-    # _rb_n numbers the keys: the restore walks them in chunks.
-    selected = ", ".join([f"row_number() OVER (ORDER BY {', '.join(keys)}) AS _rb_n", *keys, *columns,
-                          f"CASE {gone} END AS _rb_gone"])
+    # _rb_n numbers the keys when the restore walks them in chunks (a rebuild reads them all at once).
+    numbers = [f"row_number() OVER (ORDER BY {', '.join(keys)}) AS _rb_n"] if numbered else ["1 AS _rb_n"]
+    selected = ", ".join([*numbers, *keys, *columns, f"CASE {gone} END AS _rb_gone"])
     return (f"DROP TABLE IF EXISTS {into}; CREATE UNLOGGED TABLE {into} AS SELECT {selected} "
             f"FROM {joined}; ALTER TABLE {into} ADD PRIMARY KEY ({', '.join(keys)})")
 
@@ -202,19 +204,27 @@ class _Plan:
         return (f"UPDATE {self.live} t SET {sets} FROM {self.chunk}{after} "
                 f"WHERE {self.on('t', 'b')} AND ({self.restores_something})")
 
-    def check(self) -> str:
-        """After the chunk: (rows the application deleted since, rows keeping its values, keys it re-used, values
-        that should be back and are not)."""
+    def check(self, *, whole: bool = False) -> str:
+        """After the chunk (or, `whole`, over every row): (rows the application deleted since, rows keeping its
+        values, keys it re-used, rows with values that should be back and are not, rows with values back)."""
         after = f" LEFT JOIN {self.after} a ON {self.on('a', 'b')}" if self.after else ""
         differs = {c: f"(t.{ident(c)} IS DISTINCT FROM b.{ident(c)} AND b.{ident('_rb_has_' + c)})" for c in self.conditions}
         kept = " OR ".join(f"({d} AND NOT coalesce({self.conditions[c]}, false))" for c, d in differs.items()) or "false"
         failed = " OR ".join(f"({d} AND coalesce({self.conditions[c]}, false))" for c, d in differs.items()) or "false"
+        # Back: the value is the before image's, and the migration had taken it (dropped it, or left another).
+        changed = {c: ("true" if "a._rb_gone" not in cond else f"a.{ident(c)} IS DISTINCT FROM b.{ident(c)}")
+                   for c, cond in self.conditions.items()}
+        back = " OR ".join(f"(b.{ident('_rb_has_' + c)} AND t.{ident(c)} IS NOT DISTINCT FROM b.{ident(c)} AND {changed[c]})"
+                           for c in self.conditions) or "false"
+        rows = f"{self.before} b" if whole else self.chunk
         return (f"SELECT count(*) FILTER (WHERE t.{self.key[0]} IS NULL AND NOT ({self.deleted_by_migration})) AS missing, "
                 f"count(*) FILTER (WHERE t.{self.key[0]} IS NOT NULL AND NOT ({self.deleted_by_migration}) AND ({kept})) AS kept, "
                 f"count(*) FILTER (WHERE t.{self.key[0]} IS NOT NULL AND ({self.deleted_by_migration}) "
                 f"AND NOT t.xmin::text::int8 = ANY($3::int8[])) AS reused, "
-                f"count(*) FILTER (WHERE t.{self.key[0]} IS NOT NULL AND ({failed})) AS failed "
-                f"FROM {self.chunk} LEFT JOIN {self.live} t ON {self.on('t', 'b')}{after}")
+                f"count(*) FILTER (WHERE t.{self.key[0]} IS NOT NULL AND ({failed})) AS failed, "
+                f"count(*) FILTER (WHERE t.{self.key[0]} IS NOT NULL AND ({back})) AS back "
+                f"FROM {rows} LEFT JOIN {self.live} t ON {self.on('t', 'b')}{after}"
+                + (" WHERE $1::int8 IS NOT NULL AND $2::int8 IS NOT NULL" if whole else ""))
 
 
 @dataclass(frozen=True)
@@ -240,7 +250,7 @@ class CapturedRows:
     plan: _Plan
     fingerprinted: list[str]
     since_snapshot: str | None
-    restored: int = 0
+    revert_xid: int
     reinserted: int = 0
     key_reused: int = 0
 
@@ -258,8 +268,6 @@ class CapturedRows:
         self.reinserted = int((await conn.execute(
             f"INSERT INTO {n.new} ({_cols(plan.writable)}) SELECT {_cols(plan.writable, 'b.')} FROM {plan.before} b "
             f"WHERE {plan.to_reinsert}")).split()[-1])
-        self.restored = await conn.fetchval(f"SELECT count(*) FROM ONLY {n.live} t {plan.images('t')} "
-                                            f"WHERE {plan.restores_something}")
         self.key_reused = await conn.fetchval(f"SELECT count(*) FROM {plan.before} b WHERE {plan.deleted_by_migration} "
                                               f"AND EXISTS (SELECT FROM ONLY {n.live} t WHERE {plan.on('t', 'b')})")
         ours = "txid_current() % 4294967296"
@@ -269,9 +277,12 @@ class CapturedRows:
             put_back = " OR ".join(f"({plan.conditions[c]} AND t.{ident(c)} IS DISTINCT FROM b.{ident(c)})" for c in fingerprinted)
             await conn.execute(f"INSERT INTO {n.authors} SELECT {', '.join(f't.{k}' for k in plan.key)}, {ours} "
                                f"FROM ONLY {n.live} t {plan.images('t')} WHERE {put_back} ON CONFLICT DO NOTHING")
+        # Rows written after the integrity snapshot: the application's. (Not the revert's: a type change it
+        # undid rewrote every row, which holds the migration's values, cast back, as the snapshot saw them.)
         recent = written_after(self.since_snapshot) if self.since_snapshot else "true"
         await conn.execute(f"INSERT INTO {n.authors} SELECT {', '.join(f't.{k}' for k in plan.key)}, t.xmin::text::int8 "
-                           f"FROM ONLY {n.live} t WHERE {recent} ON CONFLICT DO NOTHING")
+                           f"FROM ONLY {n.live} t WHERE {recent} AND t.xmin::text::int8 <> {int(self.revert_xid) & 0xFFFFFFFF} "
+                           "ON CONFLICT DO NOTHING")
         return rows + self.reinserted
 
     async def after_indexes(self, conn: asyncpg.Connection, sql: RebuildSql, rows: int, say: Callable[[str], None]) -> None:
@@ -296,8 +307,8 @@ class CapturedRows:
         """After the swap, over every captured row (the re-used keys were counted when the copy was built:
         every row of the rebuilt table now carries the rebuild's transaction id)."""
         total = await conn.fetchval(f"SELECT count(*) FROM {self.plan.before}")
-        missing, kept, _, failed = await conn.fetchrow(self.plan.check(), 1, total, [])
-        return {"restored": self.restored, "reinserted": self.reinserted, "missing_in_live": missing,
+        missing, kept, _, failed, restored = await conn.fetchrow(self.plan.check(whole=True), 1, total, [])
+        return {"restored": restored, "reinserted": self.reinserted, "missing_in_live": missing,
                 "kept_application_version": kept, "key_reused": self.key_reused, "mismatches_after": failed}
 
 
@@ -343,12 +354,21 @@ async def _restore_table(conn: asyncpg.Connection, dsn: str, target: TableShape,
                          progress: Callable[[str], None] | None) -> TableRestore:
     name = target.qualified_name
     before = qualified(ARCHIVE_SCHEMA, derived_name(key, name, "before"))
-    await conn.execute(_fold_sql(await _before_sources(conn, objects, target), target, before))
-    await conn.execute(f"CREATE INDEX ON {before} (_rb_n); ANALYZE {before}")
+    # Rebuilt when it puts back at least min_rows rows and nothing forbids it; else merged in chunks.
+    captured_rows = max((o.rows for o in objects if o.kind != "new"), default=0)
+    rebuilding = (rebuild is not None and captured_rows >= rebuild.min_rows
+                  and not await rebuild_blockers(conn, target, trigger=derived_name(key, name, "trigger")))
+    before_sources = await _before_sources(conn, objects, target)
+
+    async def fold_before(numbered: bool) -> None:
+        await conn.execute(_fold_sql(before_sources, target, before, numbered=numbered)
+                           + (f"; CREATE INDEX ON {before} (_rb_n)" if numbered else "") + f"; ANALYZE {before}")
+
+    await fold_before(numbered=not rebuilding)
     after_sources = await _after_sources(conn, objects, target)
     after = qualified(ARCHIVE_SCHEMA, derived_name(key, name, "after")) if after_sources else None
     if after:
-        await conn.execute(_fold_sql(after_sources, target, after) + f"; ANALYZE {after}")
+        await conn.execute(_fold_sql(after_sources, target, after, numbered=False) + f"; ANALYZE {after}")
     flags = await conn.fetch("SELECT attname, attgenerated <> '' AS generated, attidentity = 'a' AS always "
                              "FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
                              qualified(target.schema_name, target.name))
@@ -362,15 +382,17 @@ async def _restore_table(conn: asyncpg.Connection, dsn: str, target: TableShape,
     report = TableRestore(table=name, mode="captured", columns=sorted(plan.conditions), method="merge")
     total = await conn.fetchval(f"SELECT count(*) FROM {before}")
     report.backup_rows = total
-    if rebuild is not None and total >= rebuild.min_rows:
+    if rebuilding:
+        assert rebuild is not None
         # The columns the integrity snapshot fingerprints: the ones with the same type before and after the migration.
         fingerprinted = [c for c in plan.conditions if c not in dropped_columns
                          and not any(o.kind == "retyped" and c in o.columns for o in objects)]
-        source = CapturedRows(plan, fingerprinted=fingerprinted, since_snapshot=rebuild.since_snapshot)
+        source = CapturedRows(plan, fingerprinted=fingerprinted, since_snapshot=rebuild.since_snapshot, revert_xid=revert_xid)
         try:
             counts = await rebuild_table(dsn, source=source, live=target, key=key, locks=rebuild.locks, progress=progress)
-        except RebuildRefused as err:
+        except RebuildRefused as err:  # abandoned before its swap, nothing changed: merge in chunks instead
             report.note = f"{err}: merged in place"
+            await fold_before(numbered=True)
         else:
             report.method = "rebuild"
             for field_name, value in counts.items():
@@ -384,12 +406,12 @@ async def _restore_table(conn: asyncpg.Connection, dsn: str, target: TableShape,
             inserted = await conn.execute(reinsert, low, high)
             report.reinserted += int(inserted.split()[-1])
             if update:
-                updated = await conn.execute(update, low, high)
-                report.restored += int(updated.split()[-1])
+                await conn.execute(update, low, high)
             await conn.execute("INSERT INTO rollback_meta.restore_xids (key, xid) VALUES ($1, txid_current()) "
                                "ON CONFLICT DO NOTHING", key)
             ours = [x & 0xFFFFFFFF for x in await restore_xids(conn, key)]
-            missing, kept, reused, failed = await conn.fetchrow(check, low, high, ours)
+            missing, kept, reused, failed, back = await conn.fetchrow(check, low, high, ours)
+        report.restored += back
         report.missing_in_live += missing
         report.kept_application_version += kept
         report.key_reused += reused
