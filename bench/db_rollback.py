@@ -4,7 +4,8 @@ A pgbench database of scale 70 (7,000,000 accounts, 700 tellers, 70 branches) bu
 value can be checked afterwards: each account's `filler` is md5(aid) and its `abalance` a known
 function of aid, all above the smallint range. Migrations through `DatabaseMigrationWorkflow`
 (backup first, then the migration with its capture): 0001 (baseline) and 0002, which deletes 10%
-of the accounts, drops `filler` and narrows `abalance` to smallint (clamping every value). A pgbench
+of the accounts, drops `filler` and narrows `abalance` to smallint (clamping every value)
+(`--scenario drop-column`: only drops `filler`, issue 4's scenario, for comparison). A pgbench
 TPC-B script (multi-statement transactions: update an account, read it, update a teller and a
 branch, insert history) runs on 4 connections throughout: before the migration, during it and during
 the rollback. Then `RollbackWorkflow` rolls the database back to 0001.
@@ -12,8 +13,9 @@ the rollback. Then `RollbackWorkflow` rolls the database back to 0001.
 Measured in one run:
 - the rollback's wall time against a bare `pg_restore --data-only` of pgbench_accounts from the
   migration's backup into an empty copy of the table (same machine, same run). Target: <= 1.5x;
-- the application's throughput during the rollback against just before it (target: >= 70%), and
-  its p50/p99/max transaction latency in both windows;
+- the application's throughput during the rollback against before the migration (target: >= 70%;
+  between the migration and the rollback it is broken, as a bad release is: the narrowed balances
+  overflow), and its p50/p99/max transaction latency in each window;
 - what is lost: 0 rows and values. Every account is back, every filler is md5(aid), every account
   the application never touched has its original balance, the integrity check (fingerprints
   before and after, in REPEATABLE READ) has no unexplained difference, and the TPC-B invariant
@@ -54,11 +56,17 @@ TARGET_RATIO = 1.5
 TARGET_THROUGHPUT = 0.7
 BASELINE_SECONDS = 20
 ORIGINAL_BALANCE = "(aid::bigint * 7919 % 1000000 + 40000)::int"  # never fits smallint: the migration clamps all
-MIGRATION = ("DELETE FROM pgbench_accounts WHERE aid % 10 = 0;\n"
-             "ALTER TABLE pgbench_accounts DROP COLUMN filler;\n"
-             "ALTER TABLE pgbench_accounts ALTER COLUMN abalance TYPE smallint USING greatest(-32768, least(32767, abalance));\n")
-DOWN = ("ALTER TABLE pgbench_accounts ALTER COLUMN abalance TYPE integer;\n"
-        "ALTER TABLE pgbench_accounts ADD COLUMN filler character(84);\n")
+# (up, down) per scenario: the issue's, and issue 4's single column drop for comparison with its figures.
+SCENARIOS = {
+    "destructive": (
+        "DELETE FROM pgbench_accounts WHERE aid % 10 = 0;\n"
+        "ALTER TABLE pgbench_accounts DROP COLUMN filler;\n"
+        "ALTER TABLE pgbench_accounts ALTER COLUMN abalance TYPE smallint USING greatest(-32768, least(32767, abalance));\n",
+        "ALTER TABLE pgbench_accounts ALTER COLUMN abalance TYPE integer;\n"
+        "ALTER TABLE pgbench_accounts ADD COLUMN filler character(84);\n"),
+    "drop-column": ("ALTER TABLE pgbench_accounts DROP COLUMN filler;\n",
+                    "ALTER TABLE pgbench_accounts ADD COLUMN filler character(84);\n"),
+}
 TPCB = f"""
 \\set aid random(1, {ROWS})
 \\set bid random(1, {SCALE})
@@ -100,13 +108,14 @@ async def create_database() -> str:
     return dsn
 
 
-def write_config(base: Path, chunk_rows: int) -> Path:
+def write_config(base: Path, chunk_rows: int, scenario: str) -> Path:
     migrations = base / "migrations"
     migrations.mkdir()
+    up, down = SCENARIOS[scenario]
     (migrations / "0001_baseline.up.sql").write_text("SELECT 1;")
     (migrations / "0001_baseline.down.sql").write_text("SELECT 1;")
-    (migrations / "0002_prune_and_narrow.up.sql").write_text(MIGRATION)
-    (migrations / "0002_prune_and_narrow.down.sql").write_text(DOWN)
+    (migrations / "0002_bad_release.up.sql").write_text(up)
+    (migrations / "0002_bad_release.down.sql").write_text(down)
     path = base / "rollback.yaml"
     path.write_text(yaml.safe_dump({
         "state_dir": str(base / "state"), "rollback": {"notification_channels": ["log"], "health_check_timeout": 3600},
@@ -164,13 +173,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     setup_seconds = round(time.monotonic() - t0, 1)
     os.environ[DSN_ENV] = dsn
     with tempfile.TemporaryDirectory(prefix="rb-bench-db-") as tmp:
-        config_path = write_config(Path(tmp), args.chunk_rows)
+        config_path = write_config(Path(tmp), args.chunk_rows, args.scenario)
         async with temporal_server() as env, in_process_worker(env.client, config_path) as queue:
             orch = RollbackOrchestrator(client=env.client, settings=TemporalSettings(
                 address="unused", namespace=env.client.namespace, task_queue=queue))
             await orch.migrate(MigrateRequest(environment="bench", to_revision="0001"), on_progress=log)
             with PgbenchLoad(dsn, TPCB, Path(tmp), clients=4) as load:
                 log(f"TPC-B load for {BASELINE_SECONDS} s before the migration")
+                baseline_started = time.monotonic()
                 await asyncio.sleep(BASELINE_SECONDS)  # load, not synchronisation: the baseline window
                 migrate_started = time.monotonic()
                 await orch.migrate(MigrateRequest(environment="bench", to_revision="0002"), on_progress=log)
@@ -193,7 +203,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     if not args.keep:
         await drop(DATABASE)
     seconds = finished_at - started_at
-    before = load_result.window(started_at - BASELINE_SECONDS, started_at)
+    before = load_result.window(baseline_started, migrate_started)
+    broken = load_result.window(migrate_started + migrate_seconds, started_at)
     during = load_result.window(started_at, finished_at)
     ratio = round(seconds / bare, 3)
     throughput = round(during["tps"] / before["tps"], 3) if during["tps"] and before["tps"] else None
@@ -206,20 +217,23 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
          throughput is None or throughput < TARGET_THROUGHPUT),
         ("something was lost (see checks)", not checked["nothing_lost"]),
         (f"integrity: {integrity.get('summary')}", not integrity.get("ok") or unexplained),
-        (f"{load_result.failed} application transactions failed", load_result.failed > 0)) if bad]
+        (f"{during['failed']} application transactions failed during the rollback", bool(during["failed"]))) if bad]
     steps = {s.name: round((s.finished - s.started).total_seconds(), 2) for s in status.steps if s.started and s.finished}
     return {
         "benchmark": "db_rollback",
         "rows": ROWS,
-        "migration": MIGRATION,
+        "scenario": args.scenario,
+        "migration": SCENARIOS[args.scenario][0],
         "rollback_state": status.state.value,
         "error": status.error,
         "rollback_seconds": round(seconds, 2),
         "bare_pg_restore_seconds": round(bare, 2),
         "ratio_to_bare_pg_restore": ratio,
         "target_ratio": TARGET_RATIO,
-        "application_before": before,
+        "application_before_migration": before,
+        "application_between_migration_and_rollback": broken,
         "application_during_rollback": during,
+        "application_errors_sample": load_result.errors[:3],
         "throughput_ratio": throughput,
         "target_throughput_ratio": TARGET_THROUGHPUT,
         "application_transactions": load_result.transactions,
@@ -241,5 +255,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keep", action="store_true", help="keep the benchmark database afterwards")
     parser.add_argument("--chunk-rows", type=int, default=50_000, help="targets.database.restore_chunk_rows (default 50000)")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="destructive",
+                        help="destructive (the default: delete 10%%, drop filler, narrow abalance) or drop-column")
     run_benchmark(main, parser.parse_args(sys.argv[1:]),
-                  lambda a: "db_rollback" + ("" if a.chunk_rows == 50_000 else f".chunk{a.chunk_rows}"))
+                  lambda a: "db_rollback" + ("" if a.scenario == "destructive" else f".{a.scenario}")
+                  + ("" if a.chunk_rows == 50_000 else f".chunk{a.chunk_rows}"))

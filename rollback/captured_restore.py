@@ -127,7 +127,10 @@ def _fold_sql(sources: list[_Source], target: TableShape, into: str, *, numbered
     # _rb_n numbers the keys when the restore walks them in chunks (a rebuild reads them all at once).
     numbers = [f"row_number() OVER (ORDER BY {', '.join(keys)}) AS _rb_n"] if numbered else ["1 AS _rb_n"]
     selected = ", ".join([*numbers, *keys, *columns, f"CASE {gone} END AS _rb_gone"])
-    return (f"DROP TABLE IF EXISTS {into}; CREATE UNLOGGED TABLE {into} AS SELECT {selected} "
+    if len(sources) == 1 and not numbered:
+        # One image and no chunks (a table rebuilt from one drop or type change): read it where it is.
+        return f"CREATE VIEW {into} AS SELECT {selected} FROM {joined}"
+    return (f"CREATE UNLOGGED TABLE {into} AS SELECT {selected} "
             f"FROM {joined}; ALTER TABLE {into} ADD PRIMARY KEY ({', '.join(keys)})")
 
 
@@ -360,15 +363,20 @@ async def _restore_table(conn: asyncpg.Connection, dsn: str, target: TableShape,
                   and not await rebuild_blockers(conn, target, trigger=derived_name(key, name, "trigger")))
     before_sources = await _before_sources(conn, objects, target)
 
+    async def fold(sources: list[_Source], into: str, numbered: bool) -> None:
+        await _drop_folds(conn, into)  # an earlier attempt's
+        sql = _fold_sql(sources, target, into, numbered=numbered)
+        await conn.execute(sql + (f"; CREATE INDEX ON {into} (_rb_n)" if numbered else "")
+                           + ("" if "CREATE VIEW" in sql else f"; ANALYZE {into}"))
+
     async def fold_before(numbered: bool) -> None:
-        await conn.execute(_fold_sql(before_sources, target, before, numbered=numbered)
-                           + (f"; CREATE INDEX ON {before} (_rb_n)" if numbered else "") + f"; ANALYZE {before}")
+        await fold(before_sources, before, numbered)
 
     await fold_before(numbered=not rebuilding)
     after_sources = await _after_sources(conn, objects, target)
     after = qualified(ARCHIVE_SCHEMA, derived_name(key, name, "after")) if after_sources else None
     if after:
-        await conn.execute(_fold_sql(after_sources, target, after, numbered=False) + f"; ANALYZE {after}")
+        await fold(after_sources, after, numbered=False)
     flags = await conn.fetch("SELECT attname, attgenerated <> '' AS generated, attidentity = 'a' AS always "
                              "FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
                              qualified(target.schema_name, target.name))
@@ -397,7 +405,7 @@ async def _restore_table(conn: asyncpg.Connection, dsn: str, target: TableShape,
             report.method = "rebuild"
             for field_name, value in counts.items():
                 setattr(report, field_name, value)
-            await conn.execute(f"DROP TABLE IF EXISTS {before}" + (f"; DROP TABLE IF EXISTS {after}" if after else ""))
+            await _drop_folds(conn, before, after)
             return report
     reinsert, update, check = plan.reinsert(any(r["always"] for r in flags)), plan.update(), plan.check()
     for low in range(1, total + 1, rows_per_chunk):
@@ -418,5 +426,12 @@ async def _restore_table(conn: asyncpg.Connection, dsn: str, target: TableShape,
         report.mismatches_after += failed
         if progress:
             progress(f"{name}: {min(high, total)} of {total} captured rows restored")
-    await conn.execute(f"DROP TABLE IF EXISTS {before}" + (f"; DROP TABLE IF EXISTS {after}" if after else ""))
+    await _drop_folds(conn, before, after)
     return report
+
+
+async def _drop_folds(conn: asyncpg.Connection, *folds: str | None) -> None:
+    for fold in filter(None, folds):
+        kind = await conn.fetchval("SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)", fold)
+        if kind is not None:
+            await conn.execute(f"DROP {'VIEW' if kind == 'v' else 'TABLE'} {fold}")

@@ -357,12 +357,13 @@ class DatabaseTarget(_Strict):
     lock_timeout_ms: int = Field(default=2000, ge=10, le=60000, description="how long any DDL statement may wait for its lock")
     lock_attempts: int = Field(default=20, ge=1, le=1000, description="attempts of a DDL transaction that timed out on a lock, with jittered pauses")
     terminate_blockers: bool = Field(default=False, description="after half the attempts, terminate the sessions blocking the DDL")
-    restore_chunk_rows: int = Field(default=50_000, ge=100, description="rows per merge transaction when restoring from a backup")
+    restore_chunk_rows: int = Field(default=50_000, ge=100, description="rows per merge transaction when restoring in place")
     restore_workers: int = Field(default=2, ge=1, le=16, description="connections merging restored data in parallel")
     rebuild_min_rows: int | None = Field(
         default=1_000_000, ge=1,
-        description="restore a dropped column of a table with at least this many rows by rebuilding the table "
-                    "(bulk copy + short swap) instead of updating every row; null: always update in place")
+        description="a restore that puts back at least this many rows of a table (or, from a backup, a dropped column "
+                    "of a table this big) rebuilds it (bulk copy + short swap) instead of updating every row; "
+                    "null: always update in place")
     allow_concurrent_deletes: bool = Field(default=False, description="integrity check: rows deleted during the rollback are the application's, not a loss")
     pgbouncer: PgBouncerSettings | None = Field(default=None, description="PAUSE this pool around each DDL transaction")
     pitr: PitrConfig | None = None
