@@ -17,6 +17,7 @@ bench: bootstrap
 	.venv/bin/python bench/monitor_scale.py
 	.venv/bin/python bench/backup_throughput.py
 	.venv/bin/python bench/integrity_speed.py
+	.venv/bin/python bench/migration_capture.py
 	.venv/bin/python bench/db_rollback.py
 
 clean:
