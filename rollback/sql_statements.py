@@ -72,9 +72,14 @@ def _keep(statements: list[str], text: str) -> None:
 
 def _meaningful(text: str) -> bool:
     """Anything but blanks and comments."""
+    return _past_blanks(text, parens=False) < len(text)
+
+
+def _past_blanks(text: str, *, parens: bool) -> int:
+    """The index of the first character that is not white space, a comment (or, `parens`, an opening parenthesis)."""
     i, n = 0, len(text)
     while i < n:
-        if text[i].isspace():
+        if text[i].isspace() or (parens and text[i] == "("):
             i += 1
         elif text.startswith("--", i):
             end = text.find("\n", i)
@@ -82,8 +87,8 @@ def _meaningful(text: str) -> bool:
         elif text.startswith("/*", i):
             i = _block_comment_end(text, i)
         else:
-            return True
-    return False
+            return i
+    return n
 
 
 def _block_comment_end(sql: str, i: int) -> int:
@@ -121,16 +126,5 @@ def _quoted_end(sql: str, i: int, quote: str, *, backslash: bool) -> int:
 
 def first_keyword(statement: str) -> str:
     """The statement's first word, upper-cased, past comments and opening parentheses ('' if none)."""
-    i, n = 0, len(statement)
-    while i < n:
-        if statement[i].isspace() or statement[i] == "(":
-            i += 1
-        elif statement.startswith("--", i):
-            end = statement.find("\n", i)
-            i = n if end < 0 else end + 1
-        elif statement.startswith("/*", i):
-            i = _block_comment_end(statement, i)
-        else:
-            match = _WORD.match(statement, i)
-            return match.group(0).upper() if match else ""
-    return ""
+    match = _WORD.match(statement, _past_blanks(statement, parens=True))
+    return match.group(0).upper() if match else ""
