@@ -67,6 +67,13 @@ async def quote_literal(conn: asyncpg.Connection, text: str | None) -> str:
     return await conn.fetchval("SELECT quote_nullable($1::text)", text)
 
 
+# Sessions that join, fold and index whole tables (the restore of captured images, a table rebuild):
+# with the default 4 MB a hash join of two 7M-row images splits into ~100 batches written to
+# temporary files, and a primary key on 7M rows sorts on disk; JIT compilation costs seconds on
+# these one-off statements and buys nothing. One such session runs per rollback.
+BULK_SESSION_SETTINGS = {"work_mem": "256MB", "maintenance_work_mem": "512MB", "jit": "off"}
+
+
 async def connect(dsn: str, *, timeout: float = 10, application_name: str = "rollback") -> asyncpg.Connection:
     return await asyncpg.connect(dsn, timeout=timeout, server_settings={"application_name": application_name})
 

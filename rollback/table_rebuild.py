@@ -51,7 +51,7 @@ import asyncpg
 from rollback.backups import TableCopy
 from rollback.migrations import AttemptWrapper, MigrationError, in_transaction_with_lock_timeout
 from rollback.names import derived_name
-from rollback.pg import ident, qualified, quote_literal, written_after
+from rollback.pg import BULK_SESSION_SETTINGS, ident, qualified, quote_literal, written_after
 from rollback.pgschema import TableShape
 
 ARCHIVE_SCHEMA = "rollback_archive"
@@ -317,7 +317,8 @@ async def rebuild_table(dsn: str, *, source: RebuildSource, live: TableShape, ke
     """
     names = _Names.of(key, live)
     say = progress or (lambda _: None)
-    conn = await asyncpg.connect(dsn, timeout=10, server_settings={"application_name": "rollback-rebuild"})
+    conn = await asyncpg.connect(dsn, timeout=10, server_settings={"application_name": "rollback-rebuild",
+                                                                    **BULK_SESSION_SETTINGS})
     try:
         done = await conn.fetchval("SELECT report FROM rollback_meta.rebuilds WHERE key = $1 AND table_name = $2",
                                    key, live.qualified_name)
@@ -362,8 +363,7 @@ async def _build(conn: asyncpg.Connection, sql: RebuildSql, source: RebuildSourc
     async with conn.transaction(isolation="repeatable_read"):
         # The first query fixes the snapshot S that the new table is built from.
         await conn.fetchval("SELECT pg_current_snapshot()")
-        await conn.execute("SET LOCAL maintenance_work_mem = '512MB'; SET LOCAL work_mem = '256MB'; "
-                           "SET LOCAL jit = off; SET LOCAL synchronous_commit = off")
+        await conn.execute("SET LOCAL synchronous_commit = off")
         await conn.execute(f"DELETE FROM {n.log}")  # changes S already sees
         await conn.execute(f"DROP TABLE IF EXISTS {n.authors}; CREATE TABLE {n.authors} ({sql.key_defs}, "
                            f"source_xmin int8 NOT NULL, PRIMARY KEY ({sql.key_cols}))")
