@@ -35,7 +35,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter  # noqa: E402
 from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 from rollback.config import ConfigSource  # noqa: E402
-from rollback.dev.stack import BackendStack, free_port, temporal_binary  # noqa: E402
+from rollback.dev.stack import BackendStack, temporal_binary  # noqa: E402
+from rollback.ports import free_port
 from rollback.settings import SEARCH_ATTRIBUTES  # noqa: E402
 from worker import build_worker  # noqa: E402
 

@@ -28,8 +28,8 @@ from zoneinfo import ZoneInfo
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from rollback.dev.stack import free_port
 from rollback.pg import connect, database_name, ident, quote_literal, with_database
+from rollback.ports import free_port
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 # Marks a database copy_database is building, so a retry may drop it but never someone else's.

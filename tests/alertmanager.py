@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from rollback.dev.stack import free_port
+from rollback.ports import free_port
 
 BINARY = "/usr/bin/prometheus-alertmanager"
 READY_TIMEOUT = 20.0

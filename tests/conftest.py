@@ -15,7 +15,8 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from rollback.config import ConfigSource
-from rollback.dev.stack import BackendStack, free_port, temporal_binary
+from rollback.dev.stack import BackendStack, temporal_binary
+from rollback.ports import free_port
 from rollback.settings import SEARCH_ATTRIBUTES
 
 from worker import build_worker

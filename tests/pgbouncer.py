@@ -30,7 +30,7 @@ from urllib.parse import quote, urlsplit
 import pytest
 import pytest_asyncio
 
-from rollback.dev.stack import free_port
+from rollback.ports import free_port
 from rollback.pg import local_dsn
 from rollback.pgbouncer import PgBouncerError, PgBouncerSettings, is_paused
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from rollback.dev.stack import free_port
+from rollback.ports import free_port
 from rollback.pitr import DEFAULT_PG_BIN
 
 

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from rollback.dev.stack import free_port
+from rollback.ports import free_port
 
 PROMETHEUS_BINARY = "/usr/bin/prometheus"
 READY_DEADLINE_SECONDS = 30

@@ -31,7 +31,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from rollback.api import ApiSettings, SettingsError, create_app
 from rollback.config import ConfigSource
-from rollback.dev.stack import free_port
+from rollback.ports import free_port
 from rollback.models import Phase
 from rollback.monitoring import TriggerRequest
 from rollback.settings import SA_TRIGGER

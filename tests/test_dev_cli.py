@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from rollback.dev.stack import free_port
+from rollback.ports import free_port
 from tests.postgres import drop_database
 
 ROLLBACK = str(Path(sys.executable).parent / "rollback")

@@ -15,7 +15,8 @@ import pytest
 
 from rollback.config import load_config
 from rollback.dev import instances
-from rollback.dev.stack import BackendStack, DevStack, free_port
+from rollback.dev.stack import BackendStack, DevStack
+from rollback.ports import free_port
 from rollback.state import StateStore
 
 

@@ -26,7 +26,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,6 +38,7 @@ from typing import Any
 import httpx
 
 from rollback.demo_app import FAULTS, parse_fault
+from rollback.ports import port_is_free
 
 HTTP_TIMEOUT_SECONDS = 2.0
 START_DEADLINE_SECONDS = 15.0
@@ -304,17 +304,6 @@ def wait_until(predicate: Callable[[], bool], deadline_seconds: float, interval:
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
-
-
-def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        # Same option the servers use, so a port in TIME_WAIT after a stop counts as free.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def log_tail(path: Path, lines: int = 5) -> str:

@@ -19,7 +19,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
-import random
 import shutil
 import secrets
 import signal
@@ -37,6 +36,7 @@ import yaml
 from rollback.config import AppConfig
 from rollback.dev import instances as inst
 from rollback.nginx import NginxRouter, UpstreamServer
+from rollback.ports import port_is_free
 from rollback.settings import TemporalSettings, search_attribute_args
 from rollback.state import StateStore, TargetVersions
 
@@ -242,7 +242,7 @@ http {{
             _run_command(router.reload_command, "nginx reload")
             self.log(f"nginx already running on {self.front_url} (pid {self.nginx_pid()})")
         else:
-            if not inst.port_is_free(self.nginx_port):
+            if not port_is_free(self.nginx_port):
                 raise StackError(f"nginx port {self.nginx_port} is in use by another process")
             # nginx daemonizes: the command returns once the master is forked.
             _run_command(tuple(self._nginx_args()), "nginx start")
@@ -510,26 +510,6 @@ class DevPorts:
         )
 
 
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nobody listens on right now, below the kernel's ephemeral range, never the same twice
-    in one process. (A port the OS picks for bind(0) comes from the ephemeral range, which is also
-    where outgoing connections take their local ports: one could take it before our server binds.)"""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    candidates = range(max(1024, low - 12000), low)
-    for _ in range(500):
-        port = random.choice(candidates)
-        if port not in _handed_out and inst.port_is_free(port):
-            _handed_out.add(port)
-            return port
-    raise StackError(f"no free port between {candidates.start} and {candidates.stop - 1}")
-
-
 def temporal_binary() -> str:
     beside = Path(sys.executable).parent / "temporal"
     found = str(beside) if beside.exists() else shutil.which("temporal")
@@ -761,7 +741,7 @@ class DevStack:
             process = None
         else:
             for port in (self.ports.temporal, self.ports.ui):
-                if not inst.port_is_free(port):
+                if not port_is_free(port):
                     raise StackError(f"port {port} is in use by another process (set ROLLBACK_DEV_TEMPORAL_PORT / ROLLBACK_DEV_UI_PORT)")
             command = [
                 temporal_binary(), "server", "start-dev",
