@@ -35,7 +35,6 @@ from typing import Literal
 import asyncpg
 from pydantic import BaseModel, Field, field_validator
 
-from activities.heartbeat import heartbeating
 from rollback.pg import ident, qualified
 
 ARCHIVE_SCHEMA = "rollback_archive"
@@ -390,24 +389,23 @@ async def take_snapshot(conn: asyncpg.Connection, specs: Sequence[TableSpec], *,
     if not 1 <= buckets <= 1_000_000:
         raise ValueError(f"buckets must be between 1 and 1000000, not {buckets}")
     started = time.monotonic()
-    async with heartbeating(f"integrity snapshot {label}"):
-        if keep_rows or store:
-            # Outside the snapshot transaction: a schema created there would be invisible to others until commit.
-            await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ident(ARCHIVE_SCHEMA)}; {_STORE_DDL}", timeout=timeout)
-        async with conn.transaction(isolation="repeatable_read", readonly=not (keep_rows or store)):
-            await _set_local(conn, timeout=timeout)
-            # The first query fixes the transaction's snapshot: everything below sees exactly this.
-            pg_snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text", timeout=timeout)
-            tables = {}
-            for spec in specs:
-                h = await _hashes(conn, spec, buckets, timeout=timeout)
-                kept = kept_rows_table(label, spec.table) if keep_rows and spec.key else None
-                tables[spec.table] = await _fingerprint_table(conn, spec, h, kept=kept, timeout=timeout)
-            taken = Snapshot(label=label, taken_at=datetime.now(timezone.utc), pg_snapshot=pg_snapshot, buckets=buckets,
-                             tables=tables, seconds=round(time.monotonic() - started, 3))
-            if store:
-                await conn.execute("INSERT INTO rollback_meta.integrity_snapshots (label, snapshot) VALUES ($1, $2)",
-                                   label, taken.model_dump_json(), timeout=timeout)
+    if keep_rows or store:
+        # Outside the snapshot transaction: a schema created there would be invisible to others until commit.
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ident(ARCHIVE_SCHEMA)}; {_STORE_DDL}", timeout=timeout)
+    async with conn.transaction(isolation="repeatable_read", readonly=not (keep_rows or store)):
+        await _set_local(conn, timeout=timeout)
+        # The first query fixes the transaction's snapshot: everything below sees exactly this.
+        pg_snapshot = await conn.fetchval("SELECT pg_current_snapshot()::text", timeout=timeout)
+        tables = {}
+        for spec in specs:
+            h = await _hashes(conn, spec, buckets, timeout=timeout)
+            kept = kept_rows_table(label, spec.table) if keep_rows and spec.key else None
+            tables[spec.table] = await _fingerprint_table(conn, spec, h, kept=kept, timeout=timeout)
+        taken = Snapshot(label=label, taken_at=datetime.now(timezone.utc), pg_snapshot=pg_snapshot, buckets=buckets,
+                         tables=tables, seconds=round(time.monotonic() - started, 3))
+        if store:
+            await conn.execute("INSERT INTO rollback_meta.integrity_snapshots (label, snapshot) VALUES ($1, $2)",
+                               label, taken.model_dump_json(), timeout=timeout)
     return taken
 
 
@@ -835,41 +833,40 @@ async def compare(conn: asyncpg.Connection, before: Snapshot, specs: Sequence[Ta
     reports: dict[str, TableReport] = {}
     differences: list[Difference] = []
     notes: list[str] = []
-    async with heartbeating(f"integrity compare {before.label}"):
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            await _set_local(conn, timeout=timeout)
-            after_xmax = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8",
-                                             timeout=timeout)
-            # $1..$7 of the drill-down queries (the differing buckets, $4, are passed per table).
-            params = [before.pg_snapshot, rollback32, expected32, after_xmax, allow_concurrent_writes, allow_deletes]
-            for spec in specs:
-                taken = before.tables[spec.table]
-                h = await _hashes(conn, spec, before.buckets, timeout=timeout)
-                if rebuilt and spec.table in rebuilt and spec.key:
-                    h = h.model_copy(update={"rebuilt": rebuilt[spec.table]})
-                if spec.key and taken.kept_rows:
-                    quick = await _recent_differences(conn, spec, h, taken, params, rules, timeout=timeout)
-                    if quick is not None:
-                        reports[spec.table], found = quick
-                        differences += found[:limit]
-                        continue
-                after = await _fingerprint_table(conn, spec, h, kept=None, timeout=timeout)
-                buckets = _differing(taken, after)
-                report = TableReport(table=spec.table, rows_before=taken.rows, rows_after=after.rows,
-                                     differing_buckets=len(buckets), keyed=bool(spec.key and taken.kept_rows))
-                reports[spec.table] = report
-                if not buckets:
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        await _set_local(conn, timeout=timeout)
+        after_xmax = await conn.fetchval("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::int8",
+                                         timeout=timeout)
+        # $1..$7 of the drill-down queries (the differing buckets, $4, are passed per table).
+        params = [before.pg_snapshot, rollback32, expected32, after_xmax, allow_concurrent_writes, allow_deletes]
+        for spec in specs:
+            taken = before.tables[spec.table]
+            h = await _hashes(conn, spec, before.buckets, timeout=timeout)
+            if rebuilt and spec.table in rebuilt and spec.key:
+                h = h.model_copy(update={"rebuilt": rebuilt[spec.table]})
+            if spec.key and taken.kept_rows:
+                quick = await _recent_differences(conn, spec, h, taken, params, rules, timeout=timeout)
+                if quick is not None:
+                    reports[spec.table], found = quick
+                    differences += found[:limit]
                     continue
-                if report.keyed:
-                    assert taken.kept_rows is not None
-                    differences += await _keyed_differences(conn, spec, h, taken.kept_rows, buckets, params, report,
-                                                            rules, limit=limit, timeout=timeout,
-                                                            every_bucket=len(buckets) > before.buckets // 2)
-                else:
-                    notes.append(f"{spec.table}: " + ("no primary key" if not spec.key else "no kept rows")
-                                 + ", so differences are named by bucket, not by primary key")
-                    differences += await _bucket_differences(conn, spec, h, taken, buckets, params, report, rules,
-                                                             timeout=timeout)
+            after = await _fingerprint_table(conn, spec, h, kept=None, timeout=timeout)
+            buckets = _differing(taken, after)
+            report = TableReport(table=spec.table, rows_before=taken.rows, rows_after=after.rows,
+                                 differing_buckets=len(buckets), keyed=bool(spec.key and taken.kept_rows))
+            reports[spec.table] = report
+            if not buckets:
+                continue
+            if report.keyed:
+                assert taken.kept_rows is not None
+                differences += await _keyed_differences(conn, spec, h, taken.kept_rows, buckets, params, report,
+                                                        rules, limit=limit, timeout=timeout,
+                                                        every_bucket=len(buckets) > before.buckets // 2)
+            else:
+                notes.append(f"{spec.table}: " + ("no primary key" if not spec.key else "no kept rows")
+                             + ", so differences are named by bucket, not by primary key")
+                differences += await _bucket_differences(conn, spec, h, taken, buckets, params, report, rules,
+                                                         timeout=timeout)
     differences.sort(key=lambda d: -_SEVERITY[d.cause])
     total = sum(r.missing + r.inserted + r.changed for r in reports.values())
     ok = all(r.unexplained == 0 for r in reports.values())
