@@ -23,6 +23,7 @@ import asyncpg
 from pydantic import BaseModel, Field
 
 from rollback.capture import Capture, CaptureError, MigrationCapture
+from rollback.migration_model import Migration, MigrationError
 from rollback.pgschema import snapshot
 
 FILE_NAME = re.compile(r"^(?P<revision>\d{1,12})_(?P<name>[A-Za-z0-9_-]+)\.(?P<direction>up|down)\.sql$")
@@ -40,22 +41,6 @@ CREATE TABLE IF NOT EXISTS rollback_meta.migrations (
 ALTER TABLE rollback_meta.migrations ADD COLUMN IF NOT EXISTS shape_after jsonb;
 ALTER TABLE rollback_meta.migrations ADD COLUMN IF NOT EXISTS capture jsonb;
 """
-
-
-class MigrationError(RuntimeError):
-    """A migration could not be found, read or applied; the message says which and why."""
-
-
-class Migration(BaseModel):
-    revision: str
-    name: str
-    up_sql: str
-    down_sql: str | None = None
-    checksum: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.revision}_{self.name}"
 
 
 class AppliedMigration(BaseModel):
