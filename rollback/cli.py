@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
+from importlib.metadata import entry_points
 from typing import Optional
 
 import typer
@@ -37,8 +38,6 @@ _TARGETS_HELP = (f"{', '.join(CONFIGURABLE_TARGETS)} or full (repeatable)"
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help=f"Durable rollbacks of {' and '.join(CONFIGURABLE_TARGETS)}"
                        + "".join(f" ({name} is not available yet)" for name in NOT_YET_AVAILABLE) + ".")
-dev_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The local demo stack.")
-app.add_typer(dev_app, name="dev")
 monitor_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous health monitoring.")
 app.add_typer(monitor_app, name="monitor")
 db_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Database migrations and backups.")
@@ -117,7 +116,7 @@ def _checked_targets(targets: list[str]) -> list[str]:
     return targets
 
 
-def _checked_version(version: str, option: str = "--version") -> str:
+def checked_version(version: str, option: str = "--version") -> str:
     problem = version_problem(version)
     if problem is not None:
         raise ValueError(f"{option}: {problem}")
@@ -379,7 +378,7 @@ def record_deploy(environment: str = typer.Option(..., "--environment", "-e"), t
     """Record a release your pipeline deployed: it becomes current, the previous one known-good."""
 
     async def action() -> int:
-        _checked_version(version)
+        checked_version(version)
         config = load_config(config_path())
         if environment not in config.environments:
             raise RollbackError(f"unknown environment {environment!r}; configured: {', '.join(sorted(config.environments))}")
@@ -544,46 +543,6 @@ def db_schedule_retention() -> None:
     run(action)
 
 
-# -- the local demo stack ------------------------------------------------------
-
-@dev_app.command("up")
-def dev_up() -> None:
-    """Start Temporal, nginx, the blue and green demo backends and a worker (idempotent)."""
-    from rollback.dev.stack import DevStack
-
-    async def action() -> int:
-        await asyncio.to_thread(DevStack().up)
-        return 0
-
-    run(action)
-
-
-@dev_app.command("down")
-def dev_down() -> None:
-    """Stop everything `dev up` started."""
-    from rollback.dev.stack import DevStack
-
-    async def action() -> int:
-        await asyncio.to_thread(DevStack().down)
-        return 0
-
-    run(action)
-
-
-@dev_app.command("deploy")
-def dev_deploy(target: str = typer.Option(..., "--target"), version: str = typer.Option(..., "--version"),
-               fault: str = typer.Option("none", "--fault", help="none, errors or latency")) -> None:
-    """Deploy a release to the demo stack the way a pipeline would (records it, switches traffic)."""
-    from rollback.dev.stack import DevStack
-
-    async def action() -> int:
-        _checked_version(version)  # before the stack is touched: it becomes instance arguments
-        await asyncio.to_thread(DevStack().deploy, target, version, fault)
-        return 0
-
-    run(action)
-
-
 @app.command()
 def serve(host: str = typer.Option("127.0.0.1", "--host", envvar="ROLLBACK_API_HOST"),
           port: int = typer.Option(8400, "--port", min=1, max=65535, envvar="ROLLBACK_API_PORT")) -> None:
@@ -609,10 +568,18 @@ def serve(host: str = typer.Option("127.0.0.1", "--host", envvar="ROLLBACK_API_H
     run(action)
 
 
+def _add_command_groups_of_other_packages() -> None:
+    """Command groups registered under the `rollback.cli` entry point (the demo stack's `dev`): the
+    product never imports the demo stack; the stack adds itself where it is installed."""
+    for entry in entry_points(group="rollback.cli"):
+        app.add_typer(entry.load(), name=entry.name)
+
+
 def main() -> None:
     # Typer's standalone mode prints usage errors as one short block and exits 2;
     # commands themselves leave through _exit (see the module docstring).
     try:
+        _add_command_groups_of_other_packages()
         app()
     except SystemExit as done:
         _exit(done.code if isinstance(done.code, int) else 1)
