@@ -8,6 +8,8 @@ demo: bootstrap
 	.venv/bin/python scripts/demo.py
 
 test: bootstrap
+	.venv/bin/ruff check rollback activities workflows worker.py tests bench scripts
+	.venv/bin/mypy
 	.venv/bin/python -m pytest -q
 
 bench: bootstrap

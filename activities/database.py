@@ -199,7 +199,7 @@ class DatabaseRollback:
         label = f"restore point {restore_point}" if restore_point else f"time {target_time}"
         return TargetPlan(
             target=RollbackTarget.DATABASE, strategy="pitr", from_version=current, to_version=to,
-            steps=[f"recover {oldest.database} to {label} into a new database and swap it in"],
+            steps=[f"recover {database_name(self.dsn(target))} to {label} into a new database and swap it in"],
             checks=["recovered database is at the known-good revision"],
             params={"restore_point": restore_point, "target_time": target_time, "approval_required": True}, evidence=evidence)
 
@@ -210,7 +210,7 @@ class DatabaseRollback:
         target = self.target(inp.environment)
         async with heartbeating(f"backup {inp.backup_id}"):
             try:
-                manifest = await take_backup(dsn=self.dsn(target), root=target.backup_dir, backup_id=inp.backup_id,
+                manifest = await take_backup(dsn=self.dsn(target), root=self.catalog(target).root, backup_id=inp.backup_id,
                                              environment=inp.environment, revision=inp.revision,
                                              next_revision=inp.next_revision, jobs=target.backup_jobs)
             except BackupCorrupt as err:

@@ -18,6 +18,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -114,7 +115,7 @@ class HealthMonitor:
                 for name, metric in prometheus.items():
                     window = inp.prometheus_windows.get(name, DEFAULT_PROMETHEUS_WINDOW_SECONDS)
                     jobs.append(self._guard(list((name,)), monitoring.prometheus.timeout_seconds, collection,
-                                            lambda n=name, m=metric, w=window: self._prometheus(monitoring.prometheus, n, m, w)))
+                                            partial(self._prometheus, monitoring.prometheus, name, metric, window)))
             if monitoring.postgres is not None:
                 pg = monitoring.postgres
                 jobs.append(self._guard(list(POSTGRES_GAUGES), pg.timeout_seconds, collection, lambda: self._postgres(pg)))
@@ -122,7 +123,7 @@ class HealthMonitor:
                 jobs.append(self._guard(list(HOST_GAUGES), 2.0, collection, self._host))
             for dependency in monitoring.dependencies:
                 jobs.append(self._guard(list(dependency_gauges(dependency.name)), dependency.timeout_seconds, collection,
-                                        lambda d=dependency: self._dependency(d)))
+                                        partial(self._dependency, dependency)))
             await asyncio.gather(*jobs)
         return collection
 

@@ -36,7 +36,7 @@ from temporalio.testing import WorkflowEnvironment  # noqa: E402
 
 from rollback.config import ConfigSource  # noqa: E402
 from rollback.dev.stack import BackendStack, temporal_binary  # noqa: E402
-from rollback.ports import free_port
+from rollback.ports import free_port  # noqa: E402
 from rollback.settings import SEARCH_ATTRIBUTES  # noqa: E402
 from worker import build_worker  # noqa: E402
 

@@ -22,7 +22,6 @@ whole cost shows). The checks: the captured run archived exactly 1,000,000 old r
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import subprocess
 import sys

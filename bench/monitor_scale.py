@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -331,7 +332,7 @@ async def measure(args: argparse.Namespace, base: Path) -> dict[str, Any]:
                 worker_idle_cpu = cpu_seconds(worker.pid)
                 t_start = time.monotonic()
                 outcomes = await bounded(args.start_concurrency, [lambda n=n: orch.start_monitor(n) for n in names])
-                start_errors = [f"{n}: {o}" for n, o in zip(names, outcomes) if isinstance(o, Exception)]
+                start_errors = [f"{n}: {o}" for n, o in zip(names, outcomes, strict=True) if isinstance(o, Exception)]
                 start_seconds = round(time.monotonic() - t_start, 2)
                 log(f"started {len(names) - len(start_errors)} monitors in {start_seconds}s; warm-up {args.warmup}s")
                 await asyncio.sleep(args.warmup)
@@ -395,7 +396,7 @@ async def measure(args: argparse.Namespace, base: Path) -> dict[str, Any]:
     gaps = []
     for h in analysed:
         times = sorted(h["collect_times"])
-        gaps += [b - a for a, b in zip(times, times[1:]) if w0 <= b < w1]
+        gaps += [b - a for a, b in itertools.pairwise(times) if w0 <= b < w1]
     late = [g for g in gaps if g > LATE_FACTOR * args.interval]
     # How bunched the collections are: monitors started together stay together.
     per_second: dict[int, int] = {}

@@ -164,7 +164,7 @@ def _dump_files(directory: Path) -> list[Path]:
 def _describe_files(directory: Path) -> list[BackupFile]:
     paths = _dump_files(directory)
     digests = _hash_all(paths)
-    return [BackupFile(name=p.name, size=p.stat().st_size, sha256=d) for p, d in zip(paths, digests)]
+    return [BackupFile(name=p.name, size=p.stat().st_size, sha256=d) for p, d in zip(paths, digests, strict=True)]
 
 
 def _read_manifest(path: Path) -> BackupManifest:
@@ -191,7 +191,7 @@ def _check_files(path: Path, manifest: BackupManifest) -> None:
         if size != f.size:
             raise BackupCorrupt(f"backup {path}: file {f.name} is {size} bytes, the manifest says {f.size}")
     names = [f.name for f in manifest.files]
-    for name, actual in zip(names, _hash_all([path / n for n in names])):
+    for name, actual in zip(names, _hash_all([path / n for n in names]), strict=True):
         if actual != expected[name].sha256:
             raise BackupCorrupt(f"backup {path}: file {name} has sha256 {actual}, "
                                 f"the manifest expects {expected[name].sha256}")

@@ -14,10 +14,10 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime, timezone
 from importlib.metadata import entry_points
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from pydantic import ValidationError
@@ -83,7 +83,7 @@ def _fail(message: str) -> None:
     _exit(1)
 
 
-def run(action: Callable[[], Awaitable[int | None]]) -> None:
+def run(action: Callable[[], Coroutine[Any, Any, int | None]]) -> None:
     """Run an async command; turn every expected failure into one line and an exit code."""
     try:
         code = asyncio.run(action())

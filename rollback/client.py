@@ -328,8 +328,9 @@ class RollbackOrchestrator:
 
 
 def _innermost(err: BaseException) -> str:
-    while getattr(err, "cause", None) is not None:
-        err = err.cause  # type: ignore[assignment]
+    cause: BaseException | None = err
+    while cause is not None:  # Temporal's failures chain through `cause`
+        err, cause = cause, getattr(cause, "cause", None)
     return str(err)
 
 

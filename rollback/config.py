@@ -262,11 +262,11 @@ class Monitoring(_Strict):
             if duplicates:
                 raise ValueError(f"{field}: duplicate name(s) {', '.join(duplicates)}")
         probes = [p.name for p in self.probes]
-        for name, metric in self.metrics.items():
-            if metric.source == "probe" and metric.probe not in probes:
-                raise ValueError(f"metrics.{name}.probe: probe {metric.probe!r} is not configured "
+        for name, definition in self.metrics.items():
+            if definition.source == "probe" and definition.probe not in probes:
+                raise ValueError(f"metrics.{name}.probe: probe {definition.probe!r} is not configured "
                                  f"(probes: {', '.join(probes) or 'none'})")
-            if metric.source == "prometheus" and self.prometheus is None:
+            if definition.source == "prometheus" and self.prometheus is None:
                 raise ValueError(f"metrics.{name}: a prometheus metric needs the 'prometheus' source configured")
         known = set(self.all_metrics()) | set(self.gauge_keys())
         for index, rule in enumerate(self.rules):
@@ -304,6 +304,7 @@ class Monitoring(_Strict):
         windows: dict[str, float] = {}
         for name, metric in self.all_metrics().items():
             if metric.source == "probe":
+                assert metric.stat is not None  # a probe metric's stat is required (_fields_of_source)
                 specs.append(MetricSpec(name=name, source="probe", probe=metric.probe, stat=metric.stat))
             else:
                 specs.append(MetricSpec(name=name, source="prometheus", stat="last"))

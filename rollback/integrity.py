@@ -30,6 +30,7 @@ import re
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
+from decimal import Decimal
 from typing import Literal
 
 import asyncpg
@@ -334,7 +335,7 @@ def _aggregates(key_hash: str, row_hash: str, keyed: bool) -> str:
 
 
 def _fingerprint(spec: TableSpec, rows: Sequence[asyncpg.Record], kept_rows: str | None) -> TableFingerprint:
-    def text(total: object) -> str:
+    def text(total: Decimal | int | None) -> str:
         return "" if total is None else str(int(total))  # decimal text: JSON numbers lose precision past 2^53
 
     buckets = {r["bucket"]: BucketFingerprint(rows=r["rows"], keys=text(r["key_sum"]), values=text(r["row_sum"]))
@@ -661,7 +662,7 @@ async def _keyed_differences(conn: asyncpg.Connection, spec: TableSpec, h: _Hash
             setattr(report, r["kind"], getattr(report, r["kind"]) + r["n"])
             _count_cause(report, cause, r["n"])
         else:
-            found.append(Difference(table=spec.table, kind=r["kind"], key=dict(zip(spec.key, r["key"])),
+            found.append(Difference(table=spec.table, kind=r["kind"], key=dict(zip(spec.key, r["key"], strict=True)),
                                     bucket=r["bucket"], after_xmin=r["xmin"], cause=cause, detail=detail))
     return found
 
@@ -808,11 +809,11 @@ async def _recent_differences(conn: asyncpg.Connection, spec: TableSpec, h: _Has
         old = kept_by_key.get(key)
         if old is not None and old["_rb_row_hash"] == r["_rb_row_hash"]:
             continue  # rewritten with the same values (or committed while the before-snapshot was taken)
-        kind = "inserted" if old is None else "changed"
+        kind: Literal["inserted", "changed"] = "inserted" if old is None else "changed"
         cause, detail = _cause(kind, r["writer"], rules)
         setattr(report, kind, getattr(report, kind) + 1)
         _count_cause(report, cause, 1)
-        found.append(Difference(table=spec.table, kind=kind, key=dict(zip(spec.key, key)), bucket=r["_rb_bucket"],
+        found.append(Difference(table=spec.table, kind=kind, key=dict(zip(spec.key, key, strict=True)), bucket=r["_rb_bucket"],
                                 after_xmin=r["_rb_xmin"], cause=cause, detail=detail))
     report.differing_buckets = len({d.bucket for d in found})
     found.sort(key=lambda d: (d.cause != "unexplained", d.kind, list(d.key.values()) if d.key else []))

@@ -148,9 +148,9 @@ class Windows(BaseModel):
                                latencies=[round(s.latency_ms, 1) for s in samples])
             self.probes[name] = [p for p in self.probes.get(name, []) if at - p.at <= keep] + [point]
         for name, reading in collection.readings.items():
-            point = GaugePoint(at=at, status=reading.status, value=reading.value,
+            gauge = GaugePoint(at=at, status=reading.status, value=reading.value,
                                detail=reading.detail[:200] if reading.status != "ok" else "")
-            self.gauges[name] = [p for p in self.gauges.get(name, []) if at - p.at <= keep] + [point]
+            self.gauges[name] = [p for p in self.gauges.get(name, []) if at - p.at <= keep] + [gauge]
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -189,13 +189,13 @@ def evaluate(rule: Rule, spec: MetricSpec | None, windows: Windows, now: datetim
             latencies = [v for p in points for v in p.latencies]
             value = _percentile(latencies, 0.99 if spec.stat == "latency_p99_ms" else 0.95)
         return _judge(rule, value, total, fill)
-    points = [p for p in windows.gauges.get(spec.name, []) if now - p.at < window]
-    latest = points[-1] if points else None
+    gauges = [p for p in windows.gauges.get(spec.name, []) if now - p.at < window]
+    latest = gauges[-1] if gauges else None
     if latest is not None and latest.status == "provider_down":
-        return Evaluation(rule=rule.name, outcome=Outcome.PROVIDER_DOWN, window_fill=_fill([p.at for p in points], window, now),
+        return Evaluation(rule=rule.name, outcome=Outcome.PROVIDER_DOWN, window_fill=_fill([p.at for p in gauges], window, now),
                           detail=latest.detail)
-    values = [p.value for p in points if p.status == "ok" and p.value is not None and math.isfinite(p.value)]
-    fill = _fill([p.at for p in points if p.status == "ok"], window, now)
+    values = [p.value for p in gauges if p.status == "ok" and p.value is not None and math.isfinite(p.value)]
+    fill = _fill([p.at for p in gauges if p.status == "ok"], window, now)
     needed = rule.min_samples
     if spec.source == "prometheus":
         # The query already aggregates over the window: judge the latest answer only

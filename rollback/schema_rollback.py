@@ -194,7 +194,7 @@ async def _copy_ahead(conn: asyncpg.Connection, key: str, migration: Migration, 
         return {}
     live = await snapshot(conn)
     changes = _existing(diff(target_shape, SchemaSnapshot.model_validate_json(record["shape_after"])), live)
-    objects = [(t, [], True) for t in changes.added_tables] + [(t, c, False) for t, c in changes.added_columns.items()]
+    objects: list[tuple[str, list[str], bool]] = [(t, [], True) for t in changes.added_tables] + [(t, c, False) for t, c in changes.added_columns.items()]
     copied: dict[str, str] = {}
     for table, columns, whole in objects:
         shape = live.tables[table]

@@ -216,7 +216,7 @@ def main() -> int:
         end = final["finished_at"]
         from datetime import datetime
         times = [datetime.fromisoformat(t) for _, t in marks] + [datetime.fromisoformat(end)]
-        for (phase, _), start, stop in zip(marks, times, times[1:]):
+        for (phase, _), start, stop in zip(marks, times, times[1:], strict=False):
             print(f"  {phase:<13} {(stop - start).total_seconds():7.2f} s")
         print(f"  {'total':<13} {(times[-1] - times[0]).total_seconds():7.2f} s   -> {final['state']}")
 

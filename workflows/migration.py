@@ -65,7 +65,7 @@ class DatabaseMigrationWorkflow:
                                                                           revision=request.to_revision), dict, attempts=5)
         current, applied, backups = plan["current"], [], []
         self._say(f"database at {current or 'no revision'}; to apply: {', '.join(plan['labels']) or 'nothing'}")
-        for revision, label in zip(plan["pending"], plan["labels"]):
+        for revision, label in zip(plan["pending"], plan["labels"], strict=True):
             # Unique per run: two migrations started in the same second (one workflow id, reused
             # once the first ended) must not share a backup, or the second would reuse the first's.
             # (Run ids are UUIDv7: their head is a timestamp, their tail is random.)

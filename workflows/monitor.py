@@ -253,8 +253,8 @@ class HealthMonitorWorkflow:
             points = self._state.windows.probes.get(spec.probe or "", [])[-10:]
             return {"probe": spec.probe, "points": [{"at": p.at.isoformat(), "errors": p.errors, "total": p.total,
                                                       "max_latency_ms": max(p.latencies, default=None)} for p in points]}
-        points = self._state.windows.gauges.get(spec.name, [])[-10:]
-        return {"metric": spec.name, "points": [{"at": p.at.isoformat(), "status": p.status, "value": p.value} for p in points]}
+        gauges = self._state.windows.gauges.get(spec.name, [])[-10:]
+        return {"metric": spec.name, "points": [{"at": g.at.isoformat(), "status": g.status, "value": g.value} for g in gauges]}
 
     async def _handle_trigger(self, trigger: TriggerRequest) -> None:
         if trigger.key and trigger.key in self._state.seen_keys:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from functools import partial
 from typing import Any, Awaitable, Callable
 
 from temporalio import workflow
@@ -115,12 +116,12 @@ class RollbackWorkflow:
                                    "cancelled by request; " + (self._halted or "some undo steps failed, see steps"))
                 raise
             message = describe_failure(err)
-            plan = self._status.plan
-            if self._undo and plan is not None and plan.on_failure == "halt":
-                await self._finish(Phase.FAILED, plan, f"{message} (halted by policy: completed steps left in place; page the on-call)")
+            planned = self._status.plan  # None when the assessment itself failed
+            if self._undo and planned is not None and planned.on_failure == "halt":
+                await self._finish(Phase.FAILED, planned, f"{message} (halted by policy: completed steps left in place; page the on-call)")
             else:
                 state = Phase.COMPENSATED if self._undo and await self._compensate() else Phase.FAILED
-                await self._finish(state, plan, f"{message}; {self._halted}" if self._halted else message)
+                await self._finish(state, planned, f"{message}; {self._halted}" if self._halted else message)
             raise ApplicationError(f"rollback {self._status.state.value}: {message}", type="RollbackFailed",
                                    non_retryable=True) from None
 
@@ -138,7 +139,7 @@ class RollbackWorkflow:
         if self._status is not None and isinstance(incident, dict):
             # What the monitor sends (activities/incidents.py), cut: anyone may signal, and the status,
             # every query and the memo carry the last 20.
-            kept = {name: str(incident[name])[:2000] for name in ("key", "reason", "trigger") if name in incident}
+            kept: dict[str, Any] = {name: str(incident[name])[:2000] for name in ("key", "reason", "trigger") if name in incident}
             self._status.incidents = (self._status.incidents + [kept])[-20:]
 
     @workflow.query
@@ -210,7 +211,7 @@ class RollbackWorkflow:
             record.decision = "timed_out"
             if plan.on_approval_timeout == "proceed":
                 return
-            raise Rejected(f"no approval within {plan.approval_timeout_seconds}s")
+            raise Rejected(f"no approval within {plan.approval_timeout_seconds}s") from None
         assert self._decision is not None
         decision, approval = self._decision
         record.decision, record.by, record.comment, record.decided_at = decision, approval.by, approval.comment, workflow.now()  # type: ignore[assignment]
@@ -250,10 +251,10 @@ class RollbackWorkflow:
                 # Register the undo first: a batch that fails half-way must be reverted too.
                 undo_batch = BatchInput(environment=environment, instances=batch, version=back, require_healthy=False)
                 self._undo.append((f"revert batch {number}/{len(batches)}: {names}", "backend",
-                                   lambda b=undo_batch: self._activity("backend.roll_batch", b, BatchResult, attempts=attempts, long=True)))
+                                   partial(self._activity, "backend.roll_batch", undo_batch, BatchResult, attempts=attempts, long=True)))
                 batch_input = BatchInput(environment=environment, instances=batch, version=to)
-                await self._step(f"roll batch {number}/{len(batches)}: {names}", "backend", lambda b=batch_input: self._activity(
-                    "backend.roll_batch", b, BatchResult, attempts=attempts, long=True))
+                await self._step(f"roll batch {number}/{len(batches)}: {names}", "backend", partial(
+                    self._activity, "backend.roll_batch", batch_input, BatchResult, attempts=attempts, long=True))
         await self._step("validate backend", "backend", lambda: self._healthy(
             "backend.validate", ValidateInput(environment=environment, expect_version=to), attempts))
 
@@ -275,9 +276,10 @@ class RollbackWorkflow:
             return
         undo: list[dict[str, str]] = target.params["undo"]
         for item in undo:
-            await self._step(f"verify backup {item['backup_id']}", "database", lambda i=item: self._activity(
-                "database.verify_backup", BackupInput(environment=environment, key=effect_key("verify", i["backup_id"]),
-                                                      backup_id=i["backup_id"], revision=None), dict, attempts=attempts, long=True))
+            await self._step(f"verify backup {item['backup_id']}", "database", partial(
+                self._activity, "database.verify_backup", BackupInput(environment=environment, key=effect_key("verify", item["backup_id"]),
+                                                                     backup_id=item["backup_id"], revision=None), dict,
+                attempts=attempts, long=True))
         snapshot_key = effect_key("integrity")
         # Undone last, and registered before the step: if the rollback fails, the snapshot's per-row
         # hashes (a narrow copy of every fingerprinted row) would otherwise stay in rollback_archive,
@@ -295,15 +297,15 @@ class RollbackWorkflow:
                                        restore_key=effect_key("restore", item["revision"]))
             # Registered first: a revert whose transaction committed just before a crash must be undone too
             # (or, if it destroyed something, be left and stop the compensation: see _compensate).
-            self._undo.append((f"re-apply {item['label']} (undo its revert)", "database", lambda r=revert_in: self._activity(
-                "database.reapply_migration", r, dict, attempts=attempts, long=True)))
-            revert = await self._step(f"revert schema {item['label']}", "database", lambda r=revert_in: self._activity(
-                "database.revert_migration", r, dict, attempts=attempts, long=True))
+            self._undo.append((f"re-apply {item['label']} (undo its revert)", "database", partial(
+                self._activity, "database.reapply_migration", revert_in, dict, attempts=attempts, long=True)))
+            revert = await self._step(f"revert schema {item['label']}", "database", partial(
+                self._activity, "database.revert_migration", revert_in, dict, attempts=attempts, long=True))
             restore_in = RestoreInput(environment=environment, key=effect_key("restore", item["revision"]),
                                       revision=item["revision"], backup_id=item["backup_id"], revert=revert,
                                       integrity_snapshot=snapshot.pg_snapshot)
-            restores.append(await self._step(f"restore data destroyed by {item['label']}", "database", lambda r=restore_in: self._activity(
-                "database.restore_data", r, dict, attempts=attempts, long=True)))
+            restores.append(await self._step(f"restore data destroyed by {item['label']}", "database", partial(
+                self._activity, "database.restore_data", restore_in, dict, attempts=attempts, long=True)))
         validate = ValidateDbInput(environment=environment, key=effect_key("validate"), snapshot_label=snapshot.label,
                                    restore_keys=[effect_key("restore", i["revision"]) for i in undo],
                                    revert_keys=[effect_key("revert", i["revision"]) for i in undo])
@@ -325,18 +327,18 @@ class RollbackWorkflow:
             if target.target.value == "backend":
                 # Execution already checked health after each step; this is the end-to-end
                 # view: every smoke path through the front door, with a p95 latency bound.
-                await self._step("smoke and performance check: backend", "backend", lambda: self._healthy(
+                await self._step("smoke and performance check: backend", "backend", partial(self._healthy,
                     "backend.smoke", ValidateInput(environment=request.environment, expect_version=target.to_version),
                     plan.max_attempts))
         for target in plan.targets:
             if target.target.value == "database":
-                await self._step(f"check database is at revision {target.to_version}", "database", lambda t=target: self._revision_is(
-                    request.environment, t.to_version))
+                await self._step(f"check database is at revision {target.to_version}", "database", partial(
+                    self._revision_is, request.environment, target.to_version))
         for target in plan.targets:
             record = RecordInput(environment=request.environment, target=target.target.value,
                                  version=target.to_version, key=effect_key("record", target.target.value))
             await self._step(f"record {target.target.value} {target.to_version} as current and known-good",
-                             target.target.value, lambda r=record: self._activity("coordination.record_restored", r, None, attempts=10))
+                             target.target.value, partial(self._activity, "coordination.record_restored", record, None, attempts=10))
         # The steps are done; nothing left to undo if a later notification fails.
         self._undo.clear()
 
