@@ -8,12 +8,14 @@ after the bad migration, then a PITR rollback to the restore point taken before 
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timezone
 
 import asyncpg
 import yaml
 
+from rollback.backups import BackupCatalog
 from rollback.config import ConfigSource
-from rollback.models import DatabaseOptions, MigrateRequest, Phase, RollbackRequest, RollbackTarget
+from rollback.models import TERMINAL_STATES, DatabaseOptions, MigrateRequest, Phase, RollbackRequest, RollbackTarget
 from rollback.pitr import take_base_backup
 from tests.helpers import orchestrator, status_when
 from tests.pitr_cluster import ArchivingCluster, archiving_cluster  # noqa: F401 - fixture
@@ -123,6 +125,32 @@ async def test_two_recoveries_of_a_long_named_environment_each_retire_their_own_
                    for batch in ("first", "second")]) for name, _ in retired]
     assert sorted(lost) == [(0, 30), (30, 0)], lost
 
+
+
+async def test_a_recovery_to_a_time_is_planned_after_retention_removed_the_migrations_backup(
+        archiving_cluster: ArchivingCluster, tmp_path, client, task_queue, run_worker, monkeypatch):  # noqa: F811
+    """Recovering to a time needs the WAL archive, not the dump: with the migration's backup gone from
+    the catalog the plan still names the database (it used to read the name from that backup: None)."""
+    cluster = archiving_cluster
+    await run_worker(await pitr_environment(cluster, tmp_path, monkeypatch, "shop"))
+    orch = orchestrator(client, task_queue)
+    await migrate(orch, "0001")
+    before_the_bad_migration = datetime.now(timezone.utc)
+    await migrate(orch, "0002")
+    catalog = BackupCatalog(tmp_path / "state" / "backups")
+    removed = [m.id for m in catalog.list("shop") if catalog.remove(m.id)]
+    assert removed and catalog.list("shop") == []
+
+    started = await orch.start(RollbackRequest(environment="shop", targets=[RollbackTarget.DATABASE], initiated_by="tester",
+                                               database=DatabaseOptions(strategy="pitr", target_time=before_the_bad_migration)))
+    waiting = await status_when(orch, started.execution_id, lambda s: s.approval.decision == "pending" or s.state in TERMINAL_STATES,
+                                what="approval pending")
+    assert waiting.plan is not None, waiting.error
+    [step] = waiting.plan.targets[0].steps
+    assert step.startswith("recover shop to time ") and step.endswith(" into a new database and swap it in"), step
+    await orch.reject(started.execution_id, by="dba")
+    await orch.wait(started.execution_id)
+    assert (await orch.get_rollback_status(started.execution_id)).state == Phase.REJECTED
 
 async def _fetch(dsn: str, sql: str) -> list[tuple]:
     conn = await asyncpg.connect(dsn, timeout=10)
