@@ -23,16 +23,21 @@ T = TypeVar("T")
 
 async def eventually(probe: Callable[[], Awaitable[T]], accept: Callable[[T], bool], *,
                      timeout: float = 30, interval: float = 0.1, what: str = "condition") -> T:
-    """Poll `probe` until `accept` holds; fail with the last value seen after `timeout` seconds."""
+    """Poll `probe` until `accept` holds; fail with the last value seen after `timeout` seconds.
+
+    A probe that raises is not ready yet (a server still starting); a predicate that raises is a
+    broken test, and fails at once instead of after the whole timeout."""
     deadline = time.monotonic() + timeout
-    last: T | None = None
+    last: T | BaseException | None = None
     while time.monotonic() < deadline:
         try:
-            last = await probe()
-            if accept(last):
-                return last
+            value = await probe()
         except Exception as err:  # noqa: BLE001 - not ready yet
-            last = err  # type: ignore[assignment]
+            last = err
+        else:
+            last = value
+            if accept(value):
+                return value
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last seen: {last!r}")
 

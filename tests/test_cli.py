@@ -68,7 +68,9 @@ async def test_approve_reject_cancel_through_the_cli(blue_green, tmp_path, clien
     await run_worker(write_config(blue_green, tmp_path, policy={"require_approval": True}))
     orch = orchestrator(client, task_queue)
 
-    first = (await cli(client, task_queue, "start", "-e", "demo", "-t", "backend")).stdout.strip()
+    started = await cli(client, task_queue, "start", "-e", "demo", "-t", "backend")
+    assert started.returncode == 0 and started.stdout.startswith("rollback-demo-"), started.stderr
+    first = started.stdout.strip()
     await status_when(orch, first, lambda s: s.approval.decision == "pending")
     refused = await cli(client, task_queue, "start", "-e", "demo", "-t", "backend")
     assert first in one_line_error(refused)
@@ -77,7 +79,9 @@ async def test_approve_reject_cancel_through_the_cli(blue_green, tmp_path, clien
     final = await status_when(orch, first, lambda s: s.state == Phase.CANCELLED, what="cancelled")
     assert final.error == "cancelled by request"
 
-    second = (await cli(client, task_queue, "start", "-e", "demo", "-t", "backend")).stdout.strip()
+    started = await cli(client, task_queue, "start", "-e", "demo", "-t", "backend")
+    assert started.returncode == 0 and started.stdout.startswith("rollback-demo-"), started.stderr
+    second = started.stdout.strip()
     await status_when(orch, second, lambda s: s.approval.decision == "pending")
     rejected = await cli(client, task_queue, "reject", second, "--by", "dave", "--comment", "not now")
     assert rejected.returncode == 0, rejected.stderr

@@ -215,7 +215,7 @@ async def test_update_rules_validates_before_recording(blue_green, tmp_path, cli
 
 async def test_a_monitor_that_cannot_start_says_why(blue_green, tmp_path, client, task_queue, run_worker):
     await run_worker(write_config(blue_green, tmp_path))  # no monitoring block
-    with pytest.raises(RollbackError, match="monitor-demo failed: .*no 'monitoring'|monitor-demo failed: .*monitoring"):
+    with pytest.raises(RollbackError, match="monitor-demo failed: .*environment 'demo' has no 'monitoring' block in "):
         await orchestrator(client, task_queue).start_monitor("demo")
 
 

@@ -140,6 +140,8 @@ async def test_approval_timeout_can_proceed_by_policy(blue_green, tmp_path, clie
     result = await orch.wait(started.execution_id)
 
     assert result is not None and result.state == Phase.SUCCEEDED
+    status = await orch.get_rollback_status(started.execution_id)
+    assert status.approval.required and status.approval.decision == "timed_out", status.approval
     assert await front_version(blue_green.front_url) == "v1"
 
 
