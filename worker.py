@@ -29,6 +29,10 @@ from workflows.retention import BackupRetentionWorkflow
 from workflows.rollback import RollbackWorkflow
 
 
+# Every workflow the worker runs (tests/test_replay.py replays recorded histories against these).
+WORKFLOWS = [RollbackWorkflow, HealthMonitorWorkflow, DatabaseMigrationWorkflow, BackupRetentionWorkflow]
+
+
 def build_worker(client: Client, *, task_queue: str, config: ConfigSource, http: httpx.AsyncClient) -> Worker:
     health = HttpHealth(http)
     backend = BackendRollback(config, health)
@@ -41,7 +45,7 @@ def build_worker(client: Client, *, task_queue: str, config: ConfigSource, http:
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[RollbackWorkflow, HealthMonitorWorkflow, DatabaseMigrationWorkflow, BackupRetentionWorkflow],
+        workflows=WORKFLOWS,
         activities=[
             coordination.plan, coordination.acquire_lock, coordination.release_lock, coordination.record_restored,
             backend.check_standby, backend.switch_traffic, backend.roll_batch, backend.validate, backend.smoke,

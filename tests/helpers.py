@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar
 
 import httpx
@@ -83,3 +85,27 @@ async def history_without(client: Client, workflow_id: str, secrets: Iterable[st
     for secret in secrets:
         assert secret not in history, f"a secret is in the history of {workflow_id}"
     return history
+
+
+HISTORIES = Path(__file__).parent / "histories"
+RECORD_HISTORIES = "ROLLBACK_RECORD_HISTORIES"
+
+
+async def keep_history(client: Client, workflow_id: str, name: str, *, run_id: str | None = None) -> None:
+    """With ROLLBACK_RECORD_HISTORIES=1, store the run's history as tests/histories/<name>.json, which
+    tests/test_replay.py replays against the workflow code of every later commit. Record again only
+    for a change meant to alter a workflow's commands, and keep the old file if running workflows
+    must survive it (behind workflow.patched)."""
+    if os.environ.get(RECORD_HISTORIES) != "1":
+        return
+    history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+    HISTORIES.mkdir(exist_ok=True)
+    (HISTORIES / f"{name}.json").write_text(json.dumps({"workflow_id": workflow_id, "history": json.loads(history.to_json())}))
+
+
+async def previous_run(client: Client, workflow_id: str) -> str:
+    """The run id the workflow's current run continued from (its continue-as-new)."""
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    started = history.events[0].workflow_execution_started_event_attributes
+    assert started.continued_execution_run_id, f"{workflow_id}'s current run did not continue from another"
+    return started.continued_execution_run_id

@@ -16,7 +16,7 @@ from rollback.client import RollbackError, RollbackOrchestrator
 from rollback.models import Phase
 from rollback.monitoring import Rule, TriggerRequest
 from tests.conftest import write_config
-from tests.helpers import eventually, front_version, orchestrator
+from tests.helpers import eventually, front_version, keep_history, orchestrator, previous_run
 from tests.prometheus import metrics_target, prometheus  # noqa: F401 - fixtures
 from tests.test_rollback_workflow import notifications
 
@@ -223,6 +223,7 @@ async def test_state_survives_continue_as_new_and_a_worker_restart(blue_green, t
     orch = await start_monitor(blue_green, tmp_path, client, task_queue, run_worker)
     await orch.pause_monitor("demo", by="sre", reason="kept across runs")
     before = await status(orch, lambda s: s.runs >= 2, timeout=120, what="a continue-as-new")
+    await keep_history(client, "monitor-demo", "monitor_continue_as_new", run_id=await previous_run(client, "monitor-demo"))
     assert before.paused is not None and before.paused.by == "sre"
     assert rule(before, "api_error_rate").state.oks >= 1
 

@@ -14,7 +14,7 @@ from rollback.models import Phase, RollbackRequest, RollbackResult, RollbackTarg
 from rollback.settings import SA_PHASE, SA_STATE
 from rollback.state import StateStore
 from tests.conftest import write_config
-from tests.helpers import front_version, orchestrator, status_when
+from tests.helpers import front_version, keep_history, orchestrator, status_when
 
 BACKEND = [RollbackTarget.BACKEND]
 
@@ -57,6 +57,7 @@ async def test_blue_green_rollback_restores_v1_phase_by_phase(blue_green, tmp_pa
     described = await client.get_workflow_handle(started.execution_id).describe()
     assert described.typed_search_attributes.get(SA_STATE) == "succeeded"
     assert [n["event"] for n in notifications(blue_green)] == ["started", "succeeded"]
+    await keep_history(client, started.execution_id, "rollback_blue_green")
 
 
 async def test_rolling_reversal_restores_every_instance(rolling, tmp_path, client, task_queue, run_worker):
@@ -78,6 +79,7 @@ async def test_rolling_reversal_restores_every_instance(rolling, tmp_path, clien
     status = await orch.get_rollback_status(started.execution_id)
     assert [s.name for s in status.steps if s.name.startswith("roll batch")] == [
         "roll batch 1/3: app-1", "roll batch 2/3: app-2", "roll batch 3/3: app-3"]
+    await keep_history(client, started.execution_id, "rollback_rolling")
 
 
 async def test_approval_then_approve(blue_green, tmp_path, client, task_queue, run_worker):
