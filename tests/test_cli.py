@@ -195,3 +195,23 @@ def test_record_deploy_starts_from_the_configured_seed_of_any_target(blue_green,
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "demo/database: current 0003, known-good 0002"
+
+
+async def test_watch_of_a_compensated_rollback_exits_1_and_usage_errors_exit_2(blue_green, tmp_path, client, task_queue,
+                                                                               run_worker):
+    blue_green.deploy("v2", "errors")
+    blue_green.redeploy_colour("blue", "v1", fault="errors_after:10")  # fails once it takes traffic: compensated
+    await run_worker(write_config(blue_green, tmp_path))
+    started = await cli(client, task_queue, "start", "-e", "demo", "-t", "backend")
+    assert started.returncode == 0, started.stderr
+    workflow_id = started.stdout.strip()
+
+    watched = await cli(client, task_queue, "watch", workflow_id)
+
+    assert watched.returncode == 1, (watched.stdout, watched.stderr)
+    assert "compensated" in watched.stdout, watched.stdout
+    final = await status_when(orchestrator(client, task_queue), workflow_id, lambda s: s.state == Phase.COMPENSATED)
+    assert final.error is not None
+    for usage in (["start", "-e", "demo"], ["watch"], ["status", workflow_id, "--no-such-option"], ["no-such-command"]):
+        wrong = await cli(client, task_queue, *usage)
+        assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, (usage, wrong.returncode, wrong.stderr)
