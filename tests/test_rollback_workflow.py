@@ -207,6 +207,24 @@ async def test_failure_after_the_switch_compensates(blue_green, tmp_path, client
     assert StateStore(blue_green.base_dir / "state").lock_holder("demo") is None
 
 
+
+async def test_a_halt_policy_leaves_completed_steps_in_place_and_says_so(blue_green, tmp_path, client, task_queue, run_worker):
+    blue_green.deploy("v2", "errors")
+    blue_green.redeploy_colour("blue", "v1", fault="errors_after:10")  # validation fails after the switch
+    await run_worker(write_config(blue_green, tmp_path, policy={"on_failure": "halt"}))
+    orch = orchestrator(client, task_queue)
+    started = await orch.initiate_rollback(targets=BACKEND, initiated_by="tester")
+
+    assert await orch.wait(started.execution_id) is None
+    status = await orch.get_rollback_status(started.execution_id)
+    assert status.state == Phase.FAILED
+    assert "halted by policy: completed steps left in place" in (status.error or ""), status.error
+    by_name = {s.name: s for s in status.steps}
+    assert by_name["switch traffic to blue"].state == "succeeded" and by_name["validate backend"].state == "failed"
+    assert not any(s.state == "compensated" for s in status.steps), status.steps
+    assert await front_version(blue_green.front_url) == "v1", "halted: the switch is not undone"
+    assert StateStore(blue_green.base_dir / "state").lock_holder("demo") is None
+
 async def test_cancel_during_execution_compensates_done_batches(rolling, tmp_path, client, task_queue, run_worker):
     rolling.deploy("v2", "errors")
     await run_worker(write_config(rolling, tmp_path))
