@@ -63,8 +63,9 @@ def rolling_plan(**policy: object) -> RollbackPlan:
 class World:
     """The activities, recording every call in order; `fail` names the calls that fail for good."""
 
-    def __init__(self, plan: RollbackPlan, *, fail: set[str] = frozenset(), block: str | None = None) -> None:  # type: ignore[assignment]
-        self.plan, self.fail, self.block = plan, fail, block
+    def __init__(self, plan: RollbackPlan, *, fail: set[str] = frozenset(), block: str | None = None,  # type: ignore[assignment]
+                 locked_by: str | None = None) -> None:
+        self.plan, self.fail, self.block, self.locked_by = plan, fail, block, locked_by
         self.calls: list[str] = []
         self.blocked = asyncio.Event()
 
@@ -81,6 +82,9 @@ class World:
     @activity.defn(name="coordination.acquire_lock")
     async def acquire_lock(self, inp: LockInput) -> None:
         self._did("lock")
+        if self.locked_by:  # what activities/coordination.py raises for a lock another rollback holds
+            raise ApplicationError(f"environment {inp.environment!r} is locked by running rollback {self.locked_by}",
+                                   type="EnvironmentLocked", non_retryable=True)
 
     @activity.defn(name="coordination.release_lock")
     async def release_lock(self, inp: LockInput) -> None:
@@ -224,3 +228,27 @@ async def test_a_cancel_during_a_step_waits_for_it_to_stop_then_compensates(time
     assert result is None and status.state == Phase.CANCELLED
     assert world.effects() == ["plan", "lock", "roll app-1 to v1", "roll app-2 to v1", "roll app-2 to v2",
                                "roll app-1 to v2", "unlock"]
+
+
+async def test_a_second_rollback_is_refused_naming_the_first_and_releases_nothing(time_skipping):
+    world = World(rolling_plan(), locked_by="rollback-demo-first")
+    result, status, _ = await run(time_skipping, world)
+    assert result is None and status.state == Phase.FAILED
+    assert "locked by running rollback rollback-demo-first" in (status.error or ""), status.error
+    assert world.effects() == ["plan", "lock"], "nothing executed, and another rollback's lock is never released"
+
+
+@pytest.mark.parametrize("raw, field", [
+    ({"environment": "demo", "targets": ["backnd"]}, "targets.0"),
+    ({"targets": ["backend"]}, "environment"),
+    ({"environment": "demo", "targets": ["backend"], "dry_run": "sometimes"}, "dry_run"),
+])
+async def test_bad_input_fails_at_once_naming_the_field_and_touches_nothing(time_skipping, raw, field):
+    world = World(rolling_plan())
+    queue = f"unit-{uuid.uuid4().hex[:8]}"
+    async with Worker(time_skipping.client, task_queue=queue, workflows=[RollbackWorkflow], activities=world.activities()):
+        handle = await time_skipping.client.start_workflow("RollbackWorkflow", raw, id=f"bad-{queue}", task_queue=queue)
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+    assert field in str(failure.value.cause), failure.value.cause
+    assert world.calls == []
