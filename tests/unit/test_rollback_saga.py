@@ -12,15 +12,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
 from temporalio import activity
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.client import WorkflowFailureError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
@@ -132,7 +132,7 @@ class World:
         return [c for c in self.calls if not c.startswith("notify")]
 
 
-async def run(env: WorkflowEnvironment, world: World, *, during=None) -> tuple[RollbackResult | None, RollbackStatus, Client]:
+async def run(env: WorkflowEnvironment, world: World, *, during=None) -> tuple[RollbackResult | None, RollbackStatus]:
     """Start a rollback with `world`'s activities; `during(handle)` acts on it while it runs."""
     queue = f"unit-{uuid.uuid4().hex[:8]}"
     async with Worker(env.client, task_queue=queue, workflows=[RollbackWorkflow], activities=world.activities()):
@@ -147,7 +147,7 @@ async def run(env: WorkflowEnvironment, world: World, *, during=None) -> tuple[R
             result = None
         described = await handle.describe()
         status = RollbackStatus.model_validate((await described.memo())["status"])
-    return result, status, env.client
+    return result, status
 
 
 ROLLED = ["roll app-1 to v1", "roll app-2 to v1", "roll app-3 to v1"]
@@ -155,7 +155,7 @@ ROLLED = ["roll app-1 to v1", "roll app-2 to v1", "roll app-3 to v1"]
 
 async def test_a_rollback_runs_its_steps_in_order_and_releases_the_lock(time_skipping):
     world = World(rolling_plan())
-    result, status, _ = await run(time_skipping, world)
+    result, status = await run(time_skipping, world)
     assert result is not None and result.state == Phase.SUCCEEDED and result.restored == {"backend": "v1"}
     assert world.effects() == ["plan", "lock", *ROLLED, "validate", "smoke", "record v1", "unlock"]
     assert [c for c in world.calls if c.startswith("notify")] == ["notify started", "notify succeeded"]
@@ -164,7 +164,7 @@ async def test_a_rollback_runs_its_steps_in_order_and_releases_the_lock(time_ski
 
 async def test_a_failed_batch_is_compensated_in_reverse_order_including_itself(time_skipping):
     world = World(rolling_plan(), fail={"roll app-3 to v1"})
-    result, status, _ = await run(time_skipping, world)
+    result, status = await run(time_skipping, world)
     assert result is None and status.state == Phase.COMPENSATED
     # The failed batch's undo was registered before it ran: a half-rolled batch is reverted too.
     assert world.effects() == ["plan", "lock", *ROLLED, "roll app-3 to v2", "roll app-2 to v2", "roll app-1 to v2", "unlock"]
@@ -174,7 +174,7 @@ async def test_a_failed_batch_is_compensated_in_reverse_order_including_itself(t
 
 async def test_an_undo_that_fails_does_not_stop_the_others_and_the_rollback_ends_failed(time_skipping):
     world = World(rolling_plan(), fail={"validate", "roll app-2 to v2"})
-    result, status, _ = await run(time_skipping, world)
+    result, status = await run(time_skipping, world)
     assert result is None and status.state == Phase.FAILED
     assert world.effects()[-4:] == ["roll app-3 to v2", "roll app-2 to v2", "roll app-1 to v2", "unlock"]
     by_name = {s.name: s.state for s in status.steps}
@@ -183,7 +183,7 @@ async def test_an_undo_that_fails_does_not_stop_the_others_and_the_rollback_ends
 
 async def test_the_halt_policy_undoes_nothing_and_says_so(time_skipping):
     world = World(rolling_plan(on_failure="halt"), fail={"validate"})
-    result, status, _ = await run(time_skipping, world)
+    result, status = await run(time_skipping, world)
     assert result is None and status.state == Phase.FAILED and "halted by policy" in (status.error or "")
     assert world.effects() == ["plan", "lock", *ROLLED, "validate", "unlock"]
 
@@ -201,7 +201,7 @@ async def test_an_approval_decides_whether_anything_runs(time_skipping, decide, 
             await asyncio.sleep(0.05)
         await handle.signal(decide, {"by": "dba", "comment": "checked"})
 
-    result, status, _ = await run(time_skipping, world, during=decision)
+    result, status = await run(time_skipping, world, during=decision)
     assert status.state == state and status.approval.by == "dba"
     assert any(c.startswith("roll ") for c in world.calls) == executed
     assert world.effects()[-1] == "unlock"
@@ -211,7 +211,7 @@ async def test_an_approval_decides_whether_anything_runs(time_skipping, decide, 
 async def test_an_approval_that_never_comes_times_out_by_policy(time_skipping, policy, state):
     # An hour of waiting passes at once on the time-skipping server.
     world = World(rolling_plan(require_approval=True, approval_reason="policy", on_approval_timeout=policy))
-    result, status, _ = await run(time_skipping, world)
+    result, status = await run(time_skipping, world)
     assert status.state == state and status.approval.decision == "timed_out"
     assert (ROLLED[0] in world.calls) == (policy == "proceed")
     assert world.effects()[-1] == "unlock"
@@ -224,7 +224,7 @@ async def test_a_cancel_during_a_step_waits_for_it_to_stop_then_compensates(time
         await asyncio.wait_for(world.blocked.wait(), timeout=30)
         await handle.cancel()
 
-    result, status, _ = await run(time_skipping, world, during=cancel_when_blocked)
+    result, status = await run(time_skipping, world, during=cancel_when_blocked)
     assert result is None and status.state == Phase.CANCELLED
     assert world.effects() == ["plan", "lock", "roll app-1 to v1", "roll app-2 to v1", "roll app-2 to v2",
                                "roll app-1 to v2", "unlock"]
@@ -232,7 +232,7 @@ async def test_a_cancel_during_a_step_waits_for_it_to_stop_then_compensates(time
 
 async def test_a_second_rollback_is_refused_naming_the_first_and_releases_nothing(time_skipping):
     world = World(rolling_plan(), locked_by="rollback-demo-first")
-    result, status, _ = await run(time_skipping, world)
+    result, status = await run(time_skipping, world)
     assert result is None and status.state == Phase.FAILED
     assert "locked by running rollback rollback-demo-first" in (status.error or ""), status.error
     assert world.effects() == ["plan", "lock"], "nothing executed, and another rollback's lock is never released"
