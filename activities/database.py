@@ -91,9 +91,12 @@ class DatabaseRollback:
         self._pools.clear()
 
     @staticmethod
-    def catalog(target: DatabaseTarget) -> BackupCatalog:
+    def backup_root(target: DatabaseTarget) -> Path:
         assert target.backup_dir is not None  # resolved by load_config
-        return BackupCatalog(target.backup_dir)
+        return target.backup_dir
+
+    def catalog(self, target: DatabaseTarget) -> BackupCatalog:
+        return BackupCatalog(self.backup_root(target))
 
     def manifest(self, target: DatabaseTarget, backup_id: str) -> BackupManifest:
         manifest = self.catalog(target).get(backup_id)
@@ -188,9 +191,10 @@ class DatabaseRollback:
         # backup no longer in the catalog) cannot be located from here, and the statement says so.
         made_by = next((m for m in self.catalog(target).list(environment) if m.restore_point == restore_point), None) \
             if restore_point else None
+        live_dsn = self.dsn(target)
         try:
             loss = await pitr.describe_loss(
-                live_dsn=self.dsn(target), restore_point_lsn=made_by.restore_point_lsn if made_by else None,
+                live_dsn=live_dsn, restore_point_lsn=made_by.restore_point_lsn if made_by else None,
                 since=datetime.fromisoformat(target_time) if target_time else (made_by.created_at if made_by else None),
                 restore_point=restore_point)
         except pitr.PitrError as err:
@@ -199,7 +203,7 @@ class DatabaseRollback:
         label = f"restore point {restore_point}" if restore_point else f"time {target_time}"
         return TargetPlan(
             target=RollbackTarget.DATABASE, strategy="pitr", from_version=current, to_version=to,
-            steps=[f"recover {database_name(self.dsn(target))} to {label} into a new database and swap it in"],
+            steps=[f"recover {database_name(live_dsn)} to {label} into a new database and swap it in"],
             checks=["recovered database is at the known-good revision"],
             params={"restore_point": restore_point, "target_time": target_time, "approval_required": True}, evidence=evidence)
 
@@ -210,7 +214,7 @@ class DatabaseRollback:
         target = self.target(inp.environment)
         async with heartbeating(f"backup {inp.backup_id}"):
             try:
-                manifest = await take_backup(dsn=self.dsn(target), root=self.catalog(target).root, backup_id=inp.backup_id,
+                manifest = await take_backup(dsn=self.dsn(target), root=self.backup_root(target), backup_id=inp.backup_id,
                                              environment=inp.environment, revision=inp.revision,
                                              next_revision=inp.next_revision, jobs=target.backup_jobs)
             except BackupCorrupt as err:
