@@ -12,11 +12,10 @@ import httpx
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.backend import BackendRollback
 from activities.coordination import Coordination
-from activities.database import DatabaseRollback
-from activities.retention import Retention
 from activities.health import HttpHealth
+from activities.retention import Retention
+from activities.targets import Shared, build_targets
 from activities.incidents import Incidents
 from activities.monitor import HealthMonitor
 from activities.notify import Notifier
@@ -35,9 +34,8 @@ WORKFLOWS = [RollbackWorkflow, HealthMonitorWorkflow, DatabaseMigrationWorkflow,
 
 def build_worker(client: Client, *, task_queue: str, config: ConfigSource, http: httpx.AsyncClient) -> Worker:
     health = HttpHealth(http)
-    backend = BackendRollback(config, health)
-    database = DatabaseRollback(config)
-    coordination = Coordination(config, backend, database, client)
+    targets = build_targets(Shared(config=config, health=health))
+    coordination = Coordination(config, targets, client)
     retention = Retention(config, client)
     notifier = Notifier(config)
     monitor = HealthMonitor(config, http)
@@ -48,12 +46,9 @@ def build_worker(client: Client, *, task_queue: str, config: ConfigSource, http:
         workflows=WORKFLOWS,
         activities=[
             coordination.plan, coordination.acquire_lock, coordination.release_lock, coordination.record_restored,
-            backend.check_standby, backend.switch_traffic, backend.roll_batch, backend.validate, backend.smoke,
-            health.check_http, notifier.send, monitor.settings, monitor.collect, incidents.start_rollback,
-            coordination.record_deployed, database.backup, database.apply_migration, database.verify_backup,
-            database.integrity_before, database.revert_migration, database.restore_data, database.validate,
-            database.reapply_migration, database.discard_snapshot, database.recover_to_point, database.swap_back, database.current_revision,
-            database.plan_migration, retention.apply,
+            coordination.record_deployed, health.check_http, notifier.send, monitor.settings, monitor.collect,
+            incidents.start_rollback, retention.apply,
+            *(activity for target in targets.values() for activity in target.activities()),
         ],
     )
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -17,13 +19,19 @@ from temporalio.exceptions import ApplicationError
 from activities.health import HttpCheckInput, HttpHealth
 from activities.heartbeat import heartbeating
 from rollback.config import BackendTarget, ConfigSource, Instance
-from rollback.models import HealthReport, RollbackTarget, TargetPlan, version_problem
-from rollback.payloads import BatchInput, BatchResult, SwitchInput, SwitchResult, ValidateInput
+from rollback.models import HealthReport, RollbackRequest, RollbackTarget, TargetPlan
+from rollback.versions import version_problem
+from rollback.targets.backend.contract import (
+    CHECK_STANDBY, ROLL_BATCH, SMOKE, SWITCH_TRAFFIC, VALIDATE, BatchInput, BatchResult, BlueGreenParams, RollingParams, SwitchInput,
+    SwitchResult, ValidateInput,
+)
 from rollback.nginx import NginxRouter, RouterError, UpstreamServer
 from rollback.state import TargetVersions
 
+if TYPE_CHECKING:
+    from activities.targets import Shared
+
 COMMAND_TIMEOUT_SECONDS = 120
-SMOKE_STEP = "smoke and performance check: backend"
 FRONT_DOOR_DEADLINE_SECONDS = 30
 
 
@@ -63,9 +71,14 @@ class BackendRollback:
             raise _refuse(f"environment {environment!r} has no backend target configured", "InvalidRequest")
         return backend
 
+    def activities(self) -> list[Callable[..., Any]]:
+        return [self.check_standby, self.switch_traffic, self.roll_batch, self.validate, self.smoke]
+
     # -- assessment (called from the coordination planner) -------------------
 
-    async def assess(self, environment: str, target: BackendTarget, versions: TargetVersions, to_version: str | None) -> TargetPlan:
+    async def assess(self, request: RollbackRequest, versions: TargetVersions, to_version: str | None) -> TargetPlan:
+        environment = request.environment
+        target = self.target(environment)
         from_version = versions.current
         to = to_version or versions.known_good
         if not to:
@@ -100,8 +113,7 @@ class BackendRollback:
         colour = ready[0]
         return TargetPlan(
             target=RollbackTarget.BACKEND, strategy="blue_green", from_version=from_version, to_version=to,
-            steps=[f"verify standby {colour}", f"switch traffic to {colour}", "validate backend", SMOKE_STEP],
-            checks=checks, params={"colour": colour, "previous_colour": live}, evidence=evidence,
+            checks=checks, params=BlueGreenParams(colour=colour, previous_colour=live), evidence=evidence,
         )
 
     async def _assess_rolling(self, environment: str, target: BackendTarget, from_version: str | None, to: str,
@@ -116,10 +128,9 @@ class BackendRollback:
                 raise _refuse(f"backend of {environment!r}: release {to} does not exist (available: {', '.join(available)})")
         names = [i.name for i in target.instances]
         batches = [names[i:i + target.max_unavailable] for i in range(0, len(names), target.max_unavailable)]
-        steps = [f"roll batch {n}/{len(batches)}: {', '.join(b)}" for n, b in enumerate(batches, 1)] + ["validate backend", SMOKE_STEP]
         return TargetPlan(
             target=RollbackTarget.BACKEND, strategy="rolling", from_version=from_version, to_version=to,
-            steps=steps, checks=checks, params={"batches": batches}, evidence=evidence,
+            checks=checks, params=RollingParams(batches=batches), evidence=evidence,
         )
 
     def _live_colour(self, target: BackendTarget) -> str | None:
@@ -132,7 +143,7 @@ class BackendRollback:
 
     # -- blue-green -----------------------------------------------------------
 
-    @activity.defn(name="backend.check_standby")
+    @activity.defn(name=CHECK_STANDBY)
     async def check_standby(self, inp: SwitchInput) -> HealthReport:
         """Health of the colour we are about to send traffic to, checked directly (not through nginx)."""
         target = self.target(inp.environment)
@@ -145,7 +156,7 @@ class BackendRollback:
             raise _refuse(f"unknown colour {colour!r}; configured: {', '.join(target.colours)}", "InvalidRequest")
         return instance
 
-    @activity.defn(name="backend.switch_traffic")
+    @activity.defn(name=SWITCH_TRAFFIC)
     async def switch_traffic(self, inp: SwitchInput) -> SwitchResult:
         """Make `colour` the only live one; success once the front door answers its version.
 
@@ -187,7 +198,7 @@ class BackendRollback:
 
     # -- rolling -------------------------------------------------------------
 
-    @activity.defn(name="backend.roll_batch")
+    @activity.defn(name=ROLL_BATCH)
     async def roll_batch(self, inp: BatchInput) -> BatchResult:
         """Drain the batch, switch its instances to `version`, health-check, put them back."""
         target = self.target(inp.environment)
@@ -235,13 +246,13 @@ class BackendRollback:
 
     # -- validation ----------------------------------------------------------
 
-    @activity.defn(name="backend.validate")
+    @activity.defn(name=VALIDATE)
     async def validate(self, inp: ValidateInput) -> HealthReport:
         target = self.target(inp.environment)
         async with heartbeating("front door health"):
             return await self._check(target, target.router.front_url, inp.expect_version)
 
-    @activity.defn(name="backend.smoke")
+    @activity.defn(name=SMOKE)
     async def smoke(self, inp: ValidateInput) -> HealthReport:
         """End-to-end smoke and performance check through the front door, one report for all paths."""
         target = self.target(inp.environment)
@@ -263,6 +274,11 @@ class BackendRollback:
             success_ratio=round(successes / samples, 4), required_ratio=smoke.success_ratio,
             p95_latency_ms=max((r.p95_latency_ms or 0) for r in reports), detail="; ".join(problems)[:500],
         )
+
+
+
+def build(shared: Shared) -> BackendRollback:
+    return BackendRollback(shared.config, shared.health)
 
 
 async def _apply(router: NginxRouter, servers: list[UpstreamServer]) -> bool:

@@ -9,10 +9,10 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.backend import BackendRollback
-from activities.database import DatabaseRollback
+from activities.targets import TargetActivities
 from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigSource
-from rollback.models import EXECUTION_ORDER, RollbackPlan, RollbackRequest, RollbackTarget, TargetPlan, version_problem
+from rollback.models import EXECUTION_ORDER, RollbackPlan, RollbackRequest, RollbackTarget, TargetPlan
+from rollback.versions import version_problem
 from rollback.payloads import LockInput, RecordInput
 from rollback.state import StateStore, TargetVersions
 
@@ -34,10 +34,9 @@ def _check_recorded(environment: str, target: str, versions: TargetVersions, exp
 
 
 class Coordination:
-    def __init__(self, config: ConfigSource, backend: BackendRollback, database: DatabaseRollback, client: Client) -> None:
+    def __init__(self, config: ConfigSource, targets: dict[str, TargetActivities], client: Client) -> None:
         self.config = config
-        self.backend = backend
-        self.database = database
+        self.targets = targets  # by target name, from the registry
         self.client = client
 
     def _store(self) -> StateStore:
@@ -68,24 +67,14 @@ class Coordination:
         store = StateStore(config.state_dir)
         plans: list[TargetPlan] = []
         for target in [t.value for t in EXECUTION_ORDER if t.value in wanted]:
-            if target == "backend":
-                backend = env.targets.backend
-                assert backend is not None
-                versions = store.versions(request.environment, "backend", seed=backend.versions)
-                _check_recorded(request.environment, "backend", versions, to_version.get("backend"))
-                plans.append(await self.backend.assess(request.environment, backend, versions, to_version.get("backend")))
-            elif target == "database":
-                database = env.targets.database
-                assert database is not None
-                versions = store.versions(request.environment, "database", seed=database.versions)
-                _check_recorded(request.environment, "database", versions, to_version.get("database"))
-                options = request.database.model_dump(mode="json") if request.database else {}
-                plans.append(await self.database.assess(request.environment, database, versions, to_version.get("database"), options))
+            versions = store.versions(request.environment, target, seed=self._seed(request.environment, target))
+            _check_recorded(request.environment, target, versions, to_version.get(target))
+            plans.append(await self.targets[target].assess(request, versions, to_version.get(target)))
         policy = env.policy
         # The request may add an approval, never waive one the environment's policy requires.
         require = policy.require_approval or bool(request.require_approval)
         why = "environment policy" if policy.require_approval else ("requested by the caller" if require else "")
-        lossy = [p for p in plans if p.params.get("approval_required")]
+        lossy = [p for p in plans if getattr(p.params, "approval_required", False)]  # a strategy that loses data (PITR)
         if lossy:
             # Point-in-time recovery loses data: a person always decides, whatever the policy says.
             require = True
@@ -126,8 +115,8 @@ class Coordination:
     async def release_lock(self, inp: LockInput) -> bool:
         return self._store().release_lock(inp.environment, inp.holder)
 
-    def _seed(self, environment: str, target: str):
-        configured = getattr(self.config.get().environment(environment).targets, target, None)
+    def _seed(self, environment: str, target: str) -> TargetVersions | None:
+        configured = self.config.get().environment(environment).targets.get(target)
         return configured.versions if configured is not None else None
 
     @activity.defn(name="coordination.record_restored")

@@ -13,10 +13,10 @@ import asyncio
 import contextlib
 import json
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from temporalio import activity
@@ -31,10 +31,13 @@ from rollback.migrations import (
     Migration, MigrationError, applied, apply_up, edited_since_applied, find, in_transaction_with_lock_timeout, load_migrations, plan_upgrade,
     position, record_applied, run_captured,
 )
-from rollback.models import RollbackTarget, TargetPlan
-from rollback.payloads import (
-    BackupInput, DbStepInput, IntegrityInput, MigrationInput, PitrInput, RestoreInput, SnapshotRef, SwapBackInput,
-    ValidateDbInput,
+from rollback.models import DatabaseOptions, RollbackRequest, RollbackTarget, TargetPlan
+from rollback.targets.database.contract import (
+    APPLY_MIGRATION, BACKUP, CURRENT_REVISION, DISCARD_SNAPSHOT, INTEGRITY_BEFORE, PLAN_MIGRATION, REAPPLY_MIGRATION,
+    RECOVER_TO_POINT, RESTORE_DATA, REVERT_MIGRATION, SWAP_BACK, VALIDATE, VERIFY_BACKUP, AppliedMigration, BackupInput,
+    BackupSummary, DbStepInput, IntegrityBrief, IntegrityInput, MigrationInput, MigrationPlan, MigrationToUndo, PitrInput,
+    PitrParams, Reapplied, Recovered, RestoreInput, SchemaRollbackParams, SnapshotDiscarded, SnapshotRef, SwapBackInput,
+    SwappedBack, ValidateDbInput,
 )
 from rollback.names import bounded_name, derived_name
 from rollback.pg import MissingDsn, database_name, dsn_from_env, ident, qualified, with_database
@@ -46,6 +49,9 @@ from rollback.schema_rollback import (
 )
 from rollback.state import TargetVersions
 from rollback.table_rebuild import LockPolicy
+
+if TYPE_CHECKING:
+    from activities.targets import Shared
 
 
 def _refuse(message: str) -> ApplicationError:
@@ -112,10 +118,16 @@ class DatabaseRollback:
         except MigrationError as err:
             raise _fail(str(err), "InvalidRequest") from None
 
+    def activities(self) -> list[Callable[..., Any]]:
+        return [self.backup, self.plan_migration, self.apply_migration, self.verify_backup, self.integrity_before,
+                self.revert_migration, self.restore_data, self.validate, self.reapply_migration, self.discard_snapshot,
+                self.recover_to_point, self.swap_back, self.current_revision]
+
     # -- assessment (called by coordination.plan) -----------------------------------------
 
-    async def assess(self, environment: str, target: DatabaseTarget, versions: TargetVersions, to_version: str | None,
-                     options: dict[str, Any]) -> TargetPlan:
+    async def assess(self, request: RollbackRequest, versions: TargetVersions, to_version: str | None) -> TargetPlan:
+        environment, options = request.environment, request.database or DatabaseOptions()
+        target = self.target(environment)
         migrations = await self.migrations(target)
         try:
             async with self.connection(target) as conn:
@@ -139,11 +151,11 @@ class DatabaseRollback:
         undo = [m for m in reversed(done) if position(migrations, m.revision) > to_index]
         catalog = self.catalog(target)
         evidence: dict[str, Any] = {"current_revision": current, "backups": [m.backup_id for m in undo]}
-        if (options.get("strategy") or "schema_rollback") == "pitr":
+        if options.strategy == "pitr":
             # The last resort needs no down SQL and no dump: only the WAL archive and a point to recover to.
             oldest = catalog.get(undo[-1].backup_id) if undo[-1].backup_id else None
             return await self._assess_pitr(environment, target, current, to, oldest, options, evidence)
-        steps_undo = []
+        steps_undo: list[MigrationToUndo] = []
         for record in undo:
             migration = find(migrations, record.revision)
             if not migration.down_sql:
@@ -153,35 +165,31 @@ class DatabaseRollback:
             if record.capture is not None and record.capture.uncaptured:
                 raise _refuse(f"migration {migration.label} destroyed what no schema rollback can put back: "
                               f"{'; '.join(record.capture.uncaptured)} (point-in-time recovery can)")
-            steps_undo.append({"revision": record.revision, "label": migration.label, "backup_id": record.backup_id})
+            steps_undo.append(MigrationToUndo(revision=record.revision, label=migration.label, backup_id=record.backup_id))
             evidence.setdefault("destroyed", {})[migration.label] = (
                 "; ".join(record.capture.destroys()) or "nothing" if record.capture is not None
                 else "applied before captures existed: restored from its backup")
-        oldest = self.manifest(target, steps_undo[-1]["backup_id"])
+        oldest = self.manifest(target, steps_undo[-1].backup_id)
         evidence["schema_changes_since_known_good"] = diff(oldest.schema_snapshot, live).describe()
         edited = edited_since_applied(migrations, undo)
         if edited:  # a down SQL fixed after the fact is legitimate: said, not refused
             evidence["edited_since_applied"] = edited
-        steps = [f"verify backup {s['backup_id']}" for s in steps_undo] + ["integrity snapshot before"]
-        for s in steps_undo:
-            steps += [f"revert schema {s['label']}", f"restore data destroyed by {s['label']}"]
-        steps.append("validate database integrity")
         evidence["preserves"] = ("every row written after the migration(s) stays; data only in added objects is archived in "
                                  f"{ARCHIVE_SCHEMA}; what the migration destroyed (rows it deleted or updated, tables and "
                                  "columns it dropped, values it retyped) is restored by primary key from what it captured "
                                  "when it ran (migrations applied before captures: from the backup), keeping every value "
                                  "the application wrote since")
         return TargetPlan(target=RollbackTarget.DATABASE, strategy="schema_rollback", from_version=current, to_version=to,
-                          steps=steps, checks=["down SQL restores the backup's shape", "restored values match the backup",
-                                               "row fingerprints before vs after (REPEATABLE READ)"],
-                          params={"undo": steps_undo, "target_backup_id": oldest.id}, evidence=evidence)
+                          checks=["down SQL restores the backup's shape", "restored values match the backup",
+                                  "row fingerprints before vs after (REPEATABLE READ)"],
+                          params=SchemaRollbackParams(undo=steps_undo, target_backup_id=oldest.id), evidence=evidence)
 
     async def _assess_pitr(self, environment: str, target: DatabaseTarget, current: str, to: str,
-                           oldest: BackupManifest | None, options: dict[str, Any], evidence: dict[str, Any]) -> TargetPlan:
+                           oldest: BackupManifest | None, options: DatabaseOptions, evidence: dict[str, Any]) -> TargetPlan:
         if target.pitr is None:
             raise _refuse("point-in-time recovery is not configured for this database (targets.database.pitr)")
-        restore_point = options.get("restore_point")
-        target_time = options.get("target_time")
+        restore_point = options.restore_point
+        target_time = options.target_time.isoformat() if options.target_time else None
         if not restore_point and not target_time:
             restore_point = oldest.restore_point if oldest else None
             if not restore_point:
@@ -200,17 +208,16 @@ class DatabaseRollback:
         except pitr.PitrError as err:
             raise _refuse(str(err)) from None
         evidence["loses"] = loss
-        label = f"restore point {restore_point}" if restore_point else f"time {target_time}"
         return TargetPlan(
             target=RollbackTarget.DATABASE, strategy="pitr", from_version=current, to_version=to,
-            steps=[f"recover {database_name(live_dsn)} to {label} into a new database and swap it in"],
             checks=["recovered database is at the known-good revision"],
-            params={"restore_point": restore_point, "target_time": target_time, "approval_required": True}, evidence=evidence)
+            params=PitrParams(database=database_name(live_dsn), restore_point=restore_point, target_time=target_time),
+            evidence=evidence)
 
     # -- migrations ----------------------------------------------------------------------
 
-    @activity.defn(name="database.backup")
-    async def backup(self, inp: BackupInput) -> dict[str, Any]:
+    @activity.defn(name=BACKUP)
+    async def backup(self, inp: BackupInput) -> BackupSummary:
         target = self.target(inp.environment)
         async with heartbeating(f"backup {inp.backup_id}"):
             try:
@@ -224,8 +231,8 @@ class DatabaseRollback:
         self.catalog(target).record(manifest)
         return _backup_summary(manifest)
 
-    @activity.defn(name="database.plan_migration")
-    async def plan_migration(self, inp: MigrationInput) -> dict[str, Any]:
+    @activity.defn(name=PLAN_MIGRATION)
+    async def plan_migration(self, inp: MigrationInput) -> MigrationPlan:
         """Which migrations take the database from where it is to `inp.revision`, oldest first."""
         target = self.target(inp.environment)
         migrations = await self.migrations(target)
@@ -241,10 +248,10 @@ class DatabaseRollback:
             pending = plan_upgrade(migrations, current, inp.revision)
         except MigrationError as err:
             raise _fail(str(err), "InvalidRequest") from None
-        return {"current": current, "pending": [m.revision for m in pending], "labels": [m.label for m in pending]}
+        return MigrationPlan(current=current, pending=[m.revision for m in pending], labels=[m.label for m in pending])
 
-    @activity.defn(name="database.apply_migration")
-    async def apply_migration(self, inp: MigrationInput) -> dict[str, Any]:
+    @activity.defn(name=APPLY_MIGRATION)
+    async def apply_migration(self, inp: MigrationInput) -> AppliedMigration:
         target = self.target(inp.environment)
         migration = find(await self.migrations(target), inp.revision)
         async with heartbeating(f"apply {migration.label}"), self.connection(target) as conn:
@@ -253,12 +260,12 @@ class DatabaseRollback:
                                         attempts=target.lock_attempts)
             except MigrationError as err:
                 raise _fail(f"{err}; backup {inp.backup_id} is kept", "MigrationFailed") from None
-        return result.model_dump()
+        return result
 
     # -- schema rollback -------------------------------------------------------------------
 
-    @activity.defn(name="database.verify_backup")
-    async def verify_backup(self, inp: BackupInput) -> dict[str, Any]:
+    @activity.defn(name=VERIFY_BACKUP)
+    async def verify_backup(self, inp: BackupInput) -> BackupSummary:
         target = self.target(inp.environment)
         manifest = self.manifest(target, inp.backup_id)
         async with heartbeating(f"verify {inp.backup_id}"):
@@ -268,7 +275,7 @@ class DatabaseRollback:
                 raise _fail(f"backup {inp.backup_id} refused for restore: {err}", "BackupCorrupt") from None
         return _backup_summary(checked)
 
-    @activity.defn(name="database.integrity_before")
+    @activity.defn(name=INTEGRITY_BEFORE)
     async def integrity_before(self, inp: IntegrityInput) -> SnapshotRef:
         target = self.target(inp.environment)
         shape = self.manifest(target, inp.target_backup_id).schema_snapshot
@@ -278,8 +285,8 @@ class DatabaseRollback:
         return SnapshotRef(label=snap.label, pg_snapshot=snap.pg_snapshot, tables=len(snap.tables),
                            rows=sum(t.rows for t in snap.tables.values()), seconds=snap.seconds)
 
-    @activity.defn(name="database.revert_migration")
-    async def revert_migration(self, inp: MigrationInput) -> dict[str, Any]:
+    @activity.defn(name=REVERT_MIGRATION)
+    async def revert_migration(self, inp: MigrationInput) -> RevertResult:
         target = self.target(inp.environment)
         migration = find(await self.migrations(target), inp.revision)
         assert inp.backup_id is not None
@@ -295,7 +302,7 @@ class DatabaseRollback:
             except PgBouncerError as err:
                 # A PAUSE that timed out waits for a long application transaction: worth another attempt later.
                 raise ApplicationError(str(err), type="PoolBusy") from None
-        return {**result.model_dump(), "attempt": activity.info().attempt}
+        return result.model_copy(update={"attempt": activity.info().attempt})
 
     def _rebuild_options(self, target: DatabaseTarget, manifest: BackupManifest,
                          conn: asyncpg.Connection) -> RebuildOptions | None:
@@ -342,11 +349,11 @@ class DatabaseRollback:
 
         return terminate
 
-    @activity.defn(name="database.restore_data")
-    async def restore_data(self, inp: RestoreInput) -> dict[str, Any]:
+    @activity.defn(name=RESTORE_DATA)
+    async def restore_data(self, inp: RestoreInput) -> RestoreResult:
         target = self.target(inp.environment)
         manifest = self.manifest(target, inp.backup_id)
-        revert = RevertResult.model_validate(inp.revert)
+        revert = inp.revert
         system_xids = [revert.migration_xid, revert.xid]
         progress: dict[str, str] = {}
         async with heartbeating(f"restore data of {inp.revision}"):
@@ -379,10 +386,10 @@ class DatabaseRollback:
         if bad:
             raise _fail("restored values differ from the backup afterwards: " +
                         ", ".join(f"{t.table} ({t.mismatches_after} rows)" for t in bad), "IntegrityViolation")
-        return {**result.model_dump(), "attempt": activity.info().attempt}
+        return result.model_copy(update={"attempt": activity.info().attempt})
 
-    @activity.defn(name="database.validate")
-    async def validate(self, inp: ValidateDbInput) -> dict[str, Any]:
+    @activity.defn(name=VALIDATE)
+    async def validate(self, inp: ValidateDbInput) -> IntegrityBrief:
         target = self.target(inp.environment)
         async with heartbeating("integrity validation"), self.connection(target) as conn:
             report = await integrity.load_report(conn, inp.key)  # a retry after the comparison was made
@@ -390,12 +397,12 @@ class DatabaseRollback:
                 report = await self._compare(conn, target, inp)
                 # The report names what differs; the snapshot and its per-row hashes have served either way.
                 await integrity.store_report(conn, inp.key, report)
-        brief = integrity.brief(report, stored_as=f"rollback_meta.integrity_reports key {inp.key}").model_dump(mode="json")
+        brief = integrity.brief(report, stored_as=f"rollback_meta.integrity_reports key {inp.key}")
         if not report.ok:
             named = "; ".join(f"{d.table} {d.kind} " + ",".join(f"{k}={v}" for k, v in (d.key or {}).items())
                               for d in report.differences if d.cause == "unexplained")
             # The brief rides along (failure details), so the status shows the evidence of a failed check too.
-            raise ApplicationError(f"integrity check failed: {report.summary}; {named}"[:1500], brief,
+            raise ApplicationError(f"integrity check failed: {report.summary}; {named}"[:1500], brief.model_dump(mode="json"),
                                    type="IntegrityViolation", non_retryable=True)
         return brief
 
@@ -418,16 +425,16 @@ class DatabaseRollback:
                                        allow_deletes=target.allow_concurrent_deletes,
                                        rebuilt=await _rebuilt_tables(conn, inp.restore_keys))
 
-    @activity.defn(name="database.discard_snapshot")
-    async def discard_snapshot(self, inp: DbStepInput) -> dict[str, Any]:
+    @activity.defn(name=DISCARD_SNAPSHOT)
+    async def discard_snapshot(self, inp: DbStepInput) -> SnapshotDiscarded:
         """Compensation: drop an integrity snapshot (stored under `inp.key`) that will never be compared."""
         target = self.target(inp.environment)
         async with self.connection(target) as conn:
             discarded = await integrity.discard_snapshot(conn, inp.key)
-        return {"summary": f"integrity snapshot {inp.key} " + ("discarded" if discarded else "was not there: nothing to discard")}
+        return SnapshotDiscarded(label=inp.key, discarded=discarded)
 
-    @activity.defn(name="database.reapply_migration")
-    async def reapply_migration(self, inp: MigrationInput) -> dict[str, Any]:
+    @activity.defn(name=REAPPLY_MIGRATION)
+    async def reapply_migration(self, inp: MigrationInput) -> Reapplied:
         """Compensation: undo a revert (re-apply the migration, put the archived data back)."""
         target = self.target(inp.environment)
         migration = find(await self.migrations(target), inp.revision)
@@ -435,7 +442,7 @@ class DatabaseRollback:
             await ensure_bookkeeping(conn)
             raw = await conn.fetchval("SELECT result FROM rollback_meta.reverts WHERE key = $1", inp.key)
             if raw is None:
-                return {"reapplied": False, "why": "the revert never happened"}
+                return Reapplied(reapplied=False, why="the revert never happened")
             revert = RevertResult.model_validate_json(raw)
             if destroyed := await _restored_since_revert(conn, revert, inp.restore_key):
                 raise ApplicationError(
@@ -443,9 +450,9 @@ class DatabaseRollback:
                     "would destroy that again, with whatever the application has written there since; the reverted "
                     "schema and the restored data are kept", type="RevertIrreversible", non_retryable=True)
 
-            async def body(c: asyncpg.Connection) -> dict[str, Any]:
+            async def body(c: asyncpg.Connection) -> Reapplied:
                 if await c.fetchval("SELECT count(*) FROM rollback_meta.migrations WHERE revision = $1", migration.revision):
-                    return {"reapplied": False, "why": "already re-applied"}
+                    return Reapplied(reapplied=False, why="already re-applied")
                 xid, capture = await run_captured(c, migration)
                 for item in revert.archived:
                     schema, table = item.source.split(".", 1)
@@ -458,7 +465,7 @@ class DatabaseRollback:
                         join = " AND ".join(f"t.{ident(k)} = a.{ident(k)}" for k in item.key)
                         await c.execute(f"UPDATE {qualified(schema, table)} t SET {sets} FROM {source} a WHERE {join}")
                 await record_applied(c, migration, xid=xid, backup_id=inp.backup_id, capture=capture)
-                return {"reapplied": True, "archives_restored": [a.archive_table for a in revert.archived]}
+                return Reapplied(reapplied=True, archives_restored=[a.archive_table for a in revert.archived])
 
             try:
                 return await in_transaction_with_lock_timeout(conn, body, lock_timeout_ms=target.lock_timeout_ms,
@@ -469,8 +476,8 @@ class DatabaseRollback:
 
     # -- point-in-time recovery --------------------------------------------------------------
 
-    @activity.defn(name="database.pitr")
-    async def recover_to_point(self, inp: PitrInput) -> dict[str, Any]:
+    @activity.defn(name=RECOVER_TO_POINT)
+    async def recover_to_point(self, inp: PitrInput) -> Recovered:
         target = self.target(inp.environment)
         assert target.pitr is not None and target.pitr.work_dir is not None
         dsn = self.dsn(target)
@@ -497,16 +504,16 @@ class DatabaseRollback:
                                           timeout=target.pitr.swap_timeout_seconds)
             except pitr.NameTaken as err:
                 raise _fail(str(err), "PitrRefused") from None
-        return {"recovered_to": point.describe(), "live": live, "retired": inp.retired_name}
+        return Recovered(recovered_to=point.describe(), live=live, retired=inp.retired_name)
 
-    @activity.defn(name="database.swap_back")
-    async def swap_back(self, inp: SwapBackInput) -> dict[str, Any]:
+    @activity.defn(name=SWAP_BACK)
+    async def swap_back(self, inp: SwapBackInput) -> SwappedBack:
         """Compensation of a recovery: the retired (pre-recovery) database becomes live again."""
         target = self.target(inp.environment)
         dsn = self.dsn(target)
         live = database_name(dsn)
         if not await _database_exists(dsn, inp.retired_name):
-            return {"swapped_back": False, "why": f"{inp.retired_name} does not exist: the recovery never swapped"}
+            return SwappedBack(swapped_back=False, why=f"{inp.retired_name} does not exist: the recovery never swapped")
         await self.close()
         try:
             await pitr.swap_databases(admin_dsn=with_database(dsn, "postgres"), live=live, replacement=inp.retired_name,
@@ -516,14 +523,19 @@ class DatabaseRollback:
                                       timeout=target.pitr.swap_timeout_seconds if target.pitr else 120)
         except pitr.NameTaken as err:
             raise _fail(str(err), "CompensationFailed") from None
-        return {"swapped_back": True}
+        return SwappedBack(swapped_back=True)
 
-    @activity.defn(name="database.current_revision")
+    @activity.defn(name=CURRENT_REVISION)
     async def current_revision(self, inp: BackupInput) -> str | None:
         target = self.target(inp.environment)
         async with self.connection(target) as conn:
             done = await applied(conn)
         return done[-1].revision if done else None
+
+
+
+def build(shared: Shared) -> DatabaseRollback:
+    return DatabaseRollback(shared.config)
 
 
 async def _restored_since_revert(conn: asyncpg.Connection, revert: RevertResult, restore_key: str | None) -> str:
@@ -578,8 +590,7 @@ async def _database_exists(dsn: str, name: str) -> bool:
         await conn.close()
 
 
-def _backup_summary(manifest: BackupManifest) -> dict[str, Any]:
-    return {"id": manifest.id, "revision": manifest.revision, "next_revision": manifest.next_revision,
-            "total_bytes": manifest.total_bytes, "files": len(manifest.files), "restore_point": manifest.restore_point,
-            "verified_at": manifest.verified_at.isoformat() if manifest.verified_at else None,
-            "created_at": manifest.created_at.isoformat()}
+def _backup_summary(manifest: BackupManifest) -> BackupSummary:
+    return BackupSummary(id=manifest.id, revision=manifest.revision, next_revision=manifest.next_revision,
+                         total_bytes=manifest.total_bytes, files=len(manifest.files), restore_point=manifest.restore_point,
+                         verified_at=manifest.verified_at, created_at=manifest.created_at)

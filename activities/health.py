@@ -12,6 +12,7 @@ from temporalio import activity
 from activities.heartbeat import heartbeating
 from rollback.config import HealthCheck
 from rollback.models import HealthReport, HealthSample
+from rollback.payloads import CHECK_HTTP
 
 
 class HttpCheckInput(BaseModel):
@@ -96,7 +97,7 @@ class HttpHealth:
             detail="; ".join(sorted(set(failures)))[:500],
         )
 
-    @activity.defn(name="health.check_http")
+    @activity.defn(name=CHECK_HTTP)
     async def check_http(self, inp: HttpCheckInput) -> HealthReport:
         async with heartbeating(f"check {inp.base_url}"):
             return await self.validate(inp)

@@ -13,7 +13,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from rollback.config import ConfigSource
-from rollback.payloads import StartRollbackInput, StartRollbackResult
+from rollback.payloads import START_ROLLBACK, StartRollbackInput, StartRollbackResult
 from rollback.client import search_attributes_for
 from rollback.state import StateStore
 
@@ -46,7 +46,7 @@ class Incidents:
                 return candidate
         return None
 
-    @activity.defn(name="monitor.start_rollback")
+    @activity.defn(name=START_ROLLBACK)
     async def start_rollback(self, inp: StartRollbackInput) -> StartRollbackResult:
         running = await self._running_rollback(inp)
         if running:

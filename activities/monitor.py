@@ -32,7 +32,7 @@ from activities.heartbeat import heartbeating
 from rollback.config import (DEFAULT_PROMETHEUS_WINDOW_SECONDS, HOST_GAUGES, POSTGRES_GAUGES, ConfigSource, Dependency,
                              MetricDefinition, Monitoring, PostgresSource, Probe, PrometheusSource, dependency_gauges)
 from rollback.monitoring import Collection, MonitorSettings, ProbeSample, Reading
-from rollback.payloads import CollectInput
+from rollback.payloads import COLLECT_READINGS, MONITOR_SETTINGS, CollectInput
 
 __all__ = ["CollectInput", "HealthMonitor"]
 
@@ -99,12 +99,12 @@ class HealthMonitor:
             raise _invalid(f"environment {environment!r} has no 'monitoring' block in {self.config.path}")
         return env.monitoring
 
-    @activity.defn(name="monitor.settings")
+    @activity.defn(name=MONITOR_SETTINGS)
     async def settings(self, environment: str) -> MonitorSettings:
         monitoring = self.monitoring(environment)
         return monitoring.settings(environment, self.config.get().rollback.auto_rollback_enabled)
 
-    @activity.defn(name="monitor.collect")
+    @activity.defn(name=COLLECT_READINGS)
     async def collect(self, inp: CollectInput) -> Collection:
         monitoring = self.monitoring(inp.environment)
         collection = Collection()

@@ -19,7 +19,7 @@ from rollback import integrity
 from rollback.backups import BackupCatalog, delete_backup, select_expired
 from rollback.config import ConfigSource, DatabaseTarget
 from rollback.pg import MissingDsn, dsn_from_env, qualified
-from rollback.payloads import RetentionInput
+from rollback.payloads import APPLY_RETENTION, RetentionInput, RetentionReport
 from rollback.schema_rollback import ARCHIVE_SCHEMA
 from rollback.state import StateStore
 
@@ -35,12 +35,12 @@ class Retention:
             return True
         return False
 
-    @activity.defn(name="retention.apply")
-    async def apply(self, inp: RetentionInput) -> dict[str, Any]:
+    @activity.defn(name=APPLY_RETENTION)
+    async def apply(self, inp: RetentionInput) -> RetentionReport:
         config = self.config.get()
         now = datetime.now(timezone.utc)
         days = config.rollback.backup_retention_days
-        report: dict[str, Any] = {"retention_days": days, "deleted": [], "pinned": {}, "archives_dropped": [], "skipped": {}}
+        report = RetentionReport(retention_days=days)
         for name, env in config.environments.items():
             target = env.targets.database
             if target is None or target.backup_dir is None:
@@ -48,18 +48,18 @@ class Retention:
             catalog = BackupCatalog(target.backup_dir)
             manifests = catalog.list(name)
             if await self._rollback_running(name):
-                report["skipped"][name] = "a rollback is running: every backup of this environment is kept"
+                report.skipped[name] = "a rollback is running: every backup of this environment is kept"
                 continue
             versions = StateStore(config.state_dir).versions(name, "database", seed=target.versions)
             pinned = _pins(manifests, versions.current, versions.known_good)
             archives = await self._archives(target, now - timedelta(days=days), drop=not inp.dry_run)
             pinned |= {m.id for m in manifests if m.next_revision in archives["recent_revisions"]}
-            report["pinned"][name] = sorted(pinned)
-            report["archives_dropped"] += archives["dropped"]
+            report.pinned[name] = sorted(pinned)
+            report.archives_dropped += archives["dropped"]
             for backup_id in select_expired(manifests, now=now, retention_days=days, pinned=pinned):
                 if not inp.dry_run:
                     delete_backup(catalog, backup_id)
-                report["deleted"].append(backup_id)
+                report.deleted.append(backup_id)
             activity.heartbeat(name)
         return report
 

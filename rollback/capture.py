@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import asyncpg
-from pydantic import BaseModel, Field
 
 from rollback.names import derived_name
+from rollback.targets.database.contract import Capture, CapturedObject
 from rollback.pg import ident, qualified
 from rollback.sql_statements import first_keyword, split_statements
 
@@ -73,41 +73,6 @@ END $$;
 """
 # How many times a statement may run again after destroying something unforeseen.
 RERUNS = 3
-
-
-class CapturedObject(BaseModel):
-    """One archive table of a migration's capture."""
-
-    table: str = Field(description="schema.table as named when captured")
-    initial_table: str = Field(description="schema.table as named when the migration started (before any rename)")
-    kind: Literal["rows", "new", "table", "columns", "retyped", "retyped_after"]
-    statement: int = Field(description="1-based statement that destroyed it (rows, new: the first; each row has its own)")
-    archive_table: str = Field(description=f"table in {ARCHIVE_SCHEMA}")
-    key: list[str]
-    columns: list[str] = Field(description="captured columns of the table, with their types below")
-    types: dict[str, str]
-    rows: int = 0
-
-
-class Capture(BaseModel):
-    """What a migration destroyed and where its before-images are (rollback_meta.migrations.capture)."""
-
-    statements: int
-    objects: list[CapturedObject] = Field(default_factory=list)
-    uncaptured: list[str] = Field(default_factory=list, description="what could not be captured, and why")
-
-    def destroys(self) -> list[str]:
-        """In words, for plans and refusals."""
-        said: dict[str, list[str]] = {}
-        for o in self.objects:
-            if o.kind == "table":
-                said.setdefault(o.table, []).append("dropped")
-            elif o.kind in ("columns", "retyped"):
-                verb = "dropped" if o.kind == "columns" else "changed the type of"
-                said.setdefault(o.table, []).append(f"{verb} {', '.join(c for c in o.columns if c not in o.key)}")
-            elif o.kind == "rows" and o.rows:
-                said.setdefault(o.table, []).append(f"{o.rows} rows updated or deleted")
-        return [f"{table}: {'; '.join(parts)}" for table, parts in said.items()]
 
 
 # --------------------------------------------------------------------------- observing a statement

@@ -28,7 +28,8 @@ from temporalio.service import RPCError
 
 from rollback.client import RollbackError, RollbackOrchestrator, ensure_search_attributes
 from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigError, load_config
-from rollback.models import TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget, version_problem
+from rollback.models import TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget
+from rollback.versions import version_problem
 from rollback.settings import SEARCH_ATTRIBUTES, TemporalSettings, config_path, search_attribute_type
 from rollback.state import StateStore
 
@@ -385,7 +386,8 @@ def record_deploy(environment: str = typer.Option(..., "--environment", "-e"), t
         configured = config.environment(environment).targets.configured()
         if target not in configured:
             raise RollbackError(f"target {target!r} is not configured for {environment} (configured: {', '.join(configured)})")
-        seed = getattr(config.environment(environment).targets, target).versions
+        slice_config = config.environment(environment).targets.get(target)
+        seed = slice_config.versions if slice_config else None
         entry = StateStore(config.state_dir).record_deploy(environment, target, version, seed=seed)
         print(f"{environment}/{target}: current {entry.current}, known-good {entry.known_good or 'none recorded yet'}")
         return 0

@@ -15,7 +15,9 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from rollback.models import EXECUTION_ORDER, RollbackTarget, Version
+from rollback.models import EXECUTION_ORDER, RollbackTarget
+from rollback.targets.registry import BY_NAME
+from rollback.versions import Version
 from rollback.monitoring import DEFAULT_RULES, MetricSpec, MonitorSettings, Rule
 from rollback.pgbouncer import PgBouncerSettings
 from rollback.state import TargetVersions
@@ -374,15 +376,19 @@ class Targets(_Strict):
     backend: BackendTarget | None = None
     database: DatabaseTarget | None = None
 
+    def get(self, name: str) -> BackendTarget | DatabaseTarget | None:
+        """The configuration of target `name`, None when this environment does not configure it."""
+        return getattr(self, name) if name in CONFIGURABLE_TARGETS else None
+
     def configured(self) -> list[str]:
-        return [name for name in CONFIGURABLE_TARGETS if getattr(self, name) is not None]
+        return [name for name in CONFIGURABLE_TARGETS if self.get(name) is not None]
 
 
-# The targets this version can configure, in execution order (frontend, backend, database).
-# `frontend` is part of the request format (RollbackTarget) but has no slice yet: the CLI,
-# its help and the planner say so instead of offering it.
-CONFIGURABLE_TARGETS = tuple(t.value for t in EXECUTION_ORDER if t.value in Targets.model_fields)
-NOT_YET_AVAILABLE = tuple(t.value for t in EXECUTION_ORDER if t.value not in Targets.model_fields)
+# The targets this version has a slice for (rollback/targets/registry.py), in execution order
+# (frontend, backend, database). `frontend` is part of the request format (RollbackTarget) but
+# has no slice yet: the CLI, its help and the planner say so instead of offering it.
+CONFIGURABLE_TARGETS = tuple(t.value for t in EXECUTION_ORDER if t.value in BY_NAME)
+NOT_YET_AVAILABLE = tuple(t.value for t in EXECUTION_ORDER if t.value not in BY_NAME)
 
 
 class Environment(_Strict):

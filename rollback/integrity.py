@@ -37,6 +37,7 @@ import asyncpg
 from pydantic import BaseModel, Field, field_validator
 
 from rollback.pg import ident, qualified
+from rollback.targets.database.contract import Cause, Difference, IntegrityBrief, TableReport
 
 ARCHIVE_SCHEMA = "rollback_archive"
 XID_MODULUS = 2**32
@@ -138,32 +139,6 @@ class Snapshot(BaseModel):
     seconds: float
 
 
-Kind = Literal["missing", "inserted", "changed", "bucket"]
-Cause = Literal["concurrent_write", "rollback_write", "allowed_delete", "unexplained"]
-
-
-class Difference(BaseModel):
-    table: str
-    kind: Kind = Field(description="bucket: a table without kept rows or primary key; only its bucket is known")
-    key: dict[str, str | None] | None = None
-    bucket: int
-    after_xmin: int | None = Field(default=None, description="32-bit xmin of the live row; None for missing rows")
-    cause: Cause
-    detail: str
-
-
-class TableReport(BaseModel):
-    table: str
-    rows_before: int
-    rows_after: int
-    differing_buckets: int
-    keyed: bool = Field(description="differences name primary keys (kept rows and a primary key)")
-    missing: int = 0
-    inserted: int = 0
-    changed: int = 0
-    concurrent: int = 0
-    rollback: int = 0
-    unexplained: int = 0
 
 
 class IntegrityReport(BaseModel):
@@ -888,23 +863,6 @@ def _summary(ok: bool, reports: dict[str, TableReport]) -> str:
              for r in changed[:SUMMARY_TABLES]]
     more = f"; and {len(changed) - SUMMARY_TABLES} more table(s) with differences" if len(changed) > SUMMARY_TABLES else ""
     return ("integrity ok" if ok else "integrity FAILED") + " - " + "; ".join(parts) + more
-
-
-class IntegrityBrief(BaseModel):
-    """What a workflow keeps of a report: bounded whatever the number of tables and differences
-    (the whole report stays in rollback_meta.integrity_reports under `stored_as`)."""
-
-    ok: bool
-    summary: str
-    label: str
-    stored_as: str
-    tables_checked: int
-    tables: dict[str, TableReport] = Field(description="tables with differences, unexplained first, at most 20")
-    tables_with_differences: int
-    differences: list[Difference] = Field(description="the first 20, unexplained first; key values cut at 200 characters")
-    differences_total: int
-    notes: list[str]
-    seconds: float
 
 
 def brief(report: IntegrityReport, *, stored_as: str, tables: int = 20, differences: int = 20,

@@ -20,11 +20,11 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import asyncpg
-from pydantic import BaseModel, Field
 
-from rollback.capture import Capture, CaptureError, MigrationCapture
+from rollback.capture import CaptureError, MigrationCapture
 from rollback.migration_model import Migration, MigrationError
 from rollback.pgschema import snapshot
+from rollback.targets.database.contract import AppliedMigration, Capture
 
 FILE_NAME = re.compile(r"^(?P<revision>\d{1,12})_(?P<name>[A-Za-z0-9_-]+)\.(?P<direction>up|down)\.sql$")
 
@@ -41,16 +41,6 @@ CREATE TABLE IF NOT EXISTS rollback_meta.migrations (
 ALTER TABLE rollback_meta.migrations ADD COLUMN IF NOT EXISTS shape_after jsonb;
 ALTER TABLE rollback_meta.migrations ADD COLUMN IF NOT EXISTS capture jsonb;
 """
-
-
-class AppliedMigration(BaseModel):
-    revision: str
-    name: str
-    xid: int
-    backup_id: str | None = None
-    checksum: str | None = None
-    capture: Capture | None = Field(default=None, description="what it destroyed, captured when applied (None: "
-                                    "applied before captures existed; its rollback restores from the backup)")
 
 
 def revision_key(revision: str) -> int:

@@ -6,44 +6,14 @@ Workflows import this module, so it stays free of I/O and heavy imports.
 from __future__ import annotations
 
 import json
-import re
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-
-# A version (a release name, or a database revision such as 0002 or an Alembic id) ends up
-# among a deploy hook's arguments (deploy_command's {version}), where the hook may wrap
-# `ssh` or `sh -c`. So one strict rule at every door: never a leading `-` (an option), no
-# `/` or `..` (a path), no whitespace or shell metacharacters, and bounded length.
-VERSION_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._+-]{0,63}$"
-VERSION_RULE = "1 to 64 letters, digits, '.', '_', '+' or '-', starting with a letter, digit or '_', without '..'"
-_VERSION = re.compile(VERSION_PATTERN)
-
-
-def version_problem(value: object) -> str | None:
-    """Why `value` cannot be a version, in one line; None if it is one."""
-    if isinstance(value, str) and _VERSION.fullmatch(value) and ".." not in value:
-        return None
-    shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-    return f"{shown} is not a valid version ({VERSION_RULE})"
-
-
-def _check_version(value: str) -> str:
-    problem = version_problem(value)
-    if problem is not None:
-        # A custom error: the message is ours, not "Value error, ..."; passed as context so
-        # braces in the value are never read as a format string.
-        raise PydanticCustomError("version", "{problem}", {"problem": problem})
-    return value
-
-
-Version = Annotated[str, AfterValidator(_check_version), WithJsonSchema(
-    {"type": "string", "pattern": r"^(?!.*\.\.)" + VERSION_PATTERN[1:], "maxLength": 64,
-     "description": f"a release or database revision: {VERSION_RULE}"})]
+from rollback.targets.registry import TargetParams
+from rollback.versions import Version
 
 
 # Triggers hand a rollback at most 16 KB of evidence (rollback/monitoring.py); a request may carry twice that.
@@ -190,18 +160,45 @@ class HealthReport(BaseModel):
     versions: dict[str, int] = Field(default_factory=dict)
     detail: str = ""
 
+    def step_detail(self) -> str:
+        versions = f", versions {self.versions}" if self.versions else ""
+        return f"{self.successes}/{self.samples} healthy, p95 {self.p95_latency_ms} ms{versions}"
+
+
+class Step(BaseModel):
+    """One step of a rollback, declared once by its target's flow: the plan shows it, the status
+    records it and the execution runs it under this identity (never matched by its text)."""
+
+    id: str = Field(description="unique within a rollback, e.g. backend.batch.2")
+    name: str = Field(description="what a person reads")
+    target: str = Field(description="a target, or 'all'")
+
 
 class TargetPlan(BaseModel):
     target: RollbackTarget
     strategy: str
     from_version: str | None
     to_version: str
-    steps: list[str]
+    steps: list[str] = Field(default_factory=list, description="the names of the steps its flow declares for this plan")
     checks: list[str]
     # What the execution phase needs (colours, batches), decided here so that the
     # workflow replays the same plan even if the config file changes meanwhile.
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: TargetParams
     evidence: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _params_name_their_strategy(cls, data: Any) -> Any:
+        # Plans recorded before the parameters were typed carry the strategy beside them only.
+        if isinstance(data, dict) and isinstance(data.get("params"), dict) and "strategy" not in data["params"]:
+            data = {**data, "params": {**data["params"], "strategy": data.get("strategy")}}
+        return data
+
+    @model_validator(mode="after")
+    def _one_strategy(self) -> "TargetPlan":
+        if self.params.strategy != self.strategy:  # type: ignore[attr-defined]
+            raise ValueError(f"params are for strategy {self.params.strategy!r}, the plan says {self.strategy!r}")  # type: ignore[attr-defined]
+        return self
 
 
 class RollbackPlan(BaseModel):
@@ -217,8 +214,12 @@ class RollbackPlan(BaseModel):
     notification_channels: list[str]
     trigger_evidence: dict[str, Any] = Field(default_factory=dict)
 
+    def step_detail(self) -> str:
+        return "; ".join(f"{t.target.value}: {t.strategy} {t.from_version} -> {t.to_version}" for t in self.targets)
+
 
 class StepRecord(BaseModel):
+    id: str = Field(default="", description="Step.id")
     name: str
     target: str
     state: Literal["pending", "running", "succeeded", "failed", "skipped", "compensated"] = "pending"

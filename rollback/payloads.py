@@ -1,7 +1,9 @@
 """Inputs and results of activities: what workflows send to and get back from them.
 
-Kept apart from the activity implementations so workflow modules can import them
-without pulling in httpx, asyncpg or subprocess code.
+The ones every target shares (the lock, the version record, notifications, the monitor's);
+each target's own are in rollback/targets/<target>/contract.py. Kept apart from the activity
+implementations so workflow modules can import them without pulling in httpx, asyncpg or
+subprocess code.
 """
 
 from __future__ import annotations
@@ -10,8 +12,22 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from rollback.models import RollbackRequest, Version
+from rollback.models import RollbackRequest
+from rollback.versions import Version
 
+
+# The shared activities, by the names they are registered under.
+PLAN_ROLLBACK = "coordination.plan"
+ACQUIRE_LOCK = "coordination.acquire_lock"
+RELEASE_LOCK = "coordination.release_lock"
+RECORD_RESTORED = "coordination.record_restored"
+RECORD_DEPLOYED = "coordination.record_deployed"
+SEND_NOTIFICATION = "notify.send"
+MONITOR_SETTINGS = "monitor.settings"
+COLLECT_READINGS = "monitor.collect"
+START_ROLLBACK = "monitor.start_rollback"
+CHECK_HTTP = "health.check_http"
+APPLY_RETENTION = "retention.apply"
 
 
 class LockInput(BaseModel):
@@ -24,38 +40,6 @@ class RecordInput(BaseModel):
     target: str
     version: Version
     key: str = Field(description="idempotency key: workflow id + step")
-
-
-class SwitchInput(BaseModel):
-    environment: str
-    colour: str
-    expect_version: Version
-
-
-class SwitchResult(BaseModel):
-    colour: str
-    reloaded: bool
-    front_door_versions: dict[str, int]
-    attempt: int
-
-
-class BatchInput(BaseModel):
-    environment: str
-    instances: list[str] = Field(min_length=1)
-    version: Version
-    require_healthy: bool = True
-
-
-class BatchResult(BaseModel):
-    instances: list[str]
-    restarted: list[str]
-    reloads: int
-    attempt: int
-
-
-class ValidateInput(BaseModel):
-    environment: str
-    expect_version: str
 
 
 class Notification(BaseModel):
@@ -89,63 +73,15 @@ class StartRollbackResult(BaseModel):
     started: bool = Field(description="False: attached to a rollback already running")
 
 
-# -- database target (results are plain dicts in the workflow: their models live beside asyncpg code) --
-
-class DbStepInput(BaseModel):
-    environment: str
-    key: str = Field(description="idempotency key: workflow id + step; names archives and restore records")
-
-
-class BackupInput(DbStepInput):
-    backup_id: str
-    revision: str | None = Field(description="the revision the database is at")
-    next_revision: str | None = Field(default=None, description="the migration about to be applied")
-
-
-class MigrationInput(DbStepInput):
-    revision: str
-    backup_id: str | None = None
-    restore_key: str | None = Field(default=None, description="re-apply: the key of the restore step after the revert")
-
-
-class RestoreInput(DbStepInput):
-    revision: str
-    backup_id: str
-    revert: dict[str, Any] = Field(description="the revert step's result: what changed and its transaction id")
-    integrity_snapshot: str | None = Field(default=None, description="SnapshotRef.pg_snapshot: a table rebuild records "
-                                           "who wrote the rows written after it")
-
-
-class IntegrityInput(DbStepInput):
-    target_backup_id: str = Field(description="backup taken before the oldest migration undone: the known-good shape")
-
-
-class SnapshotRef(BaseModel):
-    """An integrity snapshot kept in the database (rollback_meta.integrity_snapshots): its fingerprints
-    grow with the database (~90 KB per table), so only this travels through Temporal."""
-
-    label: str = Field(description="the key it is stored under")
-    pg_snapshot: str
-    tables: int
-    rows: int
-    seconds: float
-
-
-class ValidateDbInput(DbStepInput):
-    snapshot_label: str = Field(description="SnapshotRef.label of the snapshot taken before")
-    restore_keys: list[str] = Field(default_factory=list, description="keys of the restore steps whose writes are expected")
-    revert_keys: list[str] = Field(default_factory=list)
-
-
-class PitrInput(DbStepInput):
-    restore_point: str | None = None
-    target_time: str | None = Field(default=None, description="ISO 8601 with a timezone")
-    retired_name: str = Field(description="the live database is renamed to this; nothing is dropped")
-
-
-class SwapBackInput(DbStepInput):
-    retired_name: str
-
-
 class RetentionInput(BaseModel):
     dry_run: bool = False
+
+
+class RetentionReport(BaseModel):
+    """What a retention run deleted and kept, per environment."""
+
+    retention_days: int
+    deleted: list[str] = Field(default_factory=list, description="backup ids")
+    pinned: dict[str, list[str]] = Field(default_factory=dict, description="backup ids kept whatever their age, per environment")
+    archives_dropped: list[str] = Field(default_factory=list, description="tables in rollback_archive")
+    skipped: dict[str, str] = Field(default_factory=dict, description="environments left alone, and why")

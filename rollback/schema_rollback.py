@@ -23,17 +23,15 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import asyncpg
-from pydantic import BaseModel, Field
 
 from rollback.backups import TableCopy, open_table_copy
-from rollback.capture import Capture
 from rollback.migrations import AttemptWrapper, Migration, MigrationError, in_transaction_with_lock_timeout
 from rollback.names import derived_name
 from rollback.pg import ident, qualified, written_after
 from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
+from rollback.targets.database.contract import ArchivedObject, Capture, RestoreResult, RevertResult, SchemaDiff, TableRestore
 from rollback.table_rebuild import BackupRows, LockPolicy, RebuildRefused, rebuild_table
 
 ARCHIVE_SCHEMA = "rollback_archive"
@@ -62,26 +60,6 @@ CREATE TABLE IF NOT EXISTS rollback_meta.rebuilds (
     PRIMARY KEY (key, table_name)
 );
 """
-
-
-class SchemaDiff(BaseModel):
-    """How the live schema differs from the shape the backup recorded (before the migration)."""
-
-    added_tables: list[str] = Field(default_factory=list)
-    dropped_tables: list[str] = Field(default_factory=list)
-    added_columns: dict[str, list[str]] = Field(default_factory=dict)
-    dropped_columns: dict[str, list[str]] = Field(default_factory=dict)
-    retyped_columns: dict[str, list[str]] = Field(default_factory=dict, description="columns whose type changed")
-
-    def describe(self, limit: int = 40) -> str:
-        """One line for a plan or a step (at most `limit` changes named: it travels through Temporal)."""
-        parts = [f"added table {t}" for t in self.added_tables]
-        parts += [f"added {t}({', '.join(c)})" for t, c in self.added_columns.items()]
-        parts += [f"dropped table {t}" for t in self.dropped_tables]
-        parts += [f"dropped {t}({', '.join(c)})" for t, c in self.dropped_columns.items()]
-        parts += [f"changed the type of {t}({', '.join(c)})" for t, c in self.retyped_columns.items()]
-        more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
-        return "; ".join(parts[:limit])[:4000] + more or "no table or column added or dropped"
 
 
 def diff(before: SchemaSnapshot, live: SchemaSnapshot) -> SchemaDiff:
@@ -115,26 +93,6 @@ def _existing(changes: SchemaDiff, live: SchemaSnapshot) -> SchemaDiff:
                          if t in live.tables and all(live.tables[t].column(c) is None for c in cols)},
         retyped_columns={t: cols for t, cols in changes.retyped_columns.items() if t in live.tables},
     )
-
-
-class ArchivedObject(BaseModel):
-    source: str = Field(description="schema.table the data came from")
-    archive_table: str = Field(description=f"table in {ARCHIVE_SCHEMA}")
-    columns: list[str]
-    key: list[str]
-    rows: int
-    whole_table: bool
-
-
-class RevertResult(BaseModel):
-    revision: str
-    xid: int
-    migration_xid: int = Field(description="the reverted migration's transaction: rows it last wrote still carry it")
-    diff: SchemaDiff
-    archived: list[ArchivedObject] = Field(default_factory=list)
-    repeated: bool = Field(default=False, description="True: an earlier attempt had already done it")
-    capture: Capture | None = Field(default=None, description="what the migration destroyed, captured when it was "
-                                    "applied: the restore's source (None: restored from the backup)")
 
 
 async def ensure_bookkeeping(conn: asyncpg.Connection) -> None:
@@ -318,34 +276,6 @@ async def _drop_copies(conn: asyncpg.Connection, copied: dict[str, str]) -> None
 
 
 # -- restoring destroyed data from the backup -------------------------------------------
-
-class TableRestore(BaseModel):
-    table: str
-    mode: str = Field(description="rows (dropped table), columns (dropped columns), rewritten (rows the migration changed); "
-                                  "captured: from the images the migration's capture took (every kind, three-way)")
-    columns: list[str]
-    backup_rows: int = 0
-    restored: int = 0
-    missing_in_live: int = Field(default=0, description="backup rows whose key is gone from the live table (deleted since)")
-    kept_application_version: int = Field(default=0, description="rewritten rows the application changed since: left as they are")
-    reinserted: int = Field(default=0, description="captured: rows the migration deleted, inserted again")
-    key_reused: int = Field(default=0, description="captured: deleted rows whose key the application has used since (its row stays)")
-    mismatches_after: int = Field(default=0, description="restored values that do not match the backup afterwards: must be 0")
-    method: Literal["merge", "rebuild"] = Field(default="merge", description="merged in place, or the table rebuilt and swapped")
-    caught_up: int = Field(default=0, description="rebuild: changes the application made during it, re-synced before the swap")
-    authors: str | None = Field(default=None, description="rebuild: the table (in rollback_archive) of who last wrote each "
-                                "row it re-synced from the live table, for the integrity check")
-    rebuild_xids: list[int] = Field(default_factory=list, description="rebuild: the transactions that wrote the new table")
-    note: str | None = Field(default=None, description="why a big table was merged in place rather than rebuilt")
-
-
-class RestoreResult(BaseModel):
-    tables: list[TableRestore] = Field(default_factory=list)
-
-    @property
-    def rows_restored(self) -> int:
-        return sum(t.restored for t in self.tables)
-
 
 def _cols(names: list[str], prefix: str = "") -> str:
     return ", ".join(f"{prefix}{ident(n)}" for n in names)

@@ -38,7 +38,7 @@ async def test_smoke_check_covers_every_path_through_the_front_door(blue_green, 
     from temporalio.testing import ActivityEnvironment
 
     from activities.backend import BackendRollback
-    from rollback.payloads import ValidateInput
+    from rollback.targets.backend.contract import ValidateInput
     from tests.conftest import write_config
 
     good = BackendRollback(write_config(blue_green, tmp_path), HttpHealth(http))

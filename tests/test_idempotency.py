@@ -11,7 +11,8 @@ from activities.coordination import Coordination
 from activities.database import DatabaseRollback
 from activities.health import HttpHealth
 from activities.notify import Notifier
-from rollback.payloads import BatchInput, LockInput, Notification, RecordInput, SwitchInput
+from rollback.payloads import LockInput, Notification, RecordInput
+from rollback.targets.backend.contract import BatchInput, SwitchInput
 from rollback.state import StateStore
 from tests.conftest import write_config
 from tests.helpers import front_version
@@ -49,7 +50,7 @@ async def test_roll_batch_twice_restarts_each_instance_once(rolling, tmp_path, h
 async def test_record_and_notify_and_lock_are_idempotent(blue_green, tmp_path, http, client):
     config = write_config(blue_green, tmp_path)
     backend = BackendRollback(config, HttpHealth(http))
-    coordination = Coordination(config, backend, DatabaseRollback(config), client)
+    coordination = Coordination(config, {"backend": backend, "database": DatabaseRollback(config)}, client)
     notifier = Notifier(config)
     env = ActivityEnvironment()
     store = StateStore(blue_green.base_dir / "state")

@@ -12,6 +12,7 @@ from rollback.dev import instances
 from rollback.dev.stack import BackendStack
 from rollback.models import Phase, RollbackRequest, RollbackResult, RollbackTarget
 from rollback.settings import SA_PHASE, SA_STATE
+from rollback.targets.backend.contract import BlueGreenParams
 from rollback.state import StateStore
 from tests.conftest import write_config
 from tests.helpers import front_version, keep_history, orchestrator, status_when
@@ -46,7 +47,7 @@ async def test_blue_green_rollback_restores_v1_phase_by_phase(blue_green, tmp_pa
     assert list(status.phase_started) == ["assessment", "coordination", "execution", "validation"]
     assert status.plan is not None and status.plan.targets[0].strategy == "blue_green"
     assert (status.plan.targets[0].from_version, status.plan.targets[0].to_version) == ("v2", "v1")
-    assert status.plan.targets[0].params == {"colour": "blue", "previous_colour": "green"}
+    assert status.plan.targets[0].params == BlueGreenParams(colour="blue", previous_colour="green")
     assert [s.state for s in status.steps] == ["succeeded"] * len(status.steps)
     assert {"switch traffic to blue", "validate backend"} <= {s.name for s in status.steps}
     smoke = next(s for s in status.steps if s.name == "smoke and performance check: backend")

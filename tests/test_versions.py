@@ -24,7 +24,7 @@ from activities.health import HttpHealth
 from rollback.api import ApiSettings, create_app
 from rollback.client import RollbackOrchestrator
 from rollback.models import RollbackRequest, RollbackTarget
-from rollback.payloads import BatchInput
+from rollback.targets.backend.contract import BatchInput
 from rollback.settings import TemporalSettings
 from rollback.state import StateStore
 from tests.conftest import write_config
@@ -35,7 +35,7 @@ TOKEN = "versions-test-token-0123456789"
 
 @pytest.mark.parametrize("version", ["v2.3.0", "0002", "ae1027a6acf", "1.4.0-rc.1+build.7", "release_2026_01", "V9"])
 def test_real_versions_and_revisions_pass(version: str) -> None:
-    from rollback.models import version_problem
+    from rollback.versions import version_problem
 
     assert version_problem(version) is None
     assert RollbackRequest(environment="demo", targets=[RollbackTarget.FULL],
@@ -45,7 +45,7 @@ def test_real_versions_and_revisions_pass(version: str) -> None:
 @pytest.mark.parametrize("version", [INJECTION, "-rf", "v1 v2", "v1;reboot", "$(id)", "`id`", "a/b", "..", "v1..v2",
                                      ".hidden", "", "v" * 65, "v1\n", "v1|sh", "v1&", "ü1"])
 def test_anything_else_is_refused(version: str) -> None:
-    from rollback.models import version_problem
+    from rollback.versions import version_problem
 
     assert version_problem(version) is not None
 
@@ -91,7 +91,7 @@ async def test_assessment_refuses_a_bad_recorded_version(blue_green, tmp_path: P
     StateStore(blue_green.state_dir).record_deploy("demo", "backend", INJECTION)  # v1 becomes known-good
     StateStore(blue_green.state_dir).record_deploy("demo", "backend", "v2")  # ... and the bad one known-good
     backend = BackendRollback(config, HttpHealth(http))
-    coordination = Coordination(config, backend, DatabaseRollback(config), client)
+    coordination = Coordination(config, {"backend": backend, "database": DatabaseRollback(config)}, client)
 
     with pytest.raises(ApplicationError) as refused:
         await ActivityEnvironment().run(coordination.plan, RollbackRequest(environment="demo", targets=[RollbackTarget.BACKEND]))

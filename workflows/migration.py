@@ -8,28 +8,21 @@ races a rollback. A migration that fails leaves the database as it was and keeps
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from rollback.models import MigrateRequest, MigrateResult
-    from rollback.payloads import BackupInput, LockInput, MigrationInput, RecordInput
+    from rollback.payloads import ACQUIRE_LOCK, RECORD_DEPLOYED, RELEASE_LOCK, LockInput, RecordInput
+    from rollback.targets.database import contract as database
+    from rollback.targets.database.contract import AppliedMigration, BackupInput, BackupSummary, MigrationInput, MigrationPlan
 
 from workflows.keys import effect_key
-from workflows.rollback import describe_failure
-
-NON_RETRYABLE = ["InvalidRequest", "EnvironmentLocked", "MigrationFailed", "BackupCorrupt", "CredentialsMissing"]
-
-
-def _retry(attempts: int) -> RetryPolicy:
-    return RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0, maximum_interval=timedelta(seconds=30),
-                       maximum_attempts=attempts, non_retryable_error_types=NON_RETRYABLE)
+from workflows.saga import StepKind, call, describe_failure
 
 
 @workflow.defn(name="DatabaseMigrationWorkflow")
@@ -50,49 +43,43 @@ class DatabaseMigrationWorkflow:
             raise ApplicationError(f"invalid MigrateRequest: {problems}", type="InvalidRequest", non_retryable=True) from None
         wf_id = workflow.info().workflow_id
         lock = LockInput(environment=request.environment, holder=wf_id)
-        await self._call("coordination.acquire_lock", lock, None, attempts=5)
+        await call(ACQUIRE_LOCK, lock, None, attempts=5)
         try:
             return await self._migrate(request, wf_id)
         except ActivityError as err:
             raise ApplicationError(f"migration of {request.environment} failed: {describe_failure(err)}",
                                    type="MigrationFailed", non_retryable=True) from None
         finally:
-            await self._call("coordination.release_lock", lock, None, attempts=20)
+            await call(RELEASE_LOCK, lock, None, attempts=20)
 
     async def _migrate(self, request: MigrateRequest, wf_id: str) -> MigrateResult:
         env = request.environment
-        plan = await self._call("database.plan_migration", MigrationInput(environment=env, key=effect_key("plan"),
-                                                                          revision=request.to_revision), dict, attempts=5)
-        current, applied, backups = plan["current"], [], []
-        self._say(f"database at {current or 'no revision'}; to apply: {', '.join(plan['labels']) or 'nothing'}")
-        for revision, label in zip(plan["pending"], plan["labels"], strict=True):
+        plan = await call(database.PLAN_MIGRATION, MigrationInput(environment=env, key=effect_key("plan"), revision=request.to_revision),
+                          MigrationPlan, attempts=5)
+        current, applied, backups = plan.current, [], []
+        self._say(f"database at {current or 'no revision'}; to apply: {', '.join(plan.labels) or 'nothing'}")
+        for revision, label in zip(plan.pending, plan.labels, strict=True):
             # Unique per run: two migrations started in the same second (one workflow id, reused
             # once the first ended) must not share a backup, or the second would reuse the first's.
             # (Run ids are UUIDv7: their head is a timestamp, their tail is random.)
             run = f"-{workflow.info().run_id[-8:]}" if workflow.patched("backup-id-per-run") else ""
             backup_id = f"{env}-{revision}-{wf_id.rsplit('-', 1)[-1]}{run}"
             self._say(f"backing up before {label} ({backup_id})")
-            backup = await self._call("database.backup", BackupInput(environment=env, key=effect_key("backup", revision),
-                                                                     backup_id=backup_id, revision=current, next_revision=revision),
-                                      dict, attempts=5, long=True)
+            backup = await call(database.BACKUP, BackupInput(environment=env, key=effect_key("backup", revision), backup_id=backup_id,
+                                                             revision=current, next_revision=revision),
+                                BackupSummary, attempts=5, kind=StepKind.DATA)
             backups.append(backup_id)
-            self._say(f"backup {backup_id}: {backup['total_bytes']} bytes, restore point {backup['restore_point'] or 'none'}")
+            self._say(f"backup {backup_id}: {backup.total_bytes} bytes, restore point {backup.restore_point or 'none'}")
             self._say(f"applying {label}")
-            await self._call("database.apply_migration", MigrationInput(environment=env, key=effect_key("apply", revision),
-                                                                        revision=revision, backup_id=backup_id),
-                             dict, attempts=3, long=True)
-            await self._call("coordination.record_deployed", RecordInput(environment=env, target="database", version=revision,
-                                                                         key=effect_key("record", revision)), None, attempts=10)
+            await call(database.APPLY_MIGRATION, MigrationInput(environment=env, key=effect_key("apply", revision), revision=revision,
+                                                                backup_id=backup_id), AppliedMigration, attempts=3, kind=StepKind.DATA)
+            await call(RECORD_DEPLOYED, RecordInput(environment=env, target="database", version=revision,
+                                                    key=effect_key("record", revision)), None, attempts=10)
             applied.append(revision)
             current = revision
             self._say(f"applied {label}; database at {revision}")
-        return MigrateResult(execution_id=wf_id, environment=env, from_revision=plan["current"], revision=current,
+        return MigrateResult(execution_id=wf_id, environment=env, from_revision=plan.current, revision=current,
                              applied=applied, backups=backups)
 
     def _say(self, line: str) -> None:
         self._progress.append(f"{workflow.now():%H:%M:%S} {line}")
-
-    def _call(self, name: str, arg: Any, result_type: type | None, *, attempts: int, long: bool = False):
-        return workflow.execute_activity(name, arg, result_type=result_type,
-                                         start_to_close_timeout=timedelta(hours=2 if long else 0, minutes=0 if long else 2),
-                                         heartbeat_timeout=timedelta(seconds=30) if long else None, retry_policy=_retry(attempts))

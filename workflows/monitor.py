@@ -14,7 +14,6 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
@@ -25,8 +24,12 @@ with workflow.unsafe.imports_passed_through():
         Action, Collection, Evaluation, Incident, MonitorInput, MonitorSettings, MonitorState, MonitorStatus,
         PauseRequest, Reading, Rule, RuleState, RuleView, Transition, TriggerRequest, Windows, evaluate, step,
     )
-    from rollback.payloads import CollectInput, Notification, StartRollbackInput, StartRollbackResult
-    from workflows.rollback import describe_failure
+    from rollback.payloads import (
+        COLLECT_READINGS, MONITOR_SETTINGS, SEND_NOTIFICATION, START_ROLLBACK, CollectInput, Notification, StartRollbackInput,
+        StartRollbackResult,
+    )
+
+from workflows.saga import describe_failure, retry_policy
 
 # Continue-as-new well before Temporal's suggestion at 10k events; an evaluation
 # is about 8 events.
@@ -37,12 +40,6 @@ MAX_EVALUATIONS_PER_RUN = 500
 INCIDENTS_KEPT = 20
 SEEN_KEYS_KEPT = 500
 SETTINGS_REFRESH_EVALUATIONS = 20
-
-
-def _retry(attempts: int) -> RetryPolicy:
-    return RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                       maximum_interval=timedelta(seconds=10), maximum_attempts=attempts,
-                       non_retryable_error_types=["InvalidRequest"])
 
 
 @workflow.defn(name="HealthMonitorWorkflow")
@@ -172,8 +169,8 @@ class HealthMonitorWorkflow:
 
     async def _refresh_settings(self) -> None:
         self._settings = await workflow.execute_activity(
-            "monitor.settings", self._environment, result_type=MonitorSettings,
-            start_to_close_timeout=timedelta(seconds=30), retry_policy=_retry(5))
+            MONITOR_SETTINGS, self._environment, result_type=MonitorSettings,
+            start_to_close_timeout=timedelta(seconds=30), retry_policy=retry_policy(5))
 
     async def _evaluate(self) -> None:
         if self._state.evaluations and self._state.evaluations % SETTINGS_REFRESH_EVALUATIONS == 0:
@@ -188,9 +185,9 @@ class HealthMonitorWorkflow:
         windows = self._prometheus_windows()
         try:
             collection: Collection = await workflow.execute_activity(
-                "monitor.collect", CollectInput(environment=self._environment, prometheus_windows=windows),
+                COLLECT_READINGS, CollectInput(environment=self._environment, prometheus_windows=windows),
                 result_type=Collection, start_to_close_timeout=timedelta(seconds=max(30, settings.interval_seconds * 2)),
-                heartbeat_timeout=timedelta(seconds=10), retry_policy=_retry(2))
+                heartbeat_timeout=timedelta(seconds=10), retry_policy=retry_policy(2))
         except ActivityError as err:
             _reraise_cancel(err)
             # The collector itself failed: every rule sees PROVIDER_DOWN, never a breach.
@@ -284,8 +281,8 @@ class HealthMonitorWorkflow:
                                        known_rollback=self._state.active_rollback, incident_key=key)
             try:
                 result: StartRollbackResult = await workflow.execute_activity(
-                    "monitor.start_rollback", start, result_type=StartRollbackResult,
-                    start_to_close_timeout=timedelta(seconds=30), retry_policy=_retry(5))
+                    START_ROLLBACK, start, result_type=StartRollbackResult,
+                    start_to_close_timeout=timedelta(seconds=30), retry_policy=retry_policy(5))
             except ActivityError as err:
                 _reraise_cancel(err)
                 incident.outcome = "failed"
@@ -306,8 +303,8 @@ class HealthMonitorWorkflow:
         note = Notification(environment=self._environment, event="monitor_alert", message=message,
                             key=f"{workflow.info().workflow_id}:{key}", fields={"monitor": workflow.info().workflow_id})
         try:
-            await workflow.execute_activity("notify.send", note, start_to_close_timeout=timedelta(seconds=30),
-                                            retry_policy=_retry(3))
+            await workflow.execute_activity(SEND_NOTIFICATION, note, start_to_close_timeout=timedelta(seconds=30),
+                                            retry_policy=retry_policy(3))
         except ActivityError as err:
             _reraise_cancel(err)
             workflow.logger.warning("monitor alert failed: %s", describe_failure(err))

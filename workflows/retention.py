@@ -6,19 +6,18 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
-    from rollback.payloads import RetentionInput
+    from rollback.payloads import APPLY_RETENTION, RetentionInput, RetentionReport
 
+from workflows.saga import retry_policy
 
 
 @workflow.defn(name="BackupRetentionWorkflow")
 class BackupRetentionWorkflow:
     @workflow.run
-    async def run(self, raw: Any = None) -> dict[str, Any]:
+    async def run(self, raw: Any = None) -> RetentionReport:
         inp = RetentionInput.model_validate(raw or {})
         return await workflow.execute_activity(
-            "retention.apply", inp, result_type=dict, start_to_close_timeout=timedelta(minutes=30),
-            heartbeat_timeout=timedelta(minutes=5),
-            retry_policy=RetryPolicy(initial_interval=timedelta(seconds=5), maximum_attempts=5))
+            APPLY_RETENTION, inp, result_type=RetentionReport, start_to_close_timeout=timedelta(minutes=30),
+            heartbeat_timeout=timedelta(minutes=5), retry_policy=retry_policy(5))

@@ -1,8 +1,11 @@
 """RollbackWorkflow: assessment -> coordination -> execution -> validation.
 
-Deterministic: no I/O, time from workflow.now(); activities are called by name
-with payload models from rollback.payloads, so this module never imports the
-activity implementations (httpx, subprocess, ...).
+Reads top to bottom as the four phases. It knows no target by name: each target's steps are
+its flow (workflows/flows/<target>.py), found through rollback.targets.registry; the step
+runner, the undo stack and the activity options are workflows/saga.py.
+
+Deterministic: no I/O, time from workflow.now(); activities are called by the name constants
+of their contracts, so this module never imports the activity implementations.
 """
 
 from __future__ import annotations
@@ -10,51 +13,46 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 from functools import partial
-from typing import Any, Awaitable, Callable
+from importlib import import_module
+from typing import Any
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
-from temporalio.workflow import ActivityCancellationType
-from temporalio.exceptions import ActivityError, ApplicationError, FailureError, is_cancelled_exception
+from temporalio.exceptions import ActivityError, ApplicationError, is_cancelled_exception
 
 with workflow.unsafe.imports_passed_through():
-    from pydantic import BaseModel, ValidationError
+    from pydantic import ValidationError
 
     from rollback.models import (
-        Approval, ApprovalRecord, HealthReport, Phase, RollbackPlan, RollbackRequest, RollbackResult,
-        RollbackStatus, StepRecord, TargetPlan,
+        Approval, ApprovalRecord, Phase, RollbackPlan, RollbackRequest, RollbackResult, RollbackStatus, Step, TargetPlan,
     )
     from rollback.payloads import (
-        BackupInput, BatchInput, BatchResult, DbStepInput, IntegrityInput, LockInput, MigrationInput, Notification,
-        NotifyResult, PitrInput, RecordInput, RestoreInput, SnapshotRef, SwapBackInput, SwitchInput, SwitchResult,
-        ValidateDbInput, ValidateInput,
+        ACQUIRE_LOCK, PLAN_ROLLBACK, RECORD_RESTORED, RELEASE_LOCK, SEND_NOTIFICATION, LockInput, Notification, NotifyResult,
+        RecordInput,
     )
-    from rollback.names import bounded_name
     from rollback.settings import SA_ENVIRONMENT, SA_PHASE, SA_STATE, SA_TARGETS, SA_TRIGGER
+    from rollback.targets.registry import TARGETS
 
+from workflows.flows import TargetFlow, TargetRun
 from workflows.keys import effect_key
+from workflows.saga import Saga, call, describe_failure
 
-# Errors that retrying cannot fix; activities also mark them non-retryable themselves.
-NON_RETRYABLE = ["InvalidRequest", "AssessmentRefused", "EnvironmentLocked", "UnhealthyAfterDeploy", "IntegrityViolation",
-                 "BackupCorrupt", "RevertFailed", "MigrationFailed", "CredentialsMissing"]
-HEARTBEAT = timedelta(seconds=10)
+# Each target's flow, by target name (the registry names the module; each defines FLOW).
+FLOWS: dict[str, TargetFlow] = {t.name: import_module(t.flow).FLOW for t in TARGETS}
+
+ASSESS = Step(id="assess", name="assess", target="all")
+ACQUIRE = Step(id="lock", name="acquire deployment lock", target="all")
 
 
-def retry(attempts: int) -> RetryPolicy:
-    return RetryPolicy(initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
-                       maximum_interval=timedelta(seconds=20), maximum_attempts=attempts,
-                       non_retryable_error_types=NON_RETRYABLE)
+def flow_of(target: TargetPlan) -> TargetFlow:
+    flow = FLOWS.get(target.target.value)
+    if flow is None:  # a plan names a target with no slice: fail, never pass through doing nothing
+        raise ApplicationError(f"no flow for target {target.target.value!r} (rollback/targets/registry.py)",
+                               type="InvalidRequest", non_retryable=True)
+    return flow
 
 
 class Rejected(Exception):
     """The rollback was not approved (rejected, or the approval timed out)."""
-
-
-def describe_failure(err: BaseException) -> str:
-    """The innermost message of a Temporal failure chain: what actually went wrong."""
-    while isinstance(err, FailureError) and err.cause is not None:
-        err = err.cause
-    return str(err) or type(err).__name__
 
 
 def decode_request(raw: Any) -> RollbackRequest:
@@ -76,11 +74,9 @@ def decode_request(raw: Any) -> RollbackRequest:
 class RollbackWorkflow:
     def __init__(self) -> None:
         self._status: RollbackStatus | None = None
+        self._saga: Saga | None = None
         self._decision: tuple[str, Approval] | None = None
         self._lock_held = False
-        self._health_timeout: timedelta | None = None
-        self._undo: list[tuple[str, str, Callable[[], Awaitable[Any]]]] = []
-        self._halted: str | None = None  # why compensation stopped short (see _compensate)
 
     # -- interface ------------------------------------------------------------
 
@@ -94,6 +90,7 @@ class RollbackWorkflow:
             initiated_by=request.initiated_by, reason=request.reason,
             phase=Phase.PENDING, state=Phase.PENDING, started_at=workflow.now(), dry_run=request.dry_run,
         )
+        self._saga = saga = Saga(self._status)
         workflow.upsert_search_attributes([
             SA_ENVIRONMENT.value_set(request.environment), SA_TRIGGER.value_set(request.trigger.value),
             SA_TARGETS.value_set([t.value for t in request.targets]),
@@ -111,17 +108,17 @@ class RollbackWorkflow:
         except (asyncio.CancelledError, ActivityError, ApplicationError) as err:
             if is_cancelled_exception(err):
                 # Cancelled from the UI or CLI: undo what was done, then end as cancelled.
-                undone = await self._compensate()
+                undone = await saga.compensate(self._page)
                 await self._finish(Phase.CANCELLED, self._status.plan, "cancelled by request" if undone else
-                                   "cancelled by request; " + (self._halted or "some undo steps failed, see steps"))
+                                   "cancelled by request; " + (saga.halted or "some undo steps failed, see steps"))
                 raise
             message = describe_failure(err)
             planned = self._status.plan  # None when the assessment itself failed
-            if self._undo and planned is not None and planned.on_failure == "halt":
+            if saga.has_undo and planned is not None and planned.on_failure == "halt":
                 await self._finish(Phase.FAILED, planned, f"{message} (halted by policy: completed steps left in place; page the on-call)")
             else:
-                state = Phase.COMPENSATED if self._undo and await self._compensate() else Phase.FAILED
-                await self._finish(state, planned, f"{message}; {self._halted}" if self._halted else message)
+                state = Phase.COMPENSATED if saga.has_undo and await saga.compensate(self._page) else Phase.FAILED
+                await self._finish(state, planned, f"{message}; {saga.halted}" if saga.halted else message)
             raise ApplicationError(f"rollback {self._status.state.value}: {message}", type="RollbackFailed",
                                    non_retryable=True) from None
 
@@ -174,21 +171,17 @@ class RollbackWorkflow:
 
     async def _assessment(self, request: RollbackRequest) -> RollbackPlan:
         self._enter(Phase.ASSESSMENT)
-        plan = await self._step("assess", "all", lambda: workflow.execute_activity(
-            "coordination.plan", request,
-            result_type=RollbackPlan, start_to_close_timeout=timedelta(minutes=2), retry_policy=retry(3)))
-        assert self._status is not None
-        self._status.plan = plan
-        self._health_timeout = timedelta(seconds=plan.health_check_timeout_seconds)
-        self._status.steps.append(StepRecord(name="acquire deployment lock", target="all"))
+        plan = await self.saga.run(ASSESS, partial(call, PLAN_ROLLBACK, request, RollbackPlan, attempts=3))
+        # The flows declare the steps: the plan shows them and the status records them, by id.
         for target in plan.targets:
-            self._status.steps += [StepRecord(name=name, target=target.target.value) for name in target.steps]
+            target.steps = [step.name for step in flow_of(target).steps(target)]
+        self.saga.status.plan = plan
+        self.saga.declare([ACQUIRE] + [step for target in plan.targets for step in flow_of(target).steps(target)])
         return plan
 
     async def _coordination(self, request: RollbackRequest, plan: RollbackPlan) -> None:
         self._enter(Phase.COORDINATION)
-        await self._step("acquire deployment lock", "all", lambda: self._activity(
-            "coordination.acquire_lock", self._lock_input(), None, attempts=5))
+        await self.saga.run(ACQUIRE, partial(call, ACQUIRE_LOCK, self._lock_input(), None, attempts=5))
         self._lock_held = True
         targets = ", ".join(f"{t.target.value} {t.from_version} -> {t.to_version}" for t in plan.targets)
         await self._notify("started", f"rollback of {request.environment} started by {request.initiated_by} "
@@ -222,166 +215,34 @@ class RollbackWorkflow:
         self._enter(Phase.EXECUTION)
         if plan.require_approval:
             # Renew the lock's lease: the approval may have taken a while.
-            await self._activity("coordination.acquire_lock", self._lock_input(), None, attempts=5)
+            await call(ACQUIRE_LOCK, self._lock_input(), None, attempts=5)
         for target in plan.targets:
-            if target.target.value == "backend":
-                await self._execute_backend(request.environment, target, plan.max_attempts)
-            elif target.target.value == "database":
-                await self._execute_database(request.environment, target, plan.max_attempts)
-
-    async def _execute_backend(self, environment: str, target: TargetPlan, attempts: int) -> None:
-        to, back = target.to_version, target.from_version or target.to_version
-        if target.strategy == "blue_green":
-            colour, previous = target.params["colour"], target.params.get("previous_colour")
-            switch = SwitchInput(environment=environment, colour=colour, expect_version=to)
-            await self._step(f"verify standby {colour}", "backend", lambda: self._healthy(
-                "backend.check_standby", switch, attempts))
-            if previous:
-                # Registered before the switch: a switch that reloaded nginx but then
-                # failed to settle must be undone too (switching back is declarative).
-                undo = SwitchInput(environment=environment, colour=previous, expect_version=back)
-                self._undo.append((f"switch traffic back to {previous}", "backend", lambda: self._activity(
-                    "backend.switch_traffic", undo, SwitchResult, attempts=attempts, long=True)))
-            await self._step(f"switch traffic to {colour}", "backend", lambda: self._activity(
-                "backend.switch_traffic", switch, SwitchResult, attempts=attempts, long=True))
-        else:
-            batches: list[list[str]] = target.params["batches"]
-            for number, batch in enumerate(batches, 1):
-                names = ", ".join(batch)
-                # Register the undo first: a batch that fails half-way must be reverted too.
-                undo_batch = BatchInput(environment=environment, instances=batch, version=back, require_healthy=False)
-                self._undo.append((f"revert batch {number}/{len(batches)}: {names}", "backend",
-                                   partial(self._activity, "backend.roll_batch", undo_batch, BatchResult, attempts=attempts, long=True)))
-                batch_input = BatchInput(environment=environment, instances=batch, version=to)
-                await self._step(f"roll batch {number}/{len(batches)}: {names}", "backend", partial(
-                    self._activity, "backend.roll_batch", batch_input, BatchResult, attempts=attempts, long=True))
-        await self._step("validate backend", "backend", lambda: self._healthy(
-            "backend.validate", ValidateInput(environment=environment, expect_version=to), attempts))
-
-    async def _execute_database(self, environment: str, target: TargetPlan, attempts: int) -> None:
-        wf_id = workflow.info().workflow_id
-        if target.strategy == "pitr":
-            recovery = effect_key("pitr")
-            # Readable, and unique to this run whatever the environment's length: cut at 63 bytes, a
-            # second recovery would find the first one's retired database and take it for its own.
-            readable = f"retired_{wf_id.removeprefix('rollback-')}".replace("-", "_")
-            retired = bounded_name(readable, recovery) if workflow.patched("effect-keys-per-run") else readable[:63]
-            recover = PitrInput(environment=environment, key=recovery, restore_point=target.params.get("restore_point"),
-                                target_time=target.params.get("target_time"), retired_name=retired)
-            self._undo.append(("swap the pre-recovery database back in", "database", lambda: self._activity(
-                "database.swap_back", SwapBackInput(environment=environment, key=effect_key("swap_back"), retired_name=retired),
-                dict, attempts=attempts, long=True)))
-            await self._step(target.steps[0], "database", lambda: self._activity(
-                "database.pitr", recover, dict, attempts=attempts, long=True))
-            return
-        undo: list[dict[str, str]] = target.params["undo"]
-        for item in undo:
-            await self._step(f"verify backup {item['backup_id']}", "database", partial(
-                self._activity, "database.verify_backup", BackupInput(environment=environment, key=effect_key("verify", item["backup_id"]),
-                                                                     backup_id=item["backup_id"], revision=None), dict,
-                attempts=attempts, long=True))
-        snapshot_key = effect_key("integrity")
-        # Undone last, and registered before the step: if the rollback fails, the snapshot's per-row
-        # hashes (a narrow copy of every fingerprinted row) would otherwise stay in rollback_archive,
-        # also when the step stored them and then failed to report back.
-        self._undo.append(("discard the integrity snapshot", "database", lambda: self._activity(
-            "database.discard_snapshot", DbStepInput(environment=environment, key=snapshot_key), dict, attempts=attempts)))
-        snapshot: SnapshotRef = await self._step("integrity snapshot before", "database", lambda: self._activity(
-            "database.integrity_before", IntegrityInput(environment=environment, key=snapshot_key,
-                                                        target_backup_id=target.params["target_backup_id"]),
-            SnapshotRef, attempts=attempts, long=True))
-        restores: list[dict[str, Any]] = []
-        for item in undo:
-            revert_in = MigrationInput(environment=environment, key=effect_key("revert", item["revision"]),
-                                       revision=item["revision"], backup_id=item["backup_id"],
-                                       restore_key=effect_key("restore", item["revision"]))
-            # Registered first: a revert whose transaction committed just before a crash must be undone too
-            # (or, if it destroyed something, be left and stop the compensation: see _compensate).
-            self._undo.append((f"re-apply {item['label']} (undo its revert)", "database", partial(
-                self._activity, "database.reapply_migration", revert_in, dict, attempts=attempts, long=True)))
-            revert = await self._step(f"revert schema {item['label']}", "database", partial(
-                self._activity, "database.revert_migration", revert_in, dict, attempts=attempts, long=True))
-            restore_in = RestoreInput(environment=environment, key=effect_key("restore", item["revision"]),
-                                      revision=item["revision"], backup_id=item["backup_id"], revert=revert,
-                                      integrity_snapshot=snapshot.pg_snapshot)
-            restores.append(await self._step(f"restore data destroyed by {item['label']}", "database", partial(
-                self._activity, "database.restore_data", restore_in, dict, attempts=attempts, long=True)))
-        validate = ValidateDbInput(environment=environment, key=effect_key("validate"), snapshot_label=snapshot.label,
-                                   restore_keys=[effect_key("restore", i["revision"]) for i in undo],
-                                   revert_keys=[effect_key("revert", i["revision"]) for i in undo])
-        assert self._status is not None
-        try:
-            report = await self._step("validate database integrity", "database", lambda: self._activity(
-                "database.validate", validate, dict, attempts=attempts, long=True))
-        except ActivityError as err:
-            if isinstance(err.cause, ApplicationError) and err.cause.details:
-                self._status.reports["database_integrity"] = err.cause.details[0]  # the evidence of the failed check
-            raise
-        finally:
-            self._status.reports["database_restore"] = restores
-        self._status.reports["database_integrity"] = report
+            await flow_of(target).execute(self._run(request, plan, target))
 
     async def _validation(self, request: RollbackRequest, plan: RollbackPlan) -> None:
         self._enter(Phase.VALIDATION)
         for target in plan.targets:
-            if target.target.value == "backend":
-                # Execution already checked health after each step; this is the end-to-end
-                # view: every smoke path through the front door, with a p95 latency bound.
-                await self._step("smoke and performance check: backend", "backend", partial(self._healthy,
-                    "backend.smoke", ValidateInput(environment=request.environment, expect_version=target.to_version),
-                    plan.max_attempts))
+            await flow_of(target).validate(self._run(request, plan, target))
         for target in plan.targets:
-            if target.target.value == "database":
-                await self._step(f"check database is at revision {target.to_version}", "database", partial(
-                    self._revision_is, request.environment, target.to_version))
-        for target in plan.targets:
-            record = RecordInput(environment=request.environment, target=target.target.value,
-                                 version=target.to_version, key=effect_key("record", target.target.value))
-            await self._step(f"record {target.target.value} {target.to_version} as current and known-good",
-                             target.target.value, partial(self._activity, "coordination.record_restored", record, None, attempts=10))
+            name = target.target.value
+            record = RecordInput(environment=request.environment, target=name, version=target.to_version,
+                                 key=effect_key("record", name))
+            await self.saga.run(Step(id=f"{name}.record", name=f"record {name} {target.to_version} as current and known-good",
+                                     target=name), partial(call, RECORD_RESTORED, record, None, attempts=10))
         # The steps are done; nothing left to undo if a later notification fails.
-        self._undo.clear()
+        self.saga.forget_undo()
 
-    async def _revision_is(self, environment: str, expected: str) -> str:
-        revision = await self._activity("database.current_revision", BackupInput(
-            environment=environment, key=effect_key("revision"), backup_id="-", revision=None), str, attempts=5)
-        if revision != expected:
-            raise ApplicationError(f"database is at revision {revision}, expected {expected}", type="Unhealthy", non_retryable=True)
-        return revision
+    def _run(self, request: RollbackRequest, plan: RollbackPlan, target: TargetPlan) -> TargetRun:
+        return TargetRun(saga=self.saga, environment=request.environment, plan=target, attempts=plan.max_attempts,
+                         health_deadline=timedelta(seconds=plan.health_check_timeout_seconds))
 
-    # -- compensation and the end ----------------------------------------------
-
-    async def _compensate(self) -> bool:
-        """Undo completed steps in reverse order. True if every undo step succeeded.
-
-        A database revert that destroyed something (a dropped column's values restored since, a
-        table re-created and refilled) is never undone by re-applying its migration: that step
-        refuses (RevertIrreversible) and compensation stops there, leaving every earlier step as
-        it is too, since an older backend or frontend put back against the reverted schema would
-        be worse than the tiers as the rollback left them. The status says so, and it pages.
-        """
-        assert self._status is not None
-        ok = True
-        while self._undo:
-            name, target, undo = self._undo.pop()
-            try:
-                await self._step(name, target, undo, planned=False)
-            except (ActivityError, ApplicationError) as err:
-                if _failure_type(err) == "RevertIrreversible":
-                    self._status.steps[-1].state = "skipped"
-                    self._halted = (f"not compensated: {describe_failure(err)}; the earlier steps are left as they are "
-                                    f"({len(self._undo)} undo step(s) not run). Page the on-call.")
-                    self._undo.clear()
-                    await self._notify("needs_attention", self._halted, severity="page")
-                    return False
-                ok = False  # keep undoing the rest; the step record says what failed
-        return ok
+    # -- the end ----------------------------------------------------------------
 
     async def _finish(self, state: Phase, plan: RollbackPlan | None, error: str | None) -> RollbackResult:
         assert self._status is not None
         self._status.error = error
         if self._lock_held:
-            await self._activity("coordination.release_lock", self._lock_input(), None, attempts=20)
+            await call(RELEASE_LOCK, self._lock_input(), None, attempts=20)
             self._lock_held = False
         self._status.state = state  # before the notification, which carries it
         await self._notify(state.value, f"rollback {workflow.info().workflow_id} of {self._status.environment} "
@@ -409,6 +270,14 @@ class RollbackWorkflow:
 
     # -- helpers ----------------------------------------------------------------
 
+    @property
+    def saga(self) -> Saga:
+        assert self._saga is not None, "set when the run starts"
+        return self._saga
+
+    async def _page(self, message: str) -> None:
+        await self._notify("needs_attention", message, severity="page")
+
     def _lock_input(self) -> LockInput:
         assert self._status is not None
         return LockInput(environment=self._status.environment, holder=workflow.info().workflow_id)
@@ -420,116 +289,7 @@ class RollbackWorkflow:
                             fields={"workflow_id": workflow.info().workflow_id, "state": self._status.state.value,
                                     "severity": severity})
         try:
-            await self._activity("notify.send", note, NotifyResult, attempts=5)
+            await call(SEND_NOTIFICATION, note, NotifyResult, attempts=5)
         except ActivityError as err:
             # A notification failure must never stop or fail a rollback.
             workflow.logger.warning("notification %s failed: %s", event, describe_failure(err))
-
-    def _activity(self, name: str, arg: BaseModel, result_type: type | None, *, attempts: int, long: bool = False,
-                  deadline: timedelta | None = None) -> Awaitable[Any]:
-        # Database steps (restores, recoveries) can take hours on big tables; a dead worker is
-        # still noticed within the heartbeat timeout.
-        limit = timedelta(hours=4) if long and name.startswith("database.") else timedelta(minutes=10 if long else 2)
-        return workflow.execute_activity(
-            name, arg, result_type=result_type, schedule_to_close_timeout=deadline,
-            start_to_close_timeout=limit,
-            heartbeat_timeout=HEARTBEAT if long else None, retry_policy=retry(attempts),
-            # On cancellation, wait until a running step has really stopped before
-            # compensating, or the undo could race the step it undoes.
-            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-        )
-
-    async def _healthy(self, name: str, arg: BaseModel, attempts: int) -> HealthReport:
-        report: HealthReport = await self._activity(name, arg, HealthReport, attempts=attempts, long=True,
-                                                     deadline=self._health_timeout)
-        if not report.healthy:
-            raise ApplicationError(f"{report.url}: {report.successes}/{report.samples} healthy samples "
-                                   f"(need {report.required_ratio:.0%}): {report.detail}", type="Unhealthy", non_retryable=True)
-        return report
-
-    async def _step(self, name: str, target: str, run: Callable[[], Awaitable[Any]], *, planned: bool = True) -> Any:
-        """Run one step, keeping its record in `status` current."""
-        assert self._status is not None
-        record = next((s for s in self._status.steps if s.name == name and s.state == "pending"), None) if planned else None
-        if record is None:
-            record = StepRecord(name=name, target=target)
-            self._status.steps.append(record)
-        record.state, record.started, record.attempts = "running", workflow.now(), record.attempts + 1
-        try:
-            result = await run()
-        except (ActivityError, ApplicationError, asyncio.CancelledError) as err:
-            record.state, record.finished = "failed", workflow.now()
-            record.detail = "cancelled" if isinstance(err, asyncio.CancelledError) else describe_failure(err)
-            raise
-        record.state, record.finished = ("compensated" if not planned else "succeeded"), workflow.now()
-        record.attempts = result.get("attempt", record.attempts) if isinstance(result, dict) else getattr(result, "attempt", record.attempts)
-        record.detail = _summary(result)[:2000]  # a step record lives in the status, the memo and every query
-        if planned and _cancel_requested():
-            raise asyncio.CancelledError("cancel requested while this step ran to completion")
-        return result
-
-
-def _failure_type(err: BaseException) -> str | None:
-    """The type of the innermost ApplicationError of a failure chain (what the activity raised)."""
-    found = None
-    while err is not None:
-        if isinstance(err, ApplicationError):
-            found = err.type
-        err = err.cause if isinstance(err, FailureError) else None  # type: ignore[assignment]
-    return found
-
-
-def _cancel_requested() -> bool:
-    """True once the workflow was asked to cancel, even if the step it interrupted finished.
-
-    A step awaited with WAIT_CANCELLATION_COMPLETED may complete instead of
-    stopping; asyncio then hands back its result and the cancellation would be lost.
-    """
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-def _summary(result: Any) -> str:
-    if isinstance(result, HealthReport):
-        versions = f", versions {result.versions}" if result.versions else ""
-        return f"{result.successes}/{result.samples} healthy, p95 {result.p95_latency_ms} ms{versions}"
-    if isinstance(result, SwitchResult):
-        return f"{'reloaded nginx' if result.reloaded else 'already live'}; front door {result.front_door_versions}"
-    if isinstance(result, SnapshotRef):
-        return (f"{result.tables} tables, {result.rows} rows fingerprinted in one REPEATABLE READ snapshot "
-                f"({result.seconds:.2f} s), kept in the database as {result.label}")
-    if isinstance(result, BatchResult):
-        return f"restarted {result.restarted or 'none (already on version)'}; {result.reloads} nginx reloads"
-    if isinstance(result, dict):
-        return _database_summary(result)
-    if isinstance(result, RollbackPlan):
-        return "; ".join(f"{t.target.value}: {t.strategy} {t.from_version} -> {t.to_version}" for t in result.targets)
-    return ""
-
-
-def _restore_method(table: dict[str, Any]) -> str:
-    if table.get("method") == "rebuild":
-        return f" (table rebuilt; {table.get('caught_up', 0)} changes made during the rebuild re-synced)"
-    return f" ({table['note'][:200]})" if table.get("note") else ""
-
-
-def _database_summary(result: dict[str, Any]) -> str:
-    """One line for a database step's result (plain dicts: their models live beside asyncpg code)."""
-    if "archived" in result:
-        archived = ", ".join(f"{a['source']} -> rollback_archive.{a['archive_table']} ({a['rows']} rows)" for a in result["archived"])
-        again = " (done by an earlier attempt)" if result.get("repeated") else ""
-        return f"down SQL applied{again}; archived: {archived or 'nothing'}"
-    if "tables" in result and isinstance(result["tables"], list):
-        parts = [f"{t['table']} {t['mode']}: {t['restored']} restored, "
-                 + (f"{t.get('reinserted', 0)} deleted rows inserted again, {t.get('key_reused', 0)} keys re-used by the "
-                    "application (its rows kept), " if t["mode"] == "captured" else "")
-                 + f"{t['missing_in_live']} deleted since, {t['kept_application_version']} kept as the application "
-                 f"wrote them{_restore_method(t)}" for t in result["tables"]]
-        return "; ".join(parts) or "nothing to restore"
-    if "summary" in result:
-        return str(result["summary"])
-    if "total_bytes" in result:
-        return f"backup {result['id']}: {result['files']} files, {result['total_bytes']} bytes, checksums verified"
-    if "recovered_to" in result:
-        return f"recovered to {result['recovered_to']}; previous database kept as {result['retired']}"
-    return ", ".join(f"{k}: {v}" for k, v in result.items())[:300]

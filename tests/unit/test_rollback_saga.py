@@ -28,7 +28,8 @@ from temporalio.worker import Worker
 
 from rollback.models import HealthReport, Phase, RollbackPlan, RollbackRequest, RollbackResult, RollbackStatus, TargetPlan
 from rollback.settings import SEARCH_ATTRIBUTES
-from rollback.payloads import BatchInput, BatchResult, LockInput, Notification, NotifyResult, RecordInput, ValidateInput
+from rollback.payloads import LockInput, Notification, NotifyResult, RecordInput
+from rollback.targets.backend.contract import BatchInput, BatchResult, RollingParams, ValidateInput
 from workflows.rollback import RollbackWorkflow
 
 TEST_SERVER = Path(sys.executable).parent / "temporal-test-server"
@@ -50,13 +51,12 @@ async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
 
 
 def rolling_plan(**policy: object) -> RollbackPlan:
-    steps = [f"roll batch {n}/3: {b[0]}" for n, b in enumerate(BATCHES, 1)] + ["validate backend"]
     fields: dict[str, object] = {
         "environment": "demo", "require_approval": False, "approval_reason": "", "approval_timeout_seconds": 3600,
         "on_approval_timeout": "reject", "on_failure": "compensate", "max_attempts": 1, "health_check_timeout_seconds": 60,
         "notification_channels": ["log"], **policy}
-    target = TargetPlan(target="backend", strategy="rolling", from_version="v2", to_version="v1", steps=steps,
-                        checks=[], params={"batches": BATCHES})
+    target = TargetPlan(target="backend", strategy="rolling", from_version="v2", to_version="v1", checks=[],
+                        params=RollingParams(batches=BATCHES))
     return RollbackPlan(targets=[target], **fields)  # type: ignore[arg-type]
 
 

@@ -1,0 +1,1 @@
+"""The backend target: nginx in front of blue-green colours or rolling instances."""

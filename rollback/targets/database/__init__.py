@@ -1,0 +1,1 @@
+"""The database target: PostgreSQL migrations with verified backups, schema rollback with data restore, PITR."""
