@@ -1,49 +1,23 @@
-"""Stakeholder notifications through pluggable channels.
+"""The notify activity: a Notification delivered once through each channel the config asks for.
 
-A channel is anything with `name` and `async send(message) -> None`. The `log`
-channel (a JSON-lines file beside the state plus the worker log) is built in;
-Slack and email plug in the same way. Each notification carries an idempotency
-key (workflow id + event), recorded once delivered, so a retried or re-run
-activity never notifies twice.
+The channels are rollback/notify/ (one module each, built by its factory). The `log` channel
+always records. Each notification carries an idempotency key (workflow id + event), recorded
+per channel once delivered, so a retried or re-run activity never notifies twice.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Protocol
 
 from temporalio import activity
 
 from rollback.config import ConfigSource
-from rollback.payloads import Notification, NotifyResult
+from rollback.notify import Channel
+from rollback.notify.factory import channels
+from rollback.payloads import SEND_NOTIFICATION, Notification, NotifyResult
 from rollback.state import StateStore
 
 log = logging.getLogger("rollback.notify")
-
-
-class Channel(Protocol):
-    name: str
-
-    async def send(self, note: Notification) -> None: ...
-
-
-class LogChannel:
-    """Appends one JSON line per notification to `<state_dir>/notifications.jsonl`."""
-
-    name = "log"
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    async def send(self, note: Notification) -> None:
-        record = {"at": datetime.now(timezone.utc).isoformat(), **note.model_dump(mode="json")}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as out:
-            out.write(json.dumps(record) + "\n")
-        log.info("[%s] %s: %s", note.environment, note.event, note.message)
 
 
 class Notifier:
@@ -52,10 +26,9 @@ class Notifier:
         self.extra = {c.name: c for c in extra_channels or []}
 
     def channels(self) -> dict[str, Channel]:
-        state_dir = self.config.get().state_dir
-        return {"log": LogChannel(state_dir / "notifications.jsonl"), **self.extra}
+        return {**channels(self.config.get()), **self.extra}
 
-    @activity.defn(name="notify.send")
+    @activity.defn(name=SEND_NOTIFICATION)
     async def send(self, note: Notification) -> NotifyResult:
         config = self.config.get()
         if note.environment not in config.environments:
