@@ -30,6 +30,10 @@ from rollback.models import HealthReport, Phase, RollbackPlan, RollbackRequest, 
 from rollback.settings import SEARCH_ATTRIBUTES
 from rollback.payloads import LockInput, Notification, NotifyResult, RecordInput
 from rollback.targets.backend.contract import BatchInput, BatchResult, RollingParams, ValidateInput
+from rollback.targets.database.contract import (
+    BackupInput, BackupSummary, DbStepInput, IntegrityBrief, IntegrityInput, MigrationInput, MigrationToUndo, Reapplied,
+    RestoreInput, RestoreResult, RevertResult, SchemaDiff, SchemaRollbackParams, SnapshotDiscarded, SnapshotRef, ValidateDbInput,
+)
 from workflows.rollback import RollbackWorkflow
 
 TEST_SERVER = Path(sys.executable).parent / "temporal-test-server"
@@ -60,12 +64,22 @@ def rolling_plan(**policy: object) -> RollbackPlan:
     return RollbackPlan(targets=[target], **fields)  # type: ignore[arg-type]
 
 
+def full_plan(**policy: object) -> RollbackPlan:
+    """The backend rolled back, then the database: two migrations undone, newest first."""
+    plan = rolling_plan(**policy)
+    undo = [MigrationToUndo(revision="0003", label="0003_drop_note", backup_id="b3"),
+            MigrationToUndo(revision="0002", label="0002_add_note", backup_id="b2")]
+    plan.targets.append(TargetPlan(target="database", strategy="schema_rollback", from_version="0003", to_version="0001",
+                                   checks=[], params=SchemaRollbackParams(undo=undo, target_backup_id="b2")))
+    return plan
+
+
 class World:
     """The activities, recording every call in order; `fail` names the calls that fail for good."""
 
     def __init__(self, plan: RollbackPlan, *, fail: set[str] = frozenset(), block: str | None = None,  # type: ignore[assignment]
-                 locked_by: str | None = None) -> None:
-        self.plan, self.fail, self.block, self.locked_by = plan, fail, block, locked_by
+                 locked_by: str | None = None, irreversible: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+        self.plan, self.fail, self.block, self.locked_by, self.irreversible = plan, fail, block, locked_by, irreversible
         self.calls: list[str] = []
         self.blocked = asyncio.Event()
 
@@ -118,6 +132,56 @@ class World:
     async def smoke(self, inp: ValidateInput) -> HealthReport:
         return await self._health("smoke", inp)
 
+    # -- the database's steps (the contract's models, nothing behind them) --
+
+    @activity.defn(name="database.verify_backup")
+    async def verify_backup(self, inp: BackupInput) -> BackupSummary:
+        self._did(f"verify {inp.backup_id}")
+        return BackupSummary(id=inp.backup_id, revision=None, next_revision=None, total_bytes=1, files=1, restore_point=None,
+                             verified_at=None, created_at="2026-12-07T00:00:00Z")  # type: ignore[arg-type]
+
+    @activity.defn(name="database.integrity_before")
+    async def integrity_before(self, inp: IntegrityInput) -> SnapshotRef:
+        self._did("snapshot")
+        return SnapshotRef(label=inp.key, pg_snapshot="1:1:", tables=1, rows=1, seconds=0.1)
+
+    @activity.defn(name="database.discard_snapshot")
+    async def discard_snapshot(self, inp: DbStepInput) -> SnapshotDiscarded:
+        self._did("discard snapshot")
+        return SnapshotDiscarded(label=inp.key, discarded=True)
+
+    @activity.defn(name="database.revert_migration")
+    async def revert_migration(self, inp: MigrationInput) -> RevertResult:
+        self._did(f"revert {inp.revision}")
+        return RevertResult(revision=inp.revision, xid=1, migration_xid=1, diff=SchemaDiff())
+
+    @activity.defn(name="database.restore_data")
+    async def restore_data(self, inp: RestoreInput) -> RestoreResult:
+        self._did(f"restore {inp.revision}")
+        return RestoreResult()
+
+    @activity.defn(name="database.reapply_migration")
+    async def reapply_migration(self, inp: MigrationInput) -> Reapplied:
+        call = f"reapply {inp.revision}"
+        self.calls.append(call)
+        if call in self.irreversible:  # what the activity raises once the restore put data back (activities/database.py)
+            raise ApplicationError(f"{inp.revision} is not re-applied: the rollback brought back its data",
+                                   type="RevertIrreversible", non_retryable=True)
+        if call in self.fail:
+            raise ApplicationError(f"{call} failed (test)", non_retryable=True)
+        return Reapplied(reapplied=True)
+
+    @activity.defn(name="database.validate")
+    async def validate_database(self, inp: ValidateDbInput) -> IntegrityBrief:
+        self._did("integrity check")
+        return IntegrityBrief(ok=True, summary="no difference", label=inp.snapshot_label, stored_as="-", tables_checked=1,
+                              tables={}, tables_with_differences=0, differences=[], differences_total=0, notes=[], seconds=0.1)
+
+    @activity.defn(name="database.current_revision")
+    async def current_revision(self, inp: BackupInput) -> str:
+        self._did("revision")
+        return self.plan.targets[-1].to_version
+
     @activity.defn(name="notify.send")
     async def send(self, note: Notification) -> NotifyResult:
         self.calls.append(f"notify {note.event}")
@@ -125,7 +189,8 @@ class World:
 
     def activities(self) -> list[object]:
         return [self.plan_rollback, self.acquire_lock, self.release_lock, self.record_restored, self.roll_batch,
-                self.validate, self.smoke, self.send]
+                self.validate, self.smoke, self.send, self.verify_backup, self.integrity_before, self.discard_snapshot,
+                self.revert_migration, self.restore_data, self.reapply_migration, self.validate_database, self.current_revision]
 
     def effects(self) -> list[str]:
         """The calls that change something or decide (not the notifications)."""
@@ -252,3 +317,53 @@ async def test_bad_input_fails_at_once_naming_the_field_and_touches_nothing(time
             await handle.result()
     assert field in str(failure.value.cause), failure.value.cause
     assert world.calls == []
+
+
+DATABASE = ["verify b3", "verify b2", "snapshot", "revert 0003", "restore 0003", "revert 0002", "restore 0002"]
+
+
+async def test_a_full_rollback_runs_the_backend_then_the_database_and_records_both(time_skipping):
+    world = World(full_plan())
+    result, status = await run(time_skipping, world)
+    assert result is not None and result.restored == {"backend": "v1", "database": "0001"}
+    assert world.effects() == ["plan", "lock", *ROLLED, "validate", *DATABASE, "integrity check", "smoke", "revision",
+                               "record v1", "record 0001", "unlock"]
+    # The flows' declared steps are the plan's and the status's, in execution order, each run once.
+    assert status.plan is not None and status.plan.targets[1].steps == [
+        "verify backup b3", "verify backup b2", "integrity snapshot before", "revert schema 0003_drop_note",
+        "restore data destroyed by 0003_drop_note", "revert schema 0002_add_note", "restore data destroyed by 0002_add_note",
+        "validate database integrity"]
+    ids = [s.id for s in status.steps]
+    assert len(ids) == len(set(ids)) and all(s.state == "succeeded" for s in status.steps)
+
+
+async def test_a_failure_in_the_database_is_compensated_across_both_targets_in_reverse(time_skipping):
+    world = World(full_plan(), fail={"restore 0002"})
+    result, status = await run(time_skipping, world)
+    assert result is None and status.state == Phase.COMPENSATED
+    undone = world.effects()[world.effects().index("restore 0002") + 1:]
+    assert undone == ["reapply 0002", "reapply 0003", "discard snapshot", "roll app-3 to v2", "roll app-2 to v2",
+                      "roll app-1 to v2", "unlock"]
+    assert [(s.target, s.state) for s in status.steps if s.state == "compensated"] == [
+        ("database", "compensated")] * 3 + [("backend", "compensated")] * 3
+
+
+async def test_a_revert_that_cannot_be_undone_stops_compensation_and_pages(time_skipping):
+    world = World(full_plan(), fail={"integrity check"}, irreversible={"reapply 0003"})
+    result, status = await run(time_skipping, world)
+    assert result is None and status.state == Phase.FAILED
+    # 0002's re-apply ran; 0003's refused; nothing older (the snapshot, the backend) was touched after it.
+    assert world.effects()[-3:] == ["reapply 0002", "reapply 0003", "unlock"]
+    assert "not compensated" in (status.error or "") and "4 undo step(s) not run" in (status.error or ""), status.error
+    assert "notify needs_attention" in world.calls
+    assert next(s for s in status.steps if s.id == "database.reapply.0003").state == "skipped"
+
+
+async def test_a_plan_naming_a_target_without_a_flow_fails_before_anything_runs(time_skipping):
+    plan = rolling_plan()
+    plan.targets[0].target = "frontend"  # type: ignore[assignment]  # in the request format, no slice yet
+    world = World(plan)
+    result, status = await run(time_skipping, world)
+    assert result is None and status.state == Phase.FAILED
+    assert "no flow for target 'frontend'" in (status.error or ""), status.error
+    assert world.effects() == ["plan"]

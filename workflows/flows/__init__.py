@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from temporalio import workflow
 
@@ -31,6 +31,7 @@ class TargetRun:
     health_deadline: timedelta | None = None  # the longest a health validation may take, all retries included
 
 
+@runtime_checkable
 class TargetFlow(Protocol):
     def steps(self, plan: TargetPlan) -> list[Step]:
         """The steps this plan will run, in order (the undo steps are declared when registered)."""
