@@ -18,14 +18,15 @@ from temporalio.exceptions import ApplicationError
 
 from activities.health import HttpCheckInput, HttpHealth
 from activities.heartbeat import heartbeating
-from rollback.config import BackendTarget, ConfigSource, Instance
+from rollback.config import ConfigSource
+from rollback.targets.backend.config import BackendTarget, Instance
 from rollback.models import HealthReport, RollbackRequest, RollbackTarget, TargetPlan
 from rollback.versions import version_problem
 from rollback.targets.backend.contract import (
     CHECK_STANDBY, ROLL_BATCH, SMOKE, SWITCH_TRAFFIC, VALIDATE, BatchInput, BatchResult, BlueGreenParams, RollingParams, SwitchInput,
     SwitchResult, ValidateInput,
 )
-from rollback.nginx import NginxRouter, RouterError, UpstreamServer
+from rollback.targets.backend.nginx import NginxRouter, RouterError, UpstreamServer
 from rollback.state import TargetVersions
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class BackendRollback:
         self.health = health
 
     def target(self, environment: str) -> BackendTarget:
-        backend = self.config.get().environment(environment).targets.backend
+        backend = self.config.get().environment(environment).targets.of("backend", BackendTarget)
         if backend is None:
             raise _refuse(f"environment {environment!r} has no backend target configured", "InvalidRequest")
         return backend

@@ -23,11 +23,12 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.heartbeat import heartbeating
-from rollback import integrity, pitr
-from rollback.captured_restore import CapturedRebuild, restore_captured
-from rollback.backups import BackupCatalog, BackupCorrupt, BackupError, BackupManifest, take_backup, verify_backup
-from rollback.config import ConfigSource, DatabaseTarget
-from rollback.migrations import (
+from rollback.targets.database import integrity, pitr
+from rollback.targets.database.captured_restore import CapturedRebuild, restore_captured
+from rollback.targets.database.backups import BackupCatalog, BackupCorrupt, BackupError, BackupManifest, take_backup, verify_backup
+from rollback.config import ConfigSource
+from rollback.targets.database.config import DatabaseTarget
+from rollback.targets.database.migrations import (
     Migration, MigrationError, applied, apply_up, edited_since_applied, find, in_transaction_with_lock_timeout, load_migrations, plan_upgrade,
     position, record_applied, run_captured,
 )
@@ -39,16 +40,16 @@ from rollback.targets.database.contract import (
     PitrParams, Reapplied, Recovered, RestoreInput, SchemaRollbackParams, SnapshotDiscarded, SnapshotRef, SwapBackInput,
     SwappedBack, ValidateDbInput,
 )
-from rollback.names import bounded_name, derived_name
-from rollback.pg import MissingDsn, database_name, dsn_from_env, ident, qualified, with_database
-from rollback.pgbouncer import PgBouncerError, paused
-from rollback.pgschema import SchemaSnapshot, snapshot
-from rollback.schema_rollback import (
+from rollback.targets.database.names import bounded_name, derived_name
+from rollback.targets.database.pg import MissingDsn, database_name, dsn_from_env, ident, qualified, with_database
+from rollback.targets.database.pgbouncer import PgBouncerError, paused
+from rollback.targets.database.pgschema import SchemaSnapshot, snapshot
+from rollback.targets.database.schema_rollback import (
     ARCHIVE_SCHEMA, RebuildOptions, RestoreResult, RevertResult, diff, ensure_bookkeeping, restore_data, restore_xids,
     revert_schema,
 )
 from rollback.state import TargetVersions
-from rollback.table_rebuild import LockPolicy
+from rollback.targets.database.table_rebuild import LockPolicy
 
 if TYPE_CHECKING:
     from activities.targets import Shared
@@ -71,9 +72,10 @@ class DatabaseRollback:
 
     def target(self, environment: str) -> DatabaseTarget:
         env = self.config.get().environments.get(environment)
-        if env is None or env.targets.database is None:
+        target = env.targets.of("database", DatabaseTarget) if env is not None else None
+        if target is None:
             raise _fail(f"environment {environment!r} has no database target configured", "InvalidRequest")
-        return env.targets.database
+        return target
 
     def dsn(self, target: DatabaseTarget) -> str:
         try:

@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from temporalio import activity
 
 from activities.heartbeat import heartbeating
-from rollback.config import HealthCheck
+from rollback.config_parts import HealthCheck
 from rollback.models import HealthReport, HealthSample
 from rollback.payloads import CHECK_HTTP
 

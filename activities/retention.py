@@ -15,12 +15,13 @@ import asyncpg
 from temporalio import activity
 from temporalio.client import Client
 
-from rollback import integrity
-from rollback.backups import BackupCatalog, delete_backup, select_expired
-from rollback.config import ConfigSource, DatabaseTarget
-from rollback.pg import MissingDsn, dsn_from_env, qualified
+from rollback.targets.database import integrity
+from rollback.targets.database.backups import BackupCatalog, delete_backup, select_expired
+from rollback.config import ConfigSource
+from rollback.targets.database.config import DatabaseTarget
+from rollback.targets.database.pg import MissingDsn, dsn_from_env, qualified
 from rollback.payloads import APPLY_RETENTION, RetentionInput, RetentionReport
-from rollback.schema_rollback import ARCHIVE_SCHEMA
+from rollback.targets.database.schema_rollback import ARCHIVE_SCHEMA
 from rollback.state import StateStore
 
 
@@ -42,7 +43,7 @@ class Retention:
         days = config.rollback.backup_retention_days
         report = RetentionReport(retention_days=days)
         for name, env in config.environments.items():
-            target = env.targets.database
+            target = env.targets.of("database", DatabaseTarget)
             if target is None or target.backup_dir is None:
                 continue
             catalog = BackupCatalog(target.backup_dir)

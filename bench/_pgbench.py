@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from rollback.pg import ident, local_dsn
+from rollback.targets.database.pg import ident, local_dsn
 
 DATABASE = "rb_bench_pgbench"
 SCALE = 70

@@ -34,8 +34,8 @@ from typing import Any
 from _harness import emit, exit_now, keep_stdout_for_json, log, machine
 from _pgbench import DATABASE, ROWS, ensure_pgbench
 
-from rollback.backups import DEFAULT_PG_BIN, load_table_copy, take_backup
-from rollback.pg import connect, local_dsn
+from rollback.targets.database.backups import DEFAULT_PG_BIN, load_table_copy, take_backup
+from rollback.targets.database.pg import connect, local_dsn
 from tests.postgres import create_database, drop_database
 
 TARGET_RATIO = 0.95
@@ -51,7 +51,7 @@ def _pg_env(dsn: str) -> dict[str, str]:
 
 
 def plain_dump(dsn: str, directory: Path, jobs: int) -> float:
-    from rollback.backups import _without_password  # the same password-free argv as take_backup
+    from rollback.targets.database.backups import _without_password  # the same password-free argv as take_backup
 
     started = time.perf_counter()
     subprocess.run([str(DEFAULT_PG_BIN / "pg_dump"), "--format=directory", f"--jobs={jobs}", f"--file={directory}",
@@ -85,7 +85,7 @@ async def our_dump(dsn: str, root: Path, backup_id: str, jobs: int) -> tuple[flo
 
 
 async def measure_load(dsn: str, backup: Path) -> dict[str, Any]:
-    from rollback.backups import verify_backup
+    from rollback.targets.database.backups import verify_backup
 
     manifest = verify_backup(backup)
     table = manifest.schema_snapshot.tables["public.pgbench_accounts"]

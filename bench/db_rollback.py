@@ -42,11 +42,11 @@ from _pgbench import ROWS, SCALE, _pg_env, drop
 
 import asyncpg
 
-from rollback.backups import DEFAULT_PG_BIN, BackupCatalog
+from rollback.targets.database.backups import DEFAULT_PG_BIN, BackupCatalog
 from rollback.client import RollbackOrchestrator
 from rollback.dev.pgbench_load import PgbenchLoad
 from rollback.models import MigrateRequest, RollbackRequest, RollbackTarget
-from rollback.pg import ident, local_dsn
+from rollback.targets.database.pg import ident, local_dsn
 from rollback.settings import TemporalSettings
 
 DATABASE = "rb_bench_dbrollback"

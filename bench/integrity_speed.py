@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _pgbench import ROWS, drop, ensure_pgbench  # noqa: E402
 
-from rollback.integrity import TableSpec, compare, drop_kept_rows, take_snapshot  # noqa: E402
-from rollback.pg import connect, ident, local_dsn  # noqa: E402
+from rollback.targets.database.integrity import TableSpec, compare, drop_kept_rows, take_snapshot  # noqa: E402
+from rollback.targets.database.pg import connect, ident, local_dsn  # noqa: E402
 
 SCRATCH = "rb_bench_integrity"
 CHANGES = 2_000  # inserts, and as many updates of random existing rows

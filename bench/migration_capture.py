@@ -35,9 +35,9 @@ from _pgbench import _pg_env
 
 import asyncpg
 
-from rollback.backups import take_backup
-from rollback.migrations import apply_up, load_migrations, record_applied
-from rollback.pg import ident, local_dsn
+from rollback.targets.database.backups import take_backup
+from rollback.targets.database.migrations import apply_up, load_migrations, record_applied
+from rollback.targets.database.pg import ident, local_dsn
 
 TEMPLATE = "rb_bench_capture_template"
 SCALE = 10

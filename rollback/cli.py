@@ -514,13 +514,15 @@ def db_migrate(environment: str = typer.Option(..., "--environment", "-e"),
 def db_backups(environment: str = typer.Option(..., "--environment", "-e"),
                as_json: bool = typer.Option(False, "--json")) -> None:
     """List the environment's backups, newest first (from the catalog; no worker needed)."""
-    from rollback.backups import BackupCatalog
+    from rollback.targets.database.backups import BackupCatalog
+    from rollback.targets.database.config import DatabaseTarget
 
     async def action() -> int:
         env = load_config(config_path()).environments.get(environment)
-        if env is None or env.targets.database is None or env.targets.database.backup_dir is None:
+        database = env.targets.of("database", DatabaseTarget) if env is not None else None
+        if database is None or database.backup_dir is None:
             raise ConfigError(f"environment {environment!r} has no database target")
-        manifests = BackupCatalog(env.targets.database.backup_dir).list(environment)
+        manifests = BackupCatalog(database.backup_dir).list(environment)
         if as_json:
             print(json.dumps([m.model_dump(mode="json", exclude={"schema_snapshot"}) for m in manifests], indent=2))
             return 0

@@ -7,30 +7,24 @@ what is wrong, in one line, so a typo never surfaces half-way through a rollback
 from __future__ import annotations
 
 import re
-import string
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, create_model, field_validator, model_validator
 
 from rollback.models import EXECUTION_ORDER, RollbackTarget
-from rollback.targets.registry import BY_NAME
-from rollback.versions import Version
+from rollback.config_parts import Strict, TargetConfig
+from rollback.targets.registry import BY_NAME, TARGETS
 from rollback.monitoring import DEFAULT_RULES, MetricSpec, MonitorSettings, Rule
-from rollback.pgbouncer import PgBouncerSettings
-from rollback.state import TargetVersions
 
 
+T = TypeVar("T", bound=TargetConfig)
 ENVIRONMENT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class RollbackConfig(_Strict):
+class RollbackConfig(Strict):
     """Global knobs (the contract's fields, plus a few of ours)."""
 
     max_rollback_attempts: int = Field(default=3, ge=1, le=20)
@@ -42,107 +36,11 @@ class RollbackConfig(_Strict):
     lock_ttl_seconds: int = Field(default=3600, ge=10, description="lease of the deployment lock; renewed while a rollback runs")
 
 
-class Policy(_Strict):
+class Policy(Strict):
     require_approval: bool = False
     approval_timeout_seconds: int = Field(default=1800, ge=1)
     on_approval_timeout: Literal["reject", "proceed"] = "reject"
     on_failure: Literal["compensate", "halt"] = "compensate"
-
-
-class HealthCheck(_Strict):
-    path: str = "/health"
-    expected_status: int = 200
-    expected_body: str | None = Field(default=None, description="substring the body must contain")
-    samples: int = Field(default=5, ge=1, le=1000)
-    success_ratio: float = Field(default=1.0, gt=0, le=1)
-    max_latency_ms: int = Field(default=1000, ge=1)
-    timeout_seconds: float = Field(default=2.0, gt=0)
-    interval_ms: int = Field(default=100, ge=0)
-
-
-class SmokeCheck(_Strict):
-    """End-to-end and performance check through the front door, run in the validation phase."""
-
-    paths: list[str] = Field(default_factory=list, description="GET paths that must answer the health check's expected status; default: the health path")
-    samples: int = Field(default=20, ge=1, le=10000, description="requests per path")
-    success_ratio: float = Field(default=1.0, gt=0, le=1)
-    max_p95_ms: int = Field(default=1000, ge=1, description="performance check: p95 latency per path")
-
-
-class Router(_Strict):
-    upstream_file: Path
-    upstream_name: str = "backend"
-    reload_command: list[str]
-    test_command: list[str] = Field(default_factory=list)
-    front_url: str
-
-    @field_validator("reload_command")
-    @classmethod
-    def _non_empty(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("must name a command")
-        return value
-
-
-class VersionSeed(TargetVersions):
-    """A target's `versions` seed: its versions follow the same rule as a request's
-    `to_version`, since the known-good one becomes a deploy hook's {version}."""
-
-    # Not frozen: the state store copies the seed and updates the copy.
-    model_config = ConfigDict(extra="forbid")
-
-    current: Version | None = None
-    known_good: Version | None = None
-
-
-class Instance(_Strict):
-    name: str = Field(default="", description="for rolling instances; colours are named by their key")
-    address: str = Field(pattern=r"^[^\s:/]+:\d{1,5}$", description="host:port nginx proxies to")
-
-
-class BackendTarget(_Strict):
-    strategy: Literal["blue_green", "rolling"]
-    router: Router
-    versions: VersionSeed = Field(default_factory=VersionSeed, description="seed; the state store wins once written")
-    health: HealthCheck = Field(default_factory=HealthCheck)
-    smoke: SmokeCheck = Field(default_factory=SmokeCheck)
-    version_path: str = "/version"
-    # blue_green
-    colours: dict[str, Instance] = Field(default_factory=dict)
-    # rolling
-    instances: list[Instance] = Field(default_factory=list)
-    max_unavailable: int = Field(default=1, ge=1)
-    deploy_command: list[str] = Field(default_factory=list, description="sets {instance} to release {version} and restarts it")
-    releases_command: list[str] = Field(default_factory=list, description="prints the JSON list of available releases")
-
-    @field_validator("deploy_command", "releases_command")
-    @classmethod
-    def _known_fields(cls, command: list[str], info: ValidationInfo) -> list[str]:
-        # deploy_command gets {instance} and {version}; releases_command nothing. Anything
-        # else would fail at run time, in the middle of a rollback.
-        allowed = {None, "instance", "version"} if info.field_name == "deploy_command" else {None}
-        for part in command:
-            for _, field, _, _ in string.Formatter().parse(part):
-                if field not in allowed:
-                    raise ValueError(f"unexpected field {{{field}}} in {part!r}"
-                                     + ("; use {instance} and {version}" if info.field_name == "deploy_command" else ""))
-        return command
-
-    @model_validator(mode="after")
-    def _strategy_fields(self) -> "BackendTarget":
-        if self.strategy == "blue_green" and len(self.colours) < 2:
-            raise ValueError("blue_green needs at least two entries under 'colours'")
-        if self.strategy == "rolling":
-            if not self.instances:
-                raise ValueError("rolling needs 'instances'")
-            if not self.deploy_command:
-                raise ValueError("rolling needs 'deploy_command'")
-            names = [i.name for i in self.instances]
-            if not all(names):
-                raise ValueError("every rolling instance needs a 'name'")
-            if len(set(names)) != len(names):
-                raise ValueError("instance names must be unique")
-        return self
 
 
 # -- monitoring (HealthMonitorWorkflow) -------------------------------------------------
@@ -167,7 +65,7 @@ def _http_url(url: str) -> str:
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
 
 
-class Probe(_Strict):
+class Probe(Strict):
     """A synthetic HTTP probe: `requests` GETs at every collection, judged by status."""
 
     name: str = Field(min_length=1, max_length=64, pattern=_SOURCE_NAME)
@@ -177,19 +75,19 @@ class Probe(_Strict):
     expected_status: int = Field(default=200, ge=100, le=599)
 
 
-class PrometheusSource(_Strict):
+class PrometheusSource(Strict):
     url: HttpUrl = Field(description="base URL; queries go to <url>/api/v1/query")
     timeout_seconds: float = Field(default=5.0, gt=0, le=60)
 
 
-class PostgresSource(_Strict):
+class PostgresSource(Strict):
     dsn_env: str = Field(default="MONITOR_DATABASE_URL", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
                          description="NAME of the environment variable holding the DSN (never the DSN itself)")
     timeout_seconds: float = Field(default=3.0, gt=0, le=60)
     long_query_seconds: float = Field(default=30.0, gt=0, description="an active query older than this counts as long-running")
 
 
-class Dependency(_Strict):
+class Dependency(Strict):
     """A named external dependency checked with one GET per collection."""
 
     name: str = Field(min_length=1, max_length=64, pattern=_SOURCE_NAME)
@@ -198,7 +96,7 @@ class Dependency(_Strict):
     expected_status: int = Field(default=200, ge=100, le=599)
 
 
-class MetricDefinition(_Strict):
+class MetricDefinition(Strict):
     """How a named metric is measured: from a probe's samples, or a PromQL query."""
 
     source: Literal["probe", "prometheus"]
@@ -231,7 +129,7 @@ def dependency_gauges(name: str) -> tuple[str, str]:
     return f"dependency.{name}.up", f"dependency.{name}.latency_ms"
 
 
-class Monitoring(_Strict):
+class Monitoring(Strict):
     """The `monitoring` block of an environment: sources, metrics and rules of its HealthMonitorWorkflow."""
 
     interval_seconds: float = Field(default=15, gt=0, le=3600)
@@ -335,53 +233,28 @@ def _metric_hint(metric: str) -> str:
     return "define it under 'metrics'"
 
 
-_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+class TargetsBase(Strict):
+    """rollback.yaml's `targets`: one optional field per target the registry names, of its slice's config model."""
 
-
-class PitrConfig(_Strict):
-    """Point-in-time recovery: a base backup and the WAL archive of the database's server."""
-
-    base_backup_dir: Path = Field(description="a pg_basebackup (plain format) of the server")
-    wal_archive_dir: Path = Field(description="where the server's archive_command copies WAL segments")
-    pg_bin_dir: Path = Path("/usr/lib/postgresql/15/bin")
-    work_dir: Path | None = Field(default=None, description="scratch space for the recovered instance; default <state_dir>/pitr")
-    terminate_sessions: bool = Field(default=False, description="terminate sessions on the live database to swap it; else wait for them")
-    swap_timeout_seconds: float = Field(default=120, gt=0)
-
-
-class DatabaseTarget(_Strict):
-    """A PostgreSQL database whose schema is changed by migrations run through the system."""
-
-    dsn_env: str = Field(pattern=_ENV_NAME, description="NAME of the environment variable holding the DSN (never the DSN itself)")
-    migrations: Path = Field(description="directory of NNNN_name.up.sql / NNNN_name.down.sql files, or an Alembic project's alembic.ini")
-    versions: VersionSeed = Field(default_factory=VersionSeed, description="seed; the state store wins once written")
-    backup_dir: Path | None = Field(default=None, description="default: <state_dir>/backups")
-    backup_jobs: int = Field(default=2, ge=1, le=32, description="pg_dump --jobs")
-    lock_timeout_ms: int = Field(default=2000, ge=10, le=60000, description="how long any DDL statement may wait for its lock")
-    lock_attempts: int = Field(default=20, ge=1, le=1000, description="attempts of a DDL transaction that timed out on a lock, with jittered pauses")
-    terminate_blockers: bool = Field(default=False, description="after half the attempts, terminate the sessions blocking the DDL")
-    restore_chunk_rows: int = Field(default=50_000, ge=100, description="rows per merge transaction when restoring in place")
-    restore_workers: int = Field(default=2, ge=1, le=16, description="connections merging restored data in parallel")
-    rebuild_min_rows: int | None = Field(
-        default=1_000_000, ge=1,
-        description="a restore that puts back at least this many rows of a table (or, from a backup, a dropped column "
-                    "of a table this big) rebuilds it (bulk copy + short swap) instead of updating every row; "
-                    "null: always update in place")
-    allow_concurrent_deletes: bool = Field(default=False, description="integrity check: rows deleted during the rollback are the application's, not a loss")
-    pgbouncer: PgBouncerSettings | None = Field(default=None, description="PAUSE this pool around each DDL transaction")
-    pitr: PitrConfig | None = None
-
-
-class Targets(_Strict):
-    backend: BackendTarget | None = None
-    database: DatabaseTarget | None = None
-
-    def get(self, name: str) -> BackendTarget | DatabaseTarget | None:
+    def get(self, name: str) -> TargetConfig | None:
         """The configuration of target `name`, None when this environment does not configure it."""
         return getattr(self, name) if name in CONFIGURABLE_TARGETS else None
 
+    def of(self, name: str, model: type[T]) -> T | None:
+        """Target `name`'s configuration as its slice's model (what the slice's own code asks for)."""
+        found = self.get(name)
+        if found is not None and not isinstance(found, model):
+            raise TypeError(f"targets.{name} is a {type(found).__name__}, not a {model.__name__}")
+        return found
+
     def configured(self) -> list[str]:
         return [name for name in CONFIGURABLE_TARGETS if self.get(name) is not None]
+
+
+if TYPE_CHECKING:
+    Targets = TargetsBase
+else:
+    Targets = create_model("Targets", __base__=TargetsBase, **{t.name: (t.config | None, None) for t in TARGETS})
 
 
 # The targets this version has a slice for (rollback/targets/registry.py), in execution order
@@ -391,7 +264,7 @@ CONFIGURABLE_TARGETS = tuple(t.value for t in EXECUTION_ORDER if t.value in BY_N
 NOT_YET_AVAILABLE = tuple(t.value for t in EXECUTION_ORDER if t.value not in BY_NAME)
 
 
-class Environment(_Strict):
+class Environment(Strict):
     policy: Policy = Field(default_factory=Policy)
     targets: Targets
     monitoring: Monitoring | None = None
@@ -411,7 +284,7 @@ class Environment(_Strict):
         return self
 
 
-class AppConfig(_Strict):
+class AppConfig(Strict):
     state_dir: Path
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     environments: dict[str, Environment]

@@ -43,7 +43,7 @@ def fresh_start(rollback: str) -> None:
     import asyncpg
 
     from rollback.dev.stack import DevStack
-    from rollback.pg import ident, local_dsn
+    from rollback.targets.database.pg import ident, local_dsn
 
     subprocess.run([rollback, "dev", "down"], cwd=ROOT, capture_output=True, timeout=120)  # nothing running is fine
     stack = DevStack()
@@ -113,7 +113,7 @@ async def shop_figures() -> dict:
     """What the demo database holds: the data a destructive migration destroys, and the writer's rows."""
     import asyncpg
 
-    from rollback.pg import local_dsn
+    from rollback.targets.database.pg import local_dsn
 
     conn = await asyncpg.connect(local_dsn(os.environ.get("ROLLBACK_DEV_DATABASE", "rollback_demo")), timeout=10)
     try:

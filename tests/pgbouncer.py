@@ -31,8 +31,8 @@ import pytest
 import pytest_asyncio
 
 from rollback.ports import free_port
-from rollback.pg import local_dsn
-from rollback.pgbouncer import PgBouncerError, PgBouncerSettings, is_paused
+from rollback.targets.database.pg import local_dsn
+from rollback.targets.database.pgbouncer import PgBouncerError, PgBouncerSettings, is_paused
 
 PGBOUNCER = "/usr/sbin/pgbouncer"
 ADMIN_USER = "rb_admin"

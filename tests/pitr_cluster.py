@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from rollback.ports import free_port
-from rollback.pitr import DEFAULT_PG_BIN
+from rollback.targets.database.pitr import DEFAULT_PG_BIN
 
 
 def _as_user(run_as: str | None) -> dict[str, Any]:

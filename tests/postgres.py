@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest_asyncio
 
-from rollback.pg import ident, local_dsn
+from rollback.targets.database.pg import ident, local_dsn
 
 
 async def create_database(prefix: str = "rb_test", options: str = "") -> str:
@@ -32,7 +32,7 @@ async def drop_database(name: str) -> None:
 
 @pytest_asyncio.fixture
 async def database() -> AsyncIterator[str]:
-    """The name of a new, empty database; its DSN is rollback.pg.local_dsn(name)."""
+    """The name of a new, empty database; its DSN is rollback.targets.database.pg.local_dsn(name)."""
     name = await create_database()
     try:
         yield name

@@ -9,9 +9,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from rollback.alembic_migrations import load_alembic_migrations
-from rollback.migrations import Migration, MigrationError, apply_up, current_revision, load_migrations
-from rollback.pg import connect, local_dsn
+from rollback.targets.database.alembic_migrations import load_alembic_migrations
+from rollback.targets.database.migrations import Migration, MigrationError, apply_up, current_revision, load_migrations
+from rollback.targets.database.pg import connect, local_dsn
 from tests.postgres import database  # noqa: F401
 
 PROJECT = Path(__file__).parent / "alembic_project"

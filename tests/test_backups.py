@@ -14,7 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from rollback.backups import (
+from rollback.targets.database.backups import (
     BackupCatalog,
     BackupCorrupt,
     BackupError,
@@ -26,8 +26,8 @@ from rollback.backups import (
     take_backup,
     verify_backup,
 )
-from rollback.pg import ident, local_dsn, qualified
-from rollback.pgschema import SchemaSnapshot
+from rollback.targets.database.pg import ident, local_dsn, qualified
+from rollback.targets.database.pgschema import SchemaSnapshot
 from tests.postgres import database  # noqa: F401
 
 ORDERS = """

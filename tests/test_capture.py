@@ -1,4 +1,4 @@
-"""Capture at the moment of destruction (rollback/capture.py) on the real PostgreSQL: each kind of
+"""Capture at the moment of destruction (rollback/targets/database/capture.py) on the real PostgreSQL: each kind of
 destruction leaves its before-image in rollback_archive, taken in the migration's own transaction."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from rollback.capture import Capture
-from rollback.migrations import MigrationError, apply_up, load_migrations
-from rollback.pg import local_dsn, qualified
+from rollback.targets.database.capture import Capture
+from rollback.targets.database.migrations import MigrationError, apply_up, load_migrations
+from rollback.targets.database.pg import local_dsn, qualified
 from tests.postgres import database  # noqa: F401 - fixture
 
 SETUP = """
@@ -142,10 +142,10 @@ async def test_a_script_wrapped_in_begin_and_commit_is_applied_in_our_transactio
 async def test_the_restore_is_three_way_per_column_and_the_application_always_wins(database, tmp_path, rebuild):  # noqa: F811
     """After the migration the application re-uses a deleted key, writes a rewritten column, writes another
     column of a rewritten row, and deletes a row: its writes stay, everything else the migration did is undone."""
-    from rollback.backups import take_backup
-    from rollback.captured_restore import CapturedRebuild, restore_captured
-    from rollback.schema_rollback import revert_schema
-    from rollback.table_rebuild import LockPolicy
+    from rollback.targets.database.backups import take_backup
+    from rollback.targets.database.captured_restore import CapturedRebuild, restore_captured
+    from rollback.targets.database.schema_rollback import revert_schema
+    from rollback.targets.database.table_rebuild import LockPolicy
 
     dsn = local_dsn(database)
     up = ("DELETE FROM coupons WHERE percent <= 3; UPDATE orders SET amount = 0, note = 'zeroed' WHERE id <= 20; "

@@ -13,10 +13,10 @@ from datetime import datetime, timezone
 import asyncpg
 import yaml
 
-from rollback.backups import BackupCatalog
+from rollback.targets.database.backups import BackupCatalog
 from rollback.config import ConfigSource
 from rollback.models import TERMINAL_STATES, DatabaseOptions, MigrateRequest, Phase, RollbackRequest, RollbackTarget
-from rollback.pitr import take_base_backup
+from rollback.targets.database.pitr import take_base_backup
 from tests.helpers import orchestrator, status_when
 from tests.pitr_cluster import ArchivingCluster, archiving_cluster  # noqa: F401 - fixture
 from tests.test_database_rollback import DESTRUCTIVE, migrate, write_migrations

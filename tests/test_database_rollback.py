@@ -18,11 +18,11 @@ import asyncpg
 import pytest
 import yaml
 
-from rollback.backups import BackupCatalog
+from rollback.targets.database.backups import BackupCatalog
 from rollback.client import RollbackError
 from rollback.config import ConfigSource
 from rollback.models import MigrateRequest, MigrateResult, Phase, RollbackRequest, RollbackStatus, RollbackTarget
-from rollback.pg import local_dsn, with_database
+from rollback.targets.database.pg import local_dsn, with_database
 from rollback.state import StateStore
 from tests.helpers import eventually, history_without, keep_history, largest_payload, orchestrator, status_when
 from tests.pgbouncer import pgbouncer  # noqa: F401 - fixture
@@ -127,8 +127,8 @@ DROP_EMAIL = ("ALTER TABLE customers DROP COLUMN email;", "ALTER TABLE customers
 
 async def applied_with_backup(conn: asyncpg.Connection, dsn: str, tmp_path: Path, step: tuple[str, str]):
     """Without the workflow: the shop as 0001, a backup, then `step` as 0002: (migrations, backup manifest)."""
-    from rollback.backups import take_backup
-    from rollback.migrations import apply_up, load_migrations
+    from rollback.targets.database.backups import take_backup
+    from rollback.targets.database.migrations import apply_up, load_migrations
 
     migrations = load_migrations(write_migrations(tmp_path / "m", step))
     await apply_up(conn, migrations[0], backup_id=None, lock_timeout_ms=500, attempts=3)
@@ -434,7 +434,7 @@ async def test_worker_killed_during_a_table_rebuild_resumes_and_rebuilds_once(sh
 
 
 async def test_pgbouncer_holds_application_queries_during_the_ddl_and_always_resumes(shop, pgbouncer, client, task_queue, run_worker):
-    from rollback.pgbouncer import is_paused
+    from rollback.targets.database.pgbouncer import is_paused
 
     make, dsn = shop
     settings = pgbouncer.settings(pause_timeout_seconds=20)
@@ -467,7 +467,7 @@ async def test_pgbouncer_holds_application_queries_during_the_ddl_and_always_res
 
 
 async def test_pgbouncer_is_paused_around_a_rebuild_swap_and_resumed(shop, pgbouncer, client, task_queue, run_worker):
-    from rollback.pgbouncer import is_paused
+    from rollback.targets.database.pgbouncer import is_paused
 
     settings = pgbouncer.settings(pause_timeout_seconds=20)
     _, dsn, orch = await at_second_migration(shop, run_worker, client, task_queue, DROP_EMAIL,
@@ -490,7 +490,7 @@ async def test_pgbouncer_is_paused_around_a_rebuild_swap_and_resumed(shop, pgbou
 
 
 async def test_pgbouncer_is_resumed_when_the_ddl_fails(shop, pgbouncer, client, task_queue, run_worker):
-    from rollback.pgbouncer import is_paused
+    from rollback.targets.database.pgbouncer import is_paused
 
     make, dsn = shop
     settings = pgbouncer.settings(pause_timeout_seconds=5)
@@ -518,7 +518,7 @@ async def test_pgbouncer_is_resumed_when_the_ddl_fails(shop, pgbouncer, client, 
 async def test_retention_schedule_deletes_only_unpinned_expired_backups_and_old_archives(shop, client, task_queue, run_worker):
     from datetime import timedelta
 
-    from rollback.backups import BackupManifest
+    from rollback.targets.database.backups import BackupManifest
 
     config, dsn, orch = await at_second_migration(shop, run_worker, client, task_queue, ADDITIVE, DESTRUCTIVE)
     await fetch(dsn, "INSERT INTO reviews (order_id, stars) VALUES (1, 5)")
@@ -541,7 +541,7 @@ async def test_retention_schedule_deletes_only_unpinned_expired_backups_and_old_
     # An integrity snapshot a terminated rollback left behind, and the first rollback's report, both old.
     conn = await asyncpg.connect(dsn, timeout=10)
     try:
-        from rollback.integrity import TableSpec, take_stored_snapshot
+        from rollback.targets.database.integrity import TableSpec, take_stored_snapshot
         await take_stored_snapshot(conn, [TableSpec(table="public.orders", key=["id"], columns=["id", "amount"])],
                                    label="terminated:integrity")
         await conn.execute("UPDATE rollback_meta.integrity_snapshots SET taken_at = taken_at - interval '40 days'; "
@@ -609,7 +609,7 @@ async def test_alembic_project_migrated_and_rolled_back_through_the_workflow(sho
 async def test_restore_respects_what_the_application_wrote_between_revert_and_restore(database, tmp_path):  # noqa: F811
     """In a full rollback the restored release runs before the database is restored: a value it writes
     into the re-added column stays; a row it only touched elsewhere still gets its value back."""
-    from rollback.schema_rollback import restore_data, revert_schema
+    from rollback.targets.database.schema_rollback import restore_data, revert_schema
 
     dsn = local_dsn(database)
     conn = await asyncpg.connect(dsn, timeout=10)
@@ -639,7 +639,7 @@ async def _kept_row_tables(dsn: str) -> int:
 async def test_revert_copies_added_data_before_its_locks_and_only_rows_written_since_under_them(database, tmp_path):  # noqa: F811
     """The archive of an added column and an added table is copied before the revert locks anything;
     under the lock only what the application wrote since is copied again (deleted rows dropped)."""
-    from rollback.schema_rollback import revert_schema
+    from rollback.targets.database.schema_rollback import revert_schema
 
     dsn = local_dsn(database)
     added = ("ALTER TABLE customers ADD COLUMN phone text; UPDATE customers SET phone = 'p' || id; "

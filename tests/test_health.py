@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from activities.health import HttpCheckInput, HttpHealth
-from rollback.config import HealthCheck
+from rollback.config_parts import HealthCheck
 
 
 async def test_health_validation_judges_status_body_latency_and_version(blue_green, http):

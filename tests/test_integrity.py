@@ -9,8 +9,8 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from rollback import integrity
-from rollback.integrity import (
+from rollback.targets.database import integrity
+from rollback.targets.database.integrity import (
     IntegrityReport,
     KeptRowsMissing,
     SnapshotMismatch,
@@ -20,7 +20,7 @@ from rollback.integrity import (
     drop_kept_rows,
     take_snapshot,
 )
-from rollback.pg import connect, local_dsn
+from rollback.targets.database.pg import connect, local_dsn
 from tests.postgres import database  # noqa: F401
 
 ACCOUNTS = TableSpec(table="public.accounts", key=["id"], columns=["id", "name", "balance", "note"])
@@ -148,7 +148,7 @@ async def test_transactions_in_progress_at_the_snapshot_are_application_writes(c
     after; one wrote inside savepoints (their subtransaction ids are not in pg_current_snapshot's
     list); one stays open through the comparison. All are the application's, never unexplained."""
     if every_bucket:  # the path a rollback that rewrote most rows takes
-        monkeypatch.setattr("rollback.integrity.RECENT_ROWS_LIMIT", 0)
+        monkeypatch.setattr("rollback.targets.database.integrity.RECENT_ROWS_LIMIT", 0)
     await _accounts(conn)
     apps = [await connect(local_dsn(database), application_name=f"test-app-{n}") for n in range(3)]
     try:
@@ -294,7 +294,7 @@ async def test_a_stored_snapshot_is_taken_once_compared_once_and_discarded_with_
 
 
 def test_the_brief_of_a_report_is_bounded_whatever_its_size() -> None:
-    from rollback.integrity import Difference, TableReport
+    from rollback.targets.database.integrity import Difference, TableReport
 
     tables = {f"public.t{n}": TableReport(table=f"public.t{n}", rows_before=10, rows_after=11, differing_buckets=1,
                                           keyed=True, inserted=1, concurrent=1) for n in range(500)}
@@ -396,7 +396,7 @@ async def test_rollback_rewriting_every_row_hides_no_application_change(
         recent_rows_limit: int) -> None:
     # A restore rewrites every row with the same values (new row versions) while the application
     # changes one of them; with a low limit the bucket drill-down must reach the same verdict.
-    monkeypatch.setattr("rollback.integrity.RECENT_ROWS_LIMIT", recent_rows_limit)
+    monkeypatch.setattr("rollback.targets.database.integrity.RECENT_ROWS_LIMIT", recent_rows_limit)
     await _accounts(conn, 3000)
     before = await take_snapshot(conn, [ACCOUNTS], label="rewrite", keep_rows=True, buckets=256)
     rollback_xid = await _plant(database, "UPDATE accounts SET name = name")
@@ -411,7 +411,7 @@ async def test_rewrite_of_every_row_beyond_the_recent_limit(conn: asyncpg.Connec
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # More rows rewritten by the rollback than RECENT_ROWS_LIMIT: the rollback's own rows are
     # proven unchanged by the exact totals, and only the application's rows are looked at.
-    monkeypatch.setattr("rollback.integrity.RECENT_ROWS_LIMIT", 10)
+    monkeypatch.setattr("rollback.targets.database.integrity.RECENT_ROWS_LIMIT", 10)
     drill_downs = []
     real_fingerprint = integrity._fingerprint_table
 
@@ -419,7 +419,7 @@ async def test_rewrite_of_every_row_beyond_the_recent_limit(conn: asyncpg.Connec
         drill_downs.append(args[1].table)
         return await real_fingerprint(*args, **kwargs)
 
-    monkeypatch.setattr("rollback.integrity._fingerprint_table", counting_fingerprint)
+    monkeypatch.setattr("rollback.targets.database.integrity._fingerprint_table", counting_fingerprint)
     await _accounts(conn, 3000)
     before = await take_snapshot(conn, [ACCOUNTS], label="rewrite-all", keep_rows=True, buckets=64)
     drill_downs.clear()

@@ -20,7 +20,7 @@ from temporalio.testing import ActivityEnvironment
 from activities.monitor import CollectInput, HealthMonitor
 from rollback.config import ConfigError, ConfigSource, load_config
 from rollback.ports import free_port
-from rollback.pg import local_dsn, with_database
+from rollback.targets.database.pg import local_dsn, with_database
 from rollback.monitoring import Collection
 from tests.conftest import write_config
 from tests.helpers import eventually

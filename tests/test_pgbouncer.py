@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 import asyncpg
 import pytest
 
-from rollback.pgbouncer import PgBouncerError, PgBouncerSettings, is_paused, pause, paused, resume, waiting_clients
+from rollback.targets.database.pgbouncer import PgBouncerError, PgBouncerSettings, is_paused, pause, paused, resume, waiting_clients
 from tests.pgbouncer import PgBouncer, pgbouncer, stop_pgbouncer  # noqa: F401
 from tests.postgres import database  # noqa: F401
 

@@ -10,8 +10,8 @@ import asyncpg
 import pytest
 from pydantic import ValidationError
 
-from rollback.pg import ident, local_dsn, with_database
-from rollback.pitr import (
+from rollback.targets.database.pg import ident, local_dsn, with_database
+from rollback.targets.database.pitr import (
     PitrSource,
     CopyFailed,
     NameTaken,

@@ -14,12 +14,12 @@ import asyncpg
 import pytest
 import pytest_asyncio
 
-from rollback.backups import BackupManifest, take_backup
-from rollback.captured_restore import restore_captured
-from rollback.migrations import Migration, MigrationError, apply_up, load_migrations, record_applied
-from rollback.pg import ident, local_dsn
-from rollback.schema_rollback import RebuildOptions, RestoreResult, RevertResult, restore_data, revert_schema
-from rollback.table_rebuild import LockPolicy
+from rollback.targets.database.backups import BackupManifest, take_backup
+from rollback.targets.database.captured_restore import restore_captured
+from rollback.targets.database.migrations import Migration, MigrationError, apply_up, load_migrations, record_applied
+from rollback.targets.database.pg import ident, local_dsn
+from rollback.targets.database.schema_rollback import RebuildOptions, RestoreResult, RevertResult, restore_data, revert_schema
+from rollback.targets.database.table_rebuild import LockPolicy
 from tests.postgres import create_database, database, drop_database  # noqa: F401 - fixture
 
 

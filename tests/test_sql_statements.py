@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from rollback.pg import local_dsn
-from rollback.sql_statements import SqlSplitError, split_statements
+from rollback.targets.database.pg import local_dsn
+from rollback.targets.database.sql_statements import SqlSplitError, split_statements
 from tests.postgres import database  # noqa: F401 - fixture
 
 AWKWARD = r"""

@@ -1,4 +1,4 @@
-"""Restoring a dropped column by rebuilding the table (rollback/table_rebuild.py), on the real PostgreSQL.
+"""Restoring a dropped column by rebuilding the table (rollback/targets/database/table_rebuild.py), on the real PostgreSQL.
 
 The application keeps writing while the table is rebuilt; afterwards every row holds exactly
 what the application last wrote, the dropped column holds the backup's values (or the
@@ -14,15 +14,15 @@ from pathlib import Path
 
 import asyncpg
 
-from rollback.backups import BackupManifest, take_backup
-from rollback.integrity import RebuiltTable, TableSpec, compare, take_snapshot
-from rollback.migrations import apply_up, load_migrations
-from rollback.pg import local_dsn
-from rollback.schema_rollback import (
+from rollback.targets.database.backups import BackupManifest, take_backup
+from rollback.targets.database.integrity import RebuiltTable, TableSpec, compare, take_snapshot
+from rollback.targets.database.migrations import apply_up, load_migrations
+from rollback.targets.database.pg import local_dsn
+from rollback.targets.database.schema_rollback import (
     RebuildOptions, RestoreResult, RevertResult, restore_data, restore_xids, revert_schema,
 )
-from rollback.pgschema import snapshot
-from rollback.table_rebuild import LockPolicy, rebuild_blockers
+from rollback.targets.database.pgschema import snapshot
+from rollback.targets.database.table_rebuild import LockPolicy, rebuild_blockers
 from tests.postgres import database  # noqa: F401 - fixture
 
 ROWS = 20_000

@@ -35,7 +35,7 @@ import yaml
 
 from rollback.config import AppConfig
 from rollback.dev import instances as inst
-from rollback.nginx import NginxRouter, UpstreamServer
+from rollback.targets.backend.nginx import NginxRouter, UpstreamServer
 from rollback.ports import port_is_free
 from rollback.settings import TemporalSettings, search_attribute_args
 from rollback.state import StateStore, TargetVersions
@@ -616,7 +616,7 @@ class DevStack:
 
     @property
     def database_dsn(self) -> str:
-        from rollback.pg import local_dsn
+        from rollback.targets.database.pg import local_dsn
 
         return local_dsn(self.database_name)
 
@@ -627,7 +627,7 @@ class DevStack:
     def _create_database(self) -> None:
         import asyncpg
 
-        from rollback.pg import ident, local_dsn
+        from rollback.targets.database.pg import ident, local_dsn
 
         async def create() -> bool:
             conn = await asyncpg.connect(local_dsn(), timeout=10)

@@ -1,8 +1,8 @@
 """The one place that names the targets and where each one's slice lives.
 
 Adding a target: its own files (rollback/targets/<name>/, workflows/flows/<name>.py,
-activities/<name>.py) and one line in TARGETS. The workflow, the planner, the worker and the
-config find it from here.
+activities/<name>.py) and one line in TARGETS. The workflow, the planner, the worker and
+rollback.yaml's `targets` find it from here.
 
 The flow and the activities are named by module, not imported: workflows import this module,
 and an activity module holds clients (asyncpg, httpx) that must never reach a workflow. Each flow
@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING, Annotated, Union
 
 from pydantic import BaseModel, Field
 
+from rollback.config_parts import TargetConfig
+from rollback.targets.backend.config import BackendTarget
 from rollback.targets.backend.contract import BlueGreenParams, RollingParams
+from rollback.targets.database.config import DatabaseTarget
 from rollback.targets.database.contract import PitrParams, SchemaRollbackParams
 
 
@@ -27,12 +30,13 @@ class TargetSlice:
     flow: str  # module of its workflow steps; defines FLOW
     activities: str  # module of its activities; defines build()
     params: tuple[type[BaseModel], ...]  # its plan parameters, one model per strategy
+    config: type[TargetConfig]  # its part of rollback.yaml: environments.<env>.targets.<name>
 
 
 # The order here means nothing: rollback.models.EXECUTION_ORDER decides it (frontend, backend, database).
 TARGETS: tuple[TargetSlice, ...] = (
-    TargetSlice("backend", "workflows.flows.backend", "activities.backend", (BlueGreenParams, RollingParams)),
-    TargetSlice("database", "workflows.flows.database", "activities.database", (SchemaRollbackParams, PitrParams)),
+    TargetSlice("backend", "workflows.flows.backend", "activities.backend", (BlueGreenParams, RollingParams), BackendTarget),
+    TargetSlice("database", "workflows.flows.database", "activities.database", (SchemaRollbackParams, PitrParams), DatabaseTarget),
 )
 
 BY_NAME: dict[str, TargetSlice] = {t.name: t for t in TARGETS}

@@ -9,7 +9,7 @@ from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from rollback.models import Step, TargetPlan
-    from rollback.names import bounded_name
+    from rollback.targets.database.names import bounded_name
     from rollback.targets.database import contract as database
     from rollback.targets.database.contract import (
         BackupInput, BackupSummary, DbStepInput, IntegrityBrief, IntegrityInput, MigrationInput, MigrationToUndo, PitrInput,

@@ -1,6 +1,6 @@
 """Capture at the moment of destruction: what a migration destroys, recorded in its own transaction.
 
-`rollback db migrate` applies a migration statement by statement (rollback/sql_statements.py),
+`rollback db migrate` applies a migration statement by statement (rollback/targets/database/sql_statements.py),
 inside the one transaction that also records it. Before a statement destroys anything, the
 before-image of what it destroys is copied into `rollback_archive`:
 
@@ -39,10 +39,10 @@ from typing import Any, Literal
 
 import asyncpg
 
-from rollback.names import derived_name
+from rollback.targets.database.names import derived_name
 from rollback.targets.database.contract import Capture, CapturedObject
-from rollback.pg import ident, qualified
-from rollback.sql_statements import first_keyword, split_statements
+from rollback.targets.database.pg import ident, qualified
+from rollback.targets.database.sql_statements import first_keyword, split_statements
 
 ARCHIVE_SCHEMA = "rollback_archive"
 CAPTURE_FUNCTIONS = f"""

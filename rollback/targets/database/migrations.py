@@ -21,9 +21,9 @@ from pathlib import Path
 
 import asyncpg
 
-from rollback.capture import CaptureError, MigrationCapture
-from rollback.migration_model import Migration, MigrationError
-from rollback.pgschema import snapshot
+from rollback.targets.database.capture import CaptureError, MigrationCapture
+from rollback.targets.database.migration_model import Migration, MigrationError
+from rollback.targets.database.pgschema import snapshot
 from rollback.targets.database.contract import AppliedMigration, Capture
 
 FILE_NAME = re.compile(r"^(?P<revision>\d{1,12})_(?P<name>[A-Za-z0-9_-]+)\.(?P<direction>up|down)\.sql$")
@@ -50,7 +50,7 @@ def revision_key(revision: str) -> int:
 def load_migrations(source: Path) -> list[Migration]:
     """The project's migrations in order: a directory of SQL files, or an Alembic project's alembic.ini."""
     if source.suffix == ".ini":
-        from rollback.alembic_migrations import load_alembic_migrations  # SQLAlchemy only for Alembic projects
+        from rollback.targets.database.alembic_migrations import load_alembic_migrations  # SQLAlchemy only for Alembic projects
 
         return load_alembic_migrations(source)
     return load_sql_migrations(source)
@@ -182,7 +182,7 @@ async def in_transaction_with_lock_timeout(
 
 
 async def run_captured(conn: asyncpg.Connection, migration: Migration) -> tuple[int, Capture]:
-    """Run the migration's up SQL in the caller's transaction, capturing what it destroys (rollback/capture.py):
+    """Run the migration's up SQL in the caller's transaction, capturing what it destroys (rollback/targets/database/capture.py):
     (the transaction's id, the capture)."""
     xid = await conn.fetchval("SELECT txid_current()")
     try:

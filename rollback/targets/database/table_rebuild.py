@@ -48,11 +48,11 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from rollback.backups import TableCopy
-from rollback.migrations import AttemptWrapper, MigrationError, in_transaction_with_lock_timeout
-from rollback.names import derived_name
-from rollback.pg import BULK_SESSION_SETTINGS, ident, qualified, quote_literal, written_after
-from rollback.pgschema import TableShape
+from rollback.targets.database.backups import TableCopy
+from rollback.targets.database.migrations import AttemptWrapper, MigrationError, in_transaction_with_lock_timeout
+from rollback.targets.database.names import derived_name
+from rollback.targets.database.pg import BULK_SESSION_SETTINGS, ident, qualified, quote_literal, written_after
+from rollback.targets.database.pgschema import TableShape
 
 ARCHIVE_SCHEMA = "rollback_archive"
 CATCH_UP_BATCH = 20_000  # logged changes re-synced per catch-up transaction

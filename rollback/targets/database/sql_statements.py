@@ -1,6 +1,6 @@
 """Split a migration's SQL script into its statements, the way PostgreSQL's own lexer reads them.
 
-A migration is captured statement by statement (rollback/capture.py), so its script must be cut
+A migration is captured statement by statement (rollback/targets/database/capture.py), so its script must be cut
 at the semicolons that end statements and nowhere else: not inside 'strings' (with '' and, in
 E'...' strings, backslash escapes), "identifiers", $tag$ dollar-quoted bodies $tag$, -- line and
 /* nested */ block comments, nor inside a SQL-standard function body (BEGIN ATOMIC ... END).

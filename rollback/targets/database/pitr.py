@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
-from rollback.pg import connect, database_name, ident, quote_literal, with_database
+from rollback.targets.database.pg import connect, database_name, ident, quote_literal, with_database
 from rollback.ports import free_port
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -316,7 +316,7 @@ def _recovery_settings(*, source: PitrSource, target: RecoveryTarget, port: int,
         assert target.time is not None
         settings["recovery_target_time"] = _conf_string(target.time.isoformat())
     lines = "".join(f"{name} = {value}\n" for name, value in settings.items())
-    return f"\n# Added by rollback.pitr.recover\n{lines}"
+    return f"\n# Added by rollback.targets.database.pitr.recover\n{lines}"
 
 
 async def _prepare_data_dir(*, source: PitrSource, target: RecoveryTarget, work_dir: Path,

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from rollback.migration_model import Migration, MigrationError
+from rollback.targets.database.migration_model import Migration, MigrationError
 
 # Runs in the child with only Alembic imported (importing `rollback` would pull in Temporal):
 # argv = [ini, output.json]. Known problems are written as {"error": ...}; the parent turns

@@ -1,5 +1,5 @@
 """A migration as read from the project (SQL files or an Alembic revision), apart from how it is
-applied (rollback/migrations.py), so that both loaders can use it without importing each other."""
+applied (rollback/targets/database/migrations.py), so that both loaders can use it without importing each other."""
 
 from __future__ import annotations
 

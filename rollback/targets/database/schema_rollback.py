@@ -26,13 +26,13 @@ from pathlib import Path
 
 import asyncpg
 
-from rollback.backups import TableCopy, open_table_copy
-from rollback.migrations import AttemptWrapper, Migration, MigrationError, in_transaction_with_lock_timeout
-from rollback.names import derived_name
-from rollback.pg import ident, qualified, written_after
-from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
+from rollback.targets.database.backups import TableCopy, open_table_copy
+from rollback.targets.database.migrations import AttemptWrapper, Migration, MigrationError, in_transaction_with_lock_timeout
+from rollback.targets.database.names import derived_name
+from rollback.targets.database.pg import ident, qualified, written_after
+from rollback.targets.database.pgschema import SchemaSnapshot, TableShape, snapshot
 from rollback.targets.database.contract import ArchivedObject, Capture, RestoreResult, RevertResult, SchemaDiff, TableRestore
-from rollback.table_rebuild import BackupRows, LockPolicy, RebuildRefused, rebuild_table
+from rollback.targets.database.table_rebuild import BackupRows, LockPolicy, RebuildRefused, rebuild_table
 
 ARCHIVE_SCHEMA = "rollback_archive"
 XID_MASK = 0xFFFFFFFF  # a row's xmin is the low 32 bits of the 64-bit txid

@@ -1,4 +1,4 @@
-"""Restore what a captured migration destroyed (rollback/capture.py), column by column, three-way.
+"""Restore what a captured migration destroyed (rollback/targets/database/capture.py), column by column, three-way.
 
 For every table of the pre-migration shape that the capture touched, three images meet per row:
 
@@ -31,13 +31,13 @@ from typing import Any
 
 import asyncpg
 
-from rollback.capture import ARCHIVE_SCHEMA, Capture, CapturedObject
-from rollback.migrations import MigrationError
-from rollback.names import derived_name
-from rollback.pg import BULK_SESSION_SETTINGS, ident, qualified, written_after
-from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
-from rollback.schema_rollback import TableRestore, constant_defaults, ensure_bookkeeping, restorable_condition, restore_xids
-from rollback.table_rebuild import (
+from rollback.targets.database.capture import ARCHIVE_SCHEMA, Capture, CapturedObject
+from rollback.targets.database.migrations import MigrationError
+from rollback.targets.database.names import derived_name
+from rollback.targets.database.pg import BULK_SESSION_SETTINGS, ident, qualified, written_after
+from rollback.targets.database.pgschema import SchemaSnapshot, TableShape, snapshot
+from rollback.targets.database.schema_rollback import TableRestore, constant_defaults, ensure_bookkeeping, restorable_condition, restore_xids
+from rollback.targets.database.table_rebuild import (
     LockPolicy, RebuildRefused, RebuildSql, author_of_resynced_rows, rebuild_blockers, rebuild_table,
 )
 
@@ -241,7 +241,7 @@ class _Plan:
 
 @dataclass(frozen=True)
 class CapturedRebuild:
-    """When a table's restore rebuilds it (rollback/table_rebuild.py) instead of updating its rows in place."""
+    """When a table's restore rebuilds it (rollback/targets/database/table_rebuild.py) instead of updating its rows in place."""
 
     min_rows: int  # rows to put back; fewer are merged in place
     locks: LockPolicy

@@ -36,7 +36,7 @@ from typing import Literal
 import asyncpg
 from pydantic import BaseModel, Field, field_validator
 
-from rollback.pg import ident, qualified
+from rollback.targets.database.pg import ident, qualified
 from rollback.targets.database.contract import Cause, Difference, IntegrityBrief, TableReport
 
 ARCHIVE_SCHEMA = "rollback_archive"
@@ -222,7 +222,7 @@ async def _hash_expression(conn: asyncpg.Connection, columns: Sequence[str], typ
 
 
 class RebuiltTable(BaseModel):
-    """A table the rollback rebuilt (rollback/table_rebuild.py): the transactions that wrote it, and
+    """A table the rollback rebuilt (rollback/targets/database/table_rebuild.py): the transactions that wrote it, and
     the table (schema.name, quoted) of who last wrote each row it copied from the live table."""
 
     authors: str

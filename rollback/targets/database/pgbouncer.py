@@ -28,9 +28,9 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
 
-from rollback.pg import ident
+from rollback.targets.database.config import PgBouncerSettings
+from rollback.targets.database.pg import ident
 
 T = TypeVar("T")
 
@@ -41,21 +41,6 @@ RESUME_ATTEMPTS = 3
 RESUME_RETRY_DELAY_SECONDS = 0.5
 
 ShowWhat = Literal["DATABASES", "POOLS", "SERVERS"]
-
-
-class PgBouncerSettings(BaseModel):
-    """How to reach one PgBouncer's admin console, and which of its database entries to pause."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    host: str = "127.0.0.1"
-    port: int = Field(ge=1, le=65535)
-    admin_user: str = Field(min_length=1)
-    # The NAME of an environment variable holding the admin password: the password itself
-    # never travels through workflow inputs or configs.
-    password_env: str | None = None
-    database: str = Field(min_length=1)
-    pause_timeout_seconds: float = Field(default=10, gt=0)
 
 
 class PgBouncerError(RuntimeError):

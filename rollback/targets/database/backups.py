@@ -31,8 +31,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import asyncpg
 from pydantic import BaseModel, Field
 
-from rollback.pg import connect, database_name, ident, qualified
-from rollback.pgschema import SchemaSnapshot, TableShape, snapshot
+from rollback.targets.database.pg import connect, database_name, ident, qualified
+from rollback.targets.database.pgschema import SchemaSnapshot, TableShape, snapshot
 
 DEFAULT_PG_BIN = Path("/usr/lib/postgresql/15/bin")
 MANIFEST = "manifest.json"
