@@ -40,14 +40,19 @@ TEST_SERVER = Path(sys.executable).parent / "temporal-test-server"
 BATCHES = [["app-1"], ["app-2"], ["app-3"]]
 
 
-@pytest_asyncio.fixture(scope="module")
-async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
+async def start_time_skipping() -> WorkflowEnvironment:
     environment = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(TEST_SERVER),
                                                                 data_converter=pydantic_data_converter)
     # The workflow sets its search attributes from its first task: the test server must know them.
     await environment.client.operator_service.add_search_attributes(AddSearchAttributesRequest(
         namespace=environment.client.namespace,
         search_attributes={key.name: IndexedValueType.ValueType(key.indexed_value_type) for key in SEARCH_ATTRIBUTES}))
+    return environment
+
+
+@pytest_asyncio.fixture(scope="module")
+async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
+    environment = await start_time_skipping()
     try:
         yield environment
     finally:
