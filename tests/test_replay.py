@@ -6,6 +6,13 @@ The histories (tests/histories/*.json) were recorded by the integration tests th
 `keep_history`, with ROLLBACK_RECORD_HISTORIES=1:
 
     ROLLBACK_RECORD_HISTORIES=1 .venv/bin/python -m pytest -q -k "<the tests that call keep_history>"
+
+The `*_before_*` ones were recorded with the workflow code of the commit before each
+`workflow.patched` gate (tests/histories/record_before_gates.py, stand-in activities), so the
+unpatched branch a workflow started before the gate takes is replayed too:
+- effect-keys-per-run (696b796): rollback_rolling_before_effect_keys, rollback_pitr_before_effect_keys;
+- backup-id-per-run (83cf576): migration_before_backup_id;
+- resume-starts-fresh (7db2b4c): monitor_pause_resume_before_resume_fresh.
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ from worker import WORKFLOWS
 
 # What the recordings cover: each workflow type the worker runs at least once, and the paths whose
 # commands differ most (two backend strategies, a database rollback, a monitor's continue-as-new).
-EXPECTED = {"rollback_blue_green", "rollback_rolling", "rollback_database", "migration", "monitor_continue_as_new"}
+EXPECTED = {"rollback_blue_green", "rollback_rolling", "rollback_database", "migration", "monitor_continue_as_new",
+            # ... and each patched gate's unpatched branch
+            "rollback_rolling_before_effect_keys", "rollback_pitr_before_effect_keys", "migration_before_backup_id",
+            "monitor_pause_resume_before_resume_fresh"}
 
 
 def _recorded() -> list[Path]:
