@@ -19,7 +19,7 @@ from temporalio.worker import Worker
 from rollback.models import RollbackTrigger
 from rollback.monitoring import Collection, MetricSpec, MonitorInput, MonitorSettings, MonitorStatus, Reading, Rule
 from rollback.payloads import CollectInput, Notification, NotifyResult, StartRollbackInput, StartRollbackResult
-from tests.unit.test_rollback_saga import start_time_skipping
+from tests.unit.test_rollback_saga import time_skipping_server
 from workflows.monitor import HealthMonitorWorkflow
 
 INTERVAL = 15
@@ -29,11 +29,8 @@ INTERVAL = 15
 async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
     # One server per test: a monitor is terminated mid-cycle, and the activity it had scheduled would
     # hold the next test's clock still until its timeout passed in real time.
-    environment = await start_time_skipping()
-    try:
+    async with time_skipping_server() as environment:
         yield environment
-    finally:
-        await environment.shutdown()
 
 
 def errors_rule(**fields: object) -> Rule:

@@ -10,6 +10,7 @@ reject, timeout rejecting or proceeding), cancellation mid-step, and the lock re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 import sys
@@ -40,23 +41,24 @@ TEST_SERVER = Path(sys.executable).parent / "temporal-test-server"
 BATCHES = [["app-1"], ["app-2"], ["app-3"]]
 
 
-async def start_time_skipping() -> WorkflowEnvironment:
+@contextlib.asynccontextmanager
+async def time_skipping_server() -> AsyncIterator[WorkflowEnvironment]:
     environment = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(TEST_SERVER),
                                                                 data_converter=pydantic_data_converter)
-    # The workflow sets its search attributes from its first task: the test server must know them.
-    await environment.client.operator_service.add_search_attributes(AddSearchAttributesRequest(
-        namespace=environment.client.namespace,
-        search_attributes={key.name: IndexedValueType.ValueType(key.indexed_value_type) for key in SEARCH_ATTRIBUTES}))
-    return environment
+    try:
+        # The workflow sets its search attributes from its first task: the test server must know them.
+        await environment.client.operator_service.add_search_attributes(AddSearchAttributesRequest(
+            namespace=environment.client.namespace,
+            search_attributes={key.name: IndexedValueType.ValueType(key.indexed_value_type) for key in SEARCH_ATTRIBUTES}))
+        yield environment
+    finally:
+        await environment.shutdown()
 
 
 @pytest_asyncio.fixture(scope="module")
 async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
-    environment = await start_time_skipping()
-    try:
+    async with time_skipping_server() as environment:
         yield environment
-    finally:
-        await environment.shutdown()
 
 
 def rolling_plan(**policy: object) -> RollbackPlan:
@@ -340,6 +342,12 @@ async def test_a_full_rollback_runs_the_backend_then_the_database_and_records_bo
         "validate database integrity"]
     ids = [s.id for s in status.steps]
     assert len(ids) == len(set(ids)) and all(s.state == "succeeded" for s in status.steps)
+    # Each result renders its own step detail.
+    detail = {s.id: s.detail for s in status.steps}
+    assert detail["backend.batch.1"] == "restarted ['app-1']; 1 nginx reloads"
+    assert detail["backend.validate"].startswith("10/10 healthy") and detail["database.verify_backup.b3"].startswith("backup b3: 1 files")
+    assert detail["database.revert.0003"] == "down SQL applied; archived: nothing" and detail["database.validate"] == "no difference"
+    assert detail["assess"] == "backend: rolling v2 -> v1; database: schema_rollback 0003 -> 0001"
 
 
 async def test_a_failure_in_the_database_is_compensated_across_both_targets_in_reverse(time_skipping):

@@ -46,7 +46,7 @@ class SwitchResult(BaseModel):
     front_door_versions: dict[str, int]
     attempt: int
 
-    def summary(self) -> str:
+    def step_detail(self) -> str:
         return f"{'reloaded nginx' if self.reloaded else 'already live'}; front door {self.front_door_versions}"
 
 
@@ -63,7 +63,7 @@ class BatchResult(BaseModel):
     reloads: int
     attempt: int
 
-    def summary(self) -> str:
+    def step_detail(self) -> str:
         return f"restarted {self.restarted or 'none (already on version)'}; {self.reloads} nginx reloads"
 
 
