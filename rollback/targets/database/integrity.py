@@ -340,9 +340,10 @@ async def _fingerprint_table(conn: asyncpg.Connection, spec: TableSpec, h: _Hash
         target = qualified(ARCHIVE_SCHEMA, kept)
         keys = "".join(f"{ident(c)}, " for c in h.key_columns)
         await conn.execute(f"DROP TABLE IF EXISTS {target}", timeout=timeout)  # a retried activity
+        # _rb_xmin: which version of the row the snapshot read (see SAME_VERSION).
         await conn.execute(f"CREATE UNLOGGED TABLE {target} AS SELECT {h.bucket} AS _rb_bucket, {keys}"
-                           f"{h.key_hash} AS _rb_key_hash, {h.row_hash} AS _rb_row_hash FROM {h.source}",
-                           timeout=timeout)
+                           f"{h.key_hash} AS _rb_key_hash, {h.row_hash} AS _rb_row_hash, {h.writer_xmin} AS _rb_xmin "
+                           f"FROM {h.rows}", timeout=timeout)
         source = (f"SELECT _rb_bucket AS bucket, {_aggregates('_rb_key_hash', '_rb_row_hash', bool(spec.key))} "
                   f"FROM {target} GROUP BY 1")
     else:
@@ -511,7 +512,27 @@ def _live(h: _Hashes, *, every_bucket: bool = False) -> str:
             f"FROM {h.rows} WHERE {where}")
 
 
-def _keyed_sql(h: _Hashes, kept: str, limit: int, *, every_bucket: bool = False) -> str:
+# A live row whose version is the very one the before-snapshot read (its kept row recorded the same
+# xmin) cannot differ from it by any write: whatever its xmin's visibility says (an xmin at or above
+# the snapshot's xmin looks like a subtransaction's while any transaction of the cluster, in any
+# database, was older than the snapshot), a difference there is unexplained. Kept rows of snapshots
+# taken before they recorded the version have no _rb_xmin: their rows are judged by visibility alone.
+SAME_VERSION = "same_version"
+
+
+def _kept_writer(kept_has_xmin: bool) -> str:
+    """SQL naming who wrote the live row `l` joined to its kept row `k`."""
+    if not kept_has_xmin:
+        return _writer("l")
+    return f"CASE WHEN k._rb_xmin = l._rb_xmin THEN '{SAME_VERSION}' ELSE {_writer('l')} END"
+
+
+async def _kept_has_xmin(conn: asyncpg.Connection, kept: str, *, timeout: float) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass($1) AND attname = '_rb_xmin' "
+                                    "AND NOT attisdropped", kept, timeout=timeout))
+
+
+def _keyed_sql(h: _Hashes, kept: str, limit: int, *, every_bucket: bool = False, kept_has_xmin: bool = True) -> str:
     """Missing, inserted and changed keys of the differing buckets ($4): kept rows joined with live rows.
 
     Returns count rows per (kind, writer), then the first `limit` differences, unexplained ones
@@ -532,7 +553,7 @@ WITH d AS MATERIALIZED (
   SELECT CASE WHEN l._rb_xmin IS NULL THEN 'missing' WHEN k._rb_bucket IS NULL THEN 'inserted' ELSE 'changed' END
            AS kind,
          coalesce(k._rb_bucket, l._rb_bucket) AS bucket, ARRAY[{key_text}] AS key, l._rb_xmin AS xmin,
-         CASE WHEN l._rb_xmin IS NOT NULL THEN {_writer('l')} END AS writer
+         CASE WHEN l._rb_xmin IS NOT NULL THEN {_kept_writer(kept_has_xmin)} END AS writer
   FROM {joined}
   WHERE k._rb_row_hash IS DISTINCT FROM l._rb_row_hash
 )
@@ -587,6 +608,9 @@ def _cause(kind: str, writer: str | None, rules: _Rules) -> tuple[Cause, str]:
         return "rollback_write", "written by a rollback transaction that was meant to rewrite rows"
     if writer == "rollback":
         return "unexplained", "written by a rollback transaction that was not expected to change this table"
+    if writer == SAME_VERSION:
+        return "unexplained", ("the row differs from the before-snapshot, yet it is the very row version the snapshot "
+                               "read: it was changed without a new row version")
     if writer == "copied":
         return "unexplained", "the rollback's table rebuild copied this row from the backup, and it differs from the before-snapshot"
     if writer in ("concurrent", "subtransaction"):
@@ -623,7 +647,8 @@ async def _keyed_differences(conn: asyncpg.Connection, spec: TableSpec, h: _Hash
     if await conn.fetchval("SELECT to_regclass($1)", qualified(schema, name), timeout=timeout) is None:
         raise KeptRowsMissing(f"the kept rows of {spec.table} ({kept}) are gone: was drop_kept_rows called early?")
     found = []
-    rows = await conn.fetch(_keyed_sql(h, qualified(schema, name), limit, every_bucket=every_bucket),
+    has_xmin = await _kept_has_xmin(conn, qualified(schema, name), timeout=timeout)
+    rows = await conn.fetch(_keyed_sql(h, qualified(schema, name), limit, every_bucket=every_bucket, kept_has_xmin=has_xmin),
                             *params[:3], buckets, *params[3:], timeout=timeout)  # $1..$7
     if every_bucket:
         # Keys are unique on both sides: every live row without a kept row is an insert, so the
@@ -729,10 +754,11 @@ FROM (SELECT ARRAY[{key_text}] AS _rb_key, {h.bucket} AS _rb_bucket, {h.key_hash
 """
 
 
-def _kept_of_sql(kept: str, key_columns: Sequence[str]) -> str:
+def _kept_of_sql(kept: str, key_columns: Sequence[str], *, kept_has_xmin: bool) -> str:
     """The kept rows whose key hash is one of $1 (the recent rows' key hashes)."""
     key_text = ", ".join(f"{ident(c)}::text" for c in key_columns)
-    return (f"SELECT ARRAY[{key_text}] AS _rb_key, _rb_bucket, _rb_key_hash, _rb_row_hash FROM {kept} "
+    xmin = "_rb_xmin" if kept_has_xmin else "NULL::int8 AS _rb_xmin"
+    return (f"SELECT ARRAY[{key_text}] AS _rb_key, _rb_bucket, _rb_key_hash, _rb_row_hash, {xmin} FROM {kept} "
             f"WHERE _rb_key_hash = ANY($1::int8[])")
 
 
@@ -771,7 +797,9 @@ async def _recent_differences(conn: asyncpg.Connection, spec: TableSpec, h: _Has
     live = _Totals(rows=row["rows"], keys=int(row["keys"] or 0), values=int(row["values"] or 0))
     by_key = {tuple(r["_rb_key"]): r for r in recent}
     key_hashes = sorted({r["_rb_key_hash"] for r in recent})
-    kept_rows = await conn.fetch(_kept_of_sql(kept, h.key_columns), key_hashes, timeout=timeout) if recent else []
+    has_xmin = await _kept_has_xmin(conn, kept, timeout=timeout)
+    kept_rows = (await conn.fetch(_kept_of_sql(kept, h.key_columns, kept_has_xmin=has_xmin), key_hashes, timeout=timeout)
+                 if recent else [])
     previous = [r for r in kept_rows if tuple(r["_rb_key"]) in by_key]  # not another key with the same hash
     before = _Totals(rows=taken.rows, keys=int(taken.keys), values=int(taken.values))
     if live.minus(recent) != before.minus(previous):
@@ -785,7 +813,8 @@ async def _recent_differences(conn: asyncpg.Connection, spec: TableSpec, h: _Has
         if old is not None and old["_rb_row_hash"] == r["_rb_row_hash"]:
             continue  # rewritten with the same values (or committed while the before-snapshot was taken)
         kind: Literal["inserted", "changed"] = "inserted" if old is None else "changed"
-        cause, detail = _cause(kind, r["writer"], rules)
+        same_version = old is not None and old["_rb_xmin"] is not None and old["_rb_xmin"] == r["_rb_xmin"]
+        cause, detail = _cause(kind, SAME_VERSION if same_version else r["writer"], rules)
         setattr(report, kind, getattr(report, kind) + 1)
         _count_cause(report, cause, 1)
         found.append(Difference(table=spec.table, kind=kind, key=dict(zip(spec.key, key, strict=True)), bucket=r["_rb_bucket"],
