@@ -8,6 +8,17 @@ import socket
 from pathlib import Path
 
 _handed_out: set[int] = set()
+# (index, count): this process hands out only the ports p with p % count == index, so that several
+# processes starting servers on one machine at once (parallel test workers) never pick the same one.
+_share = (0, 1)
+
+
+def share_ports(index: int, count: int) -> None:
+    """Take share `index` of `count` of the candidate ports (see _share)."""
+    global _share
+    if not 0 <= index < count:
+        raise ValueError(f"share {index} of {count} does not exist")
+    _share = (index, count)
 
 
 class NoFreePort(RuntimeError):
@@ -33,7 +44,9 @@ def free_port() -> int:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
-    candidates = range(max(1024, low - 12000), low)
+    index, count = _share
+    start = max(1024, low - 12000)
+    candidates = range(start + (index - start) % count, low, count)
     for _ in range(500):
         port = random.choice(candidates)
         if port not in _handed_out and port_is_free(port):

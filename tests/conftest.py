@@ -1,7 +1,8 @@
-"""Shared fixtures: one real Temporal dev server per session, real nginx and app processes per test."""
+"""Shared fixtures: one real Temporal dev server per session (per xdist worker), real nginx and app processes per test."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,10 +17,18 @@ from temporalio.worker import Worker
 
 from rollback.config import ConfigSource
 from rollback.dev.stack import BackendStack, temporal_binary
-from rollback.ports import free_port
+from rollback.ports import free_port, share_ports
 from rollback.settings import SEARCH_ATTRIBUTES
 
 from worker import build_worker
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Under pytest-xdist each worker process starts its own servers: give each its own share of ports.
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is not None:
+        share_ports(int(worker.removeprefix("gw")), int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+
 
 @pytest_asyncio.fixture(scope="session")
 async def env() -> AsyncIterator[WorkflowEnvironment]:
