@@ -636,6 +636,9 @@ async def _kept_row_tables(dsn: str) -> int:
                             "AND table_name NOT LIKE 'rb\\_%'")
 
 
+# Which rows count as written since the copy made ahead is conservative (rollback.targets.database.pg.written_after):
+# a transaction held open anywhere in the cluster makes it take more, which is safe but breaks the count below.
+@pytest.mark.alone
 async def test_revert_copies_added_data_before_its_locks_and_only_rows_written_since_under_them(database, tmp_path):  # noqa: F811
     """The archive of an added column and an added table is copied before the revert locks anything;
     under the lock only what the application wrote since is copied again (deleted rows dropped)."""
