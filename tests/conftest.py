@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -11,6 +12,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -48,6 +50,19 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
 @pytest.fixture
 def client(env: WorkflowEnvironment) -> Client:
     return env.client
+
+
+@pytest_asyncio.fixture(autouse=True)
+async def no_workflow_outlives_its_test(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """A test that fails half-way must not leave a rollback (or a monitor) running on the shared dev
+    server: every later rollback of its environment would be refused as a second one."""
+    yield
+    if "client" not in request.fixturenames:
+        return
+    client: Client = request.getfixturevalue("env").client  # the session's server (the test's `client` is torn down)
+    async for execution in client.list_workflows("ExecutionStatus = 'Running'"):
+        with contextlib.suppress(RPCError):  # it ended meanwhile
+            await client.get_workflow_handle(execution.id, run_id=execution.run_id).terminate("its test ended")
 
 
 @pytest.fixture
