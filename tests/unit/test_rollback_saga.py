@@ -32,8 +32,9 @@ from rollback.settings import SEARCH_ATTRIBUTES
 from rollback.payloads import LockInput, Notification, NotifyResult, RecordInput
 from rollback.targets.backend.contract import BatchInput, BatchResult, RollingParams, ValidateInput
 from rollback.targets.database.contract import (
-    BackupInput, BackupSummary, DbStepInput, IntegrityBrief, IntegrityInput, MigrationInput, MigrationToUndo, Reapplied,
-    RestoreInput, RestoreResult, RevertResult, SchemaDiff, SchemaRollbackParams, SnapshotDiscarded, SnapshotRef, ValidateDbInput,
+    BackupInput, BackupSummary, DbStepInput, IntegrityBrief, IntegrityInput, MigrationInput, MigrationToUndo, PitrInput, PitrParams,
+    Reapplied, Recovered, RestoreInput, RestoreResult, RevertResult, SchemaDiff, SchemaRollbackParams, SnapshotDiscarded, SnapshotRef,
+    SwapBackInput, SwappedBack, ValidateDbInput,
 )
 from workflows.rollback import RollbackWorkflow
 
@@ -78,6 +79,14 @@ def full_plan(**policy: object) -> RollbackPlan:
             MigrationToUndo(revision="0002", label="0002_add_note", backup_id="b2")]
     plan.targets.append(TargetPlan(target="database", strategy="schema_rollback", from_version="0003", to_version="0001",
                                    checks=[], params=SchemaRollbackParams(undo=undo, target_backup_id="b2")))
+    return plan
+
+
+def pitr_plan() -> RollbackPlan:
+    """A point-in-time recovery: the planner always makes it wait for a person, and rejects on silence."""
+    plan = rolling_plan(require_approval=True, approval_reason="point-in-time recovery loses data", on_approval_timeout="reject")
+    plan.targets = [TargetPlan(target="database", strategy="pitr", from_version="0003", to_version="0001", checks=[],
+                               params=PitrParams(database="shop", restore_point="rp"))]
     return plan
 
 
@@ -187,7 +196,17 @@ class World:
     @activity.defn(name="database.current_revision")
     async def current_revision(self, inp: BackupInput) -> str:
         self._did("revision")
-        return self.plan.targets[-1].to_version
+        return "0002" if "wrong revision" in self.fail else self.plan.targets[-1].to_version
+
+    @activity.defn(name="database.pitr")
+    async def recover_to_point(self, inp: PitrInput) -> Recovered:
+        self._did(f"recover to {inp.restore_point}, retiring {inp.retired_name}")
+        return Recovered(recovered_to=f"restore point {inp.restore_point}", live="shop", retired=inp.retired_name)
+
+    @activity.defn(name="database.swap_back")
+    async def swap_back(self, inp: SwapBackInput) -> SwappedBack:
+        self._did(f"swap back {inp.retired_name}")
+        return SwappedBack(swapped_back=True)
 
     @activity.defn(name="notify.send")
     async def send(self, note: Notification) -> NotifyResult:
@@ -197,7 +216,8 @@ class World:
     def activities(self) -> list[object]:
         return [self.plan_rollback, self.acquire_lock, self.release_lock, self.record_restored, self.roll_batch,
                 self.validate, self.smoke, self.send, self.verify_backup, self.integrity_before, self.discard_snapshot,
-                self.revert_migration, self.restore_data, self.reapply_migration, self.validate_database, self.current_revision]
+                self.revert_migration, self.restore_data, self.reapply_migration, self.validate_database, self.current_revision,
+                self.recover_to_point, self.swap_back]
 
     def effects(self) -> list[str]:
         """The calls that change something or decide (not the notifications)."""
@@ -380,3 +400,31 @@ async def test_a_plan_naming_a_target_without_a_flow_fails_before_anything_runs(
     assert result is None and status.state == Phase.FAILED
     assert "no flow for target 'frontend'" in (status.error or ""), status.error
     assert world.effects() == ["plan"]
+
+
+async def approve_when_pending(handle) -> None:
+    for _ in range(200):
+        if (await handle.query(RollbackWorkflow.status)).approval.decision == "pending":
+            break
+        await asyncio.sleep(0.05)
+    await handle.signal("approve", {"by": "dba"})
+
+
+async def test_a_recovery_nobody_approves_is_rejected_and_recovers_nothing(time_skipping):
+    world = World(pitr_plan())
+    result, status = await run(time_skipping, world)
+    assert status.state == Phase.REJECTED and status.approval.decision == "timed_out"
+    assert world.effects() == ["plan", "lock", "unlock"]
+
+
+async def test_a_recovery_that_fails_its_check_swaps_the_pre_recovery_database_back(time_skipping):
+    world = World(pitr_plan(), fail={"wrong revision"})
+    result, status = await run(time_skipping, world, during=approve_when_pending)
+    assert result is None and status.state == Phase.COMPENSATED
+    [recovered] = [c for c in world.effects() if c.startswith("recover")]
+    retired = recovered.rsplit("retiring ", 1)[1]
+    assert world.effects()[-3:] == ["revision", f"swap back {retired}", "unlock"], "the database it retired is the one put back"
+    assert status.plan is not None and status.plan.targets[0].steps == ["recover shop to restore point rp into a new database and swap it in"]
+    assert [(s.name, s.state) for s in status.steps if s.target == "database"] == [
+        ("recover shop to restore point rp into a new database and swap it in", "succeeded"),
+        ("check database is at revision 0001", "failed"), ("swap the pre-recovery database back in", "compensated")]
