@@ -246,6 +246,11 @@ async def _watch(orchestrator: RollbackOrchestrator, execution_id: str, *, quiet
     async def poll() -> RollbackStatus:
         return await orchestrator.get_rollback_status(execution_id)
 
+    def ended(status: RollbackStatus) -> bool:
+        # The state turns terminal before the last notification is sent, finished_at after it: until
+        # then the record is not final (and the end line, which needs finished_at, not printed).
+        return status.state in TERMINAL_STATES and status.finished_at is not None
+
     current = await poll()
     if quiet or not sys.stdout.isatty():
         seen: set[str] = set()
@@ -254,13 +259,13 @@ async def _watch(orchestrator: RollbackOrchestrator, execution_id: str, *, quiet
                 if line not in seen:
                     seen.add(line)
                     print(line, flush=True)
-            if current.state in TERMINAL_STATES:
+            if ended(current):
                 break
             await asyncio.sleep(0.5)
             current = await poll()
     else:
         with Live(render(current), console=out, refresh_per_second=4) as live:
-            while current.state not in TERMINAL_STATES:
+            while not ended(current):
                 await asyncio.sleep(0.5)
                 current = await poll()
                 live.update(render(current))

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 
+import pytest
+import yaml
+from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.backend import BackendRollback
@@ -30,6 +34,27 @@ async def test_switch_traffic_twice_reloads_nginx_once(blue_green, tmp_path, htt
 
     assert (first.reloaded, second.reloaded) == (True, False)
     assert await front_version(blue_green.front_url) == "v1"
+
+
+async def test_a_configuration_nginx_refuses_is_undone_and_traffic_stays_where_it_was(blue_green, tmp_path, http):
+    """The router writes the upstream file, then runs test_command: when that fails, the file nginx
+    last accepted is put back (a later reload by anyone must not pick up ours), nothing is reloaded,
+    and the step fails with nginx's words."""
+    blue_green.deploy("v2", "errors")  # green serves v2 and takes the traffic
+    config = write_config(blue_green, tmp_path)
+    raw = yaml.safe_load(config.path.read_text())
+    raw["environments"]["demo"]["targets"]["backend"]["router"]["test_command"] = [
+        sys.executable, "-c", "import sys; sys.exit('nginx: [emerg] host not found in upstream (test)')"]
+    config.path.write_text(yaml.safe_dump(raw))
+    upstream = blue_green.upstream_path.read_text()
+    backend = BackendRollback(config, HttpHealth(http))
+
+    with pytest.raises(ApplicationError) as refused:
+        await ActivityEnvironment().run(backend.switch_traffic, SwitchInput(environment="demo", colour="blue", expect_version="v1"))
+
+    assert refused.value.type == "RouterError" and "host not found in upstream (test)" in refused.value.message
+    assert blue_green.upstream_path.read_text() == upstream
+    assert await front_version(blue_green.front_url) == "v2"
 
 
 async def test_roll_batch_twice_restarts_each_instance_once(rolling, tmp_path, http):
