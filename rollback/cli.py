@@ -28,7 +28,7 @@ from temporalio.service import RPCError
 
 from rollback.client import RollbackError, RollbackOrchestrator, ensure_search_attributes
 from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigError, load_config
-from rollback.models import TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget
+from rollback.models import LOCK_STEP, TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget
 from rollback.versions import version_problem
 from rollback.settings import SEARCH_ATTRIBUTES, TemporalSettings, config_path, search_attribute_type
 from rollback.state import StateStore
@@ -221,7 +221,8 @@ def watch(execution_id: str) -> None:
 
 def _plan_accepted(current: RollbackStatus) -> bool:
     """Assessment passed and the environment's lock is ours (or it already ended)."""
-    locked = any(s.name == "acquire deployment lock" and s.state == "succeeded" for s in current.steps)
+    # Records of rollbacks started before steps had ids are known by the name alone.
+    locked = any((s.id == LOCK_STEP.id or not s.id and s.name == LOCK_STEP.name) and s.state == "succeeded" for s in current.steps)
     return locked or current.state in TERMINAL_STATES
 
 

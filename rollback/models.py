@@ -174,6 +174,10 @@ class Step(BaseModel):
     target: str = Field(description="a target, or 'all'")
 
 
+# The coordination phase's step: a rollback that got it holds the environment (rollback start returns then).
+LOCK_STEP = Step(id="lock", name="acquire deployment lock", target="all")
+
+
 class TargetPlan(BaseModel):
     target: RollbackTarget
     strategy: str

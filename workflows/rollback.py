@@ -23,7 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from rollback.models import (
-        Approval, ApprovalRecord, Phase, RollbackPlan, RollbackRequest, RollbackResult, RollbackStatus, Step, TargetPlan,
+        LOCK_STEP, Approval, ApprovalRecord, Phase, RollbackPlan, RollbackRequest, RollbackResult, RollbackStatus, Step, TargetPlan,
     )
     from rollback.payloads import (
         ACQUIRE_LOCK, PLAN_ROLLBACK, RECORD_RESTORED, RELEASE_LOCK, SEND_NOTIFICATION, LockInput, Notification, NotifyResult,
@@ -40,7 +40,6 @@ from workflows.saga import Saga, call, describe_failure
 FLOWS: dict[str, TargetFlow] = {t.name: import_module(t.flow).FLOW for t in TARGETS}
 
 ASSESS = Step(id="assess", name="assess", target="all")
-ACQUIRE = Step(id="lock", name="acquire deployment lock", target="all")
 
 
 def flow_of(target: TargetPlan) -> TargetFlow:
@@ -176,12 +175,12 @@ class RollbackWorkflow:
         for target in plan.targets:
             target.steps = [step.name for step in flow_of(target).steps(target)]
         self.saga.status.plan = plan
-        self.saga.declare([ACQUIRE] + [step for target in plan.targets for step in flow_of(target).steps(target)])
+        self.saga.declare([LOCK_STEP] + [step for target in plan.targets for step in flow_of(target).steps(target)])
         return plan
 
     async def _coordination(self, request: RollbackRequest, plan: RollbackPlan) -> None:
         self._enter(Phase.COORDINATION)
-        await self.saga.run(ACQUIRE, partial(call, ACQUIRE_LOCK, self._lock_input(), None, attempts=5))
+        await self.saga.run(LOCK_STEP, partial(call, ACQUIRE_LOCK, self._lock_input(), None, attempts=5))
         self._lock_held = True
         targets = ", ".join(f"{t.target.value} {t.from_version} -> {t.to_version}" for t in plan.targets)
         await self._notify("started", f"rollback of {request.environment} started by {request.initiated_by} "
