@@ -94,8 +94,10 @@ class World:
     """The activities, recording every call in order; `fail` names the calls that fail for good."""
 
     def __init__(self, plan: RollbackPlan, *, fail: set[str] = frozenset(), block: str | None = None,  # type: ignore[assignment]
-                 locked_by: str | None = None, irreversible: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+                 locked_by: str | None = None, irreversible: set[str] = frozenset(),  # type: ignore[assignment]
+                 finish_when_cancelled: bool = False) -> None:
         self.plan, self.fail, self.block, self.locked_by, self.irreversible = plan, fail, block, locked_by, irreversible
+        self.finish_when_cancelled = finish_when_cancelled
         self.calls: list[str] = []
         self.blocked = asyncio.Event()
 
@@ -130,9 +132,15 @@ class World:
         if call == self.block:  # runs until the workflow cancels it
             self.calls.append(call)
             self.blocked.set()
-            while True:
-                activity.heartbeat()
-                await asyncio.sleep(0.1)
+            try:
+                while True:
+                    activity.heartbeat()
+                    await asyncio.sleep(0.1)
+            except asyncio.CancelledError:
+                if not self.finish_when_cancelled:
+                    raise
+                # A step past its point of no return completes and says so (the cancel came too late).
+                return BatchResult(instances=inp.instances, restarted=inp.instances, reloads=1, attempt=activity.info().attempt)
         self._did(call)
         return BatchResult(instances=inp.instances, restarted=inp.instances, reloads=1, attempt=activity.info().attempt)
 
@@ -309,8 +317,9 @@ async def test_an_approval_that_never_comes_times_out_by_policy(time_skipping, p
     assert world.effects()[-1] == "unlock"
 
 
-async def test_a_cancel_during_a_step_waits_for_it_to_stop_then_compensates(time_skipping):
-    world = World(rolling_plan(), block="roll app-2 to v1")
+@pytest.mark.parametrize("finishes", [False, True], ids=["the-step-stops", "the-step-finishes-anyway"])
+async def test_a_cancel_during_a_step_waits_for_it_then_compensates_it_and_the_done_ones(time_skipping, finishes):
+    world = World(rolling_plan(), block="roll app-2 to v1", finish_when_cancelled=finishes)
 
     async def cancel_when_blocked(handle) -> None:
         await asyncio.wait_for(world.blocked.wait(), timeout=30)
@@ -320,6 +329,10 @@ async def test_a_cancel_during_a_step_waits_for_it_to_stop_then_compensates(time
     assert result is None and status.state == Phase.CANCELLED
     assert world.effects() == ["plan", "lock", "roll app-1 to v1", "roll app-2 to v1", "roll app-2 to v2",
                                "roll app-1 to v2", "unlock"]
+    batch = next(s for s in status.steps if s.id == "backend.batch.2")
+    # Either way its undo runs: registered before the step, whatever the step did before it stopped.
+    assert (batch.state, batch.detail.lower()) == (("succeeded", "restarted ['app-2']; 1 nginx reloads") if finishes else ("failed", "cancelled"))
+    assert next(s for s in status.steps if s.id == "backend.batch.3").state == "pending", "nothing starts after a cancel"
 
 
 async def test_a_second_rollback_is_refused_naming_the_first_and_releases_nothing(time_skipping):
