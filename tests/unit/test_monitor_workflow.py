@@ -168,3 +168,19 @@ async def test_a_collector_that_fails_never_breaches_and_raises_a_data_alert(tim
     status = await watch(time_skipping, service, scenario)
     assert service.starts == [] and status.incidents == []
     assert any("without usable data" in n.message and "provider_down" in n.message for n in service.notes), service.notes
+
+
+async def test_an_alert_rule_alerts_again_on_each_new_breach_and_never_for_the_same_one(time_skipping):
+    service = Service(errors_rule(severity="low"))
+
+    async def scenario(handle, advance) -> None:
+        service.value = 0.9
+        await advance(4)  # one breach, held: one alert
+        service.value = 0.0
+        await advance(2)
+        service.value = 0.9
+        await advance(2)  # a new breach: a new alert
+
+    status = await watch(time_skipping, service, scenario)
+    assert [i.outcome for i in status.incidents] == ["alerted", "alerted"]
+    assert [n.event for n in service.notes] == ["monitor_alert", "monitor_alert"] and service.starts == []
