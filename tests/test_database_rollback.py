@@ -631,6 +631,30 @@ async def test_restore_respects_what_the_application_wrote_between_revert_and_re
     assert (customers.restored, customers.kept_application_version, customers.mismatches_after) == (399, 1, 0)
 
 
+@pytest.mark.parametrize("down, problem", [
+    ("SELECT 1;", "public.customers"),  # forgets to add the column back
+    ("ALTER TABLE customers ADD COLUMN email integer;", "email"),  # adds it with another type
+], ids=["column-not-re-added", "column-of-another-type"])
+async def test_a_down_sql_that_does_not_restore_the_shape_is_refused_and_changes_nothing(database, tmp_path, down, problem):  # noqa: F811
+    from rollback.targets.database.migrations import MigrationError, applied
+    from rollback.targets.database.schema_rollback import revert_schema
+
+    dsn = local_dsn(database)
+    conn = await asyncpg.connect(dsn, timeout=10)
+    try:
+        migrations, backup = await applied_with_backup(conn, dsn, tmp_path, (DROP_EMAIL[0], down))
+        with pytest.raises(MigrationError) as refused:
+            await revert_schema(conn, migration=migrations[1], target_shape=backup.schema_snapshot, key="k:revert",
+                                lock_timeout_ms=500, attempts=3)
+        columns = {r[0] for r in await conn.fetch("SELECT column_name FROM information_schema.columns WHERE table_name = 'customers'")}
+        still_applied = [m.revision for m in await applied(conn)]
+    finally:
+        await conn.close()
+    assert "does not restore the pre-migration shape" in str(refused.value) and problem in str(refused.value), refused.value
+    assert "nothing was changed" in str(refused.value)
+    assert "email" not in columns and still_applied == ["0001", "0002"]
+
+
 async def _kept_row_tables(dsn: str) -> int:
     return await value(dsn, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'rollback_archive' "
                             "AND table_name NOT LIKE 'rb\\_%'")
