@@ -24,7 +24,7 @@ from rollback.config import ConfigSource
 from rollback.models import MigrateRequest, MigrateResult, Phase, RollbackRequest, RollbackStatus, RollbackTarget
 from rollback.targets.database.pg import local_dsn, with_database
 from rollback.state import StateStore
-from tests.helpers import eventually, history_without, keep_history, largest_payload, orchestrator, status_when
+from tests.helpers import eventually, front_version, history_without, keep_history, largest_payload, orchestrator, status_when
 from tests.pgbouncer import pgbouncer  # noqa: F401 - fixture
 from tests.postgres import database  # noqa: F401 - fixture
 
@@ -374,6 +374,39 @@ async def test_unexpected_change_fails_integrity_and_compensates(shop, client, t
     assert await value(dsn, "SELECT count(*) FROM reviews") == 2
     assert await _kept_row_tables(dsn) == 0
     assert await value(dsn, "SELECT max(revision) FROM rollback_meta.migrations") == "0002"
+
+
+async def test_a_full_rollback_that_fails_in_the_database_is_compensated_across_both_tiers(shop, blue_green, tmp_path, client,
+                                                                                           task_queue, run_worker):
+    """Backend and database together: the backend switches back to v1, the database is reverted, its
+    integrity check fails (the down SQL deletes a row), and compensation undoes both, newest first:
+    the migration re-applied with its data, the snapshot discarded, then traffic switched back to v2."""
+    make, dsn = shop
+    sneaky = (ADDITIVE[0], ADDITIVE[1] + " DELETE FROM orders WHERE id = 17;")
+    database = yaml.safe_load(make(sneaky).path.read_text())["environments"]["shop"]["targets"]["database"]
+    raw = blue_green.config_dict()
+    raw["environments"]["demo"]["targets"]["database"] = database
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    await run_worker(ConfigSource(path))
+    orch = orchestrator(client, task_queue)
+    for revision in ("0001", "0002"):
+        await orch.migrate(MigrateRequest(environment="demo", to_revision=revision, initiated_by="tester"))
+    await fetch(dsn, "INSERT INTO reviews (order_id, stars) VALUES (1, 4), (2, 5)")
+    blue_green.deploy("v2", "errors")
+
+    started = await orch.start(RollbackRequest(environment="demo", targets=[RollbackTarget.FULL], initiated_by="tester"))
+    await orch.wait(started.execution_id)
+    status = await orch.get_rollback_status(started.execution_id)
+
+    assert status.state == Phase.COMPENSATED and "id=17" in (status.error or ""), status.error
+    assert [s.name for s in status.steps if s.state == "compensated"] == [
+        "re-apply 0002_step2 (undo its revert)", "discard the integrity snapshot", "switch traffic back to green"]
+    assert await front_version(blue_green.front_url) == "v2", "traffic is back where the rollback found it"
+    assert await value(dsn, "SELECT max(revision) FROM rollback_meta.migrations") == "0002"
+    assert await value(dsn, "SELECT count(*) FROM reviews") == 2 and await _kept_row_tables(dsn) == 0
+    versions = StateStore(blue_green.state_dir)
+    assert (versions.versions("demo", "backend").current, versions.versions("demo", "database").current) == ("v2", "0002")
 
 
 async def test_worker_killed_during_restore_resumes_and_restores_each_value_once(shop, client, task_queue, tmp_path):
