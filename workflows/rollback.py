@@ -172,10 +172,11 @@ class RollbackWorkflow:
         self._enter(Phase.ASSESSMENT)
         plan = await self.saga.run(ASSESS, partial(call, PLAN_ROLLBACK, request, RollbackPlan, attempts=3))
         # The flows declare the steps: the plan shows them and the status records them, by id.
-        for target in plan.targets:
-            target.steps = [step.name for step in flow_of(target).steps(target)]
+        declared = [flow_of(target).steps(target) for target in plan.targets]
+        for target, steps in zip(plan.targets, declared, strict=True):
+            target.steps = [step.name for step in steps]
         self.saga.status.plan = plan
-        self.saga.declare([LOCK_STEP] + [step for target in plan.targets for step in flow_of(target).steps(target)])
+        self.saga.declare([LOCK_STEP] + [step for steps in declared for step in steps])
         return plan
 
     async def _coordination(self, request: RollbackRequest, plan: RollbackPlan) -> None:
