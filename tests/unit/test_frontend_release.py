@@ -1,0 +1,119 @@
+"""Frontend releases on disk (rollback/targets/frontend): a release goes live only exactly as built,
+the live pointer is switched atomically, and retention never removes the live or known-good one."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from rollback.targets.frontend.release import BackendRange, ReleaseError, read_manifest, verify_release, write_manifest
+from rollback.targets.frontend.store import DirectoryStore
+
+T0 = datetime(2026, 12, 1, tzinfo=timezone.utc)
+
+
+def build(root: Path, version: str, *, age: int = 0, api: list[str] | None = None) -> Path:
+    """What a build pipeline leaves: index.html, a hashed chunk, release.json."""
+    release = root / "releases" / version
+    (release / "assets").mkdir(parents=True)
+    chunk = f"chunk-{version}.js"
+    (release / "assets" / chunk).write_text(f"console.log('{version}')")
+    (release / "index.html").write_text(f"<html><script src='/assets/{chunk}'></script>{version}</html>")
+    write_manifest(release, build=f"build-{version}", created=T0 + timedelta(days=age), api=api or ["GET /api/items"],
+                   backend=BackendRange(min="v1"))
+    return release
+
+
+def test_a_release_as_built_verifies_and_says_what_it_calls(tmp_path):
+    manifest = verify_release(build(tmp_path, "v1", api=["GET /api/items", "POST /api/orders/{id}/pay"]))
+    assert manifest.version == "v1" and set(manifest.files) == {"index.html", "assets/chunk-v1.js"}
+    assert manifest.api == ["GET /api/items", "POST /api/orders/{id}/pay"] and manifest.backend == BackendRange(min="v1")
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda r: (r / "assets" / "chunk-v1.js").write_text("tampered"), "assets/chunk-v1.js has sha256"),
+    (lambda r: (r / "assets" / "chunk-v1.js").unlink(), "missing assets/chunk-v1.js"),
+    (lambda r: (r / "assets" / "extra.js").write_text("x"), "not in release.json: assets/extra.js"),
+    (lambda r: (r / "release.json").write_text("{not json"), "release.json is not valid JSON"),
+    (lambda r: (r / "release.json").unlink(), "no release.json"),
+    (lambda r: _edit(r, version="v9"), "release.json says version v9"),
+    (lambda r: _edit(r, api=["GET api/items"]), "not `METHOD /path`"),
+    (lambda r: _edit(r, files={"../../etc/passwd": "0" * 64, "index.html": "0" * 64}), "is not a relative path inside the release"),
+    (lambda r: _link(r), "goes through a symbolic link"),
+], ids=["changed-file", "missing-file", "unlisted-file", "corrupt-manifest", "no-manifest", "wrong-version", "bad-operation",
+        "path-outside", "symlink"])
+def test_a_release_not_exactly_as_built_is_refused_naming_what_is_wrong(tmp_path, damage, message):
+    release = build(tmp_path, "v1")
+    damage(release)
+    with pytest.raises(ReleaseError) as refused:
+        verify_release(release)
+    assert message in str(refused.value) and str(refused.value).startswith("release v1"), refused.value
+
+
+def _edit(release: Path, **fields: object) -> None:
+    raw = json.loads((release / "release.json").read_text())
+    (release / "release.json").write_text(json.dumps({**raw, **fields}))
+
+
+def _link(release: Path) -> None:
+    outside = release.parent.parent / "outside.js"
+    outside.write_text("console.log('not from this build')")
+    (release / "assets" / "chunk-v1.js").unlink()
+    (release / "assets" / "chunk-v1.js").symlink_to(outside)
+    _edit(release, files={**json.loads((release / "release.json").read_text())["files"],
+                          "assets/chunk-v1.js": __import__("hashlib").sha256(outside.read_bytes()).hexdigest()})
+
+
+def test_a_missing_release_and_a_version_that_is_a_path_are_refused(tmp_path):
+    store = DirectoryStore(tmp_path)
+    with pytest.raises(ReleaseError, match="release v3 does not exist"):
+        store.verify("v3")
+    with pytest.raises(ReleaseError, match="is not a valid version"):
+        store.path("../v1")
+
+
+def test_the_switch_is_atomic_idempotent_and_relative(tmp_path):
+    store = DirectoryStore(tmp_path)
+    for version in ("v1", "v2"):
+        build(tmp_path, version)
+    assert store.live() is None
+    assert store.switch("v1") is True and store.switch("v1") is False, "switching to the live release does nothing"
+    assert os.readlink(store.current_link) == "releases/v1" and store.live() == "v1"
+
+    # A reader of current/index.html during 400 switches back and forth always finds a release.
+    seen: set[str] = set()
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                seen.add((store.current_link / "index.html").read_text()[-9:-7])
+            except OSError as err:
+                errors.append(err)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for n in range(400):
+            store.switch("v2" if n % 2 == 0 else "v1")
+    finally:
+        done.set()
+        reader.join()
+    assert errors == [] and seen <= {"v1", "v2"} and store.live() == "v1"
+
+
+def test_retention_keeps_the_newest_and_never_the_live_or_known_good_one(tmp_path):
+    store = DirectoryStore(tmp_path)
+    for age, version in enumerate(["v1", "v2", "v3", "v4", "v5"]):
+        build(tmp_path, version, age=age)
+    (tmp_path / "releases" / "v6-uploading").mkdir()  # no manifest yet: not a release, never removed
+    store.switch("v2")
+    assert store.retire(keep=2, protect={"v1"}) == ["v3"]
+    assert store.versions() == ["v1", "v2", "v4", "v5"] and (tmp_path / "releases" / "v6-uploading").is_dir()
+    assert read_manifest(tmp_path / "releases" / "v5").build == "build-v5"
