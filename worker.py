@@ -15,7 +15,7 @@ from temporalio.worker import Worker
 from activities.coordination import Coordination
 from activities.health import HttpHealth
 from activities.retention import Retention
-from activities.targets import Shared, build_targets
+from activities.targets import Shared, build_targets, defined_activities
 from activities.incidents import Incidents
 from activities.monitor import HealthMonitor
 from activities.notify import Notifier
@@ -48,7 +48,7 @@ def build_worker(client: Client, *, task_queue: str, config: ConfigSource, http:
             coordination.plan, coordination.acquire_lock, coordination.release_lock, coordination.record_restored,
             coordination.record_deployed, health.check_http, notifier.send, monitor.settings, monitor.collect,
             incidents.start_rollback, retention.apply,
-            *(activity for target in targets.values() for activity in target.activities()),
+            *(activity for target in targets.values() for activity in defined_activities(target)),
         ],
     )
 

@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -71,9 +70,6 @@ class BackendRollback:
         if backend is None:
             raise _refuse(f"environment {environment!r} has no backend target configured", "InvalidRequest")
         return backend
-
-    def activities(self) -> list[Callable[..., Any]]:
-        return [self.check_standby, self.switch_traffic, self.roll_batch, self.validate, self.smoke]
 
     # -- assessment (called from the coordination planner) -------------------
 
@@ -275,7 +271,6 @@ class BackendRollback:
             success_ratio=round(successes / samples, 4), required_ratio=smoke.success_ratio,
             p95_latency_ms=max((r.p95_latency_ms or 0) for r in reports), detail="; ".join(problems)[:500],
         )
-
 
 
 def build(shared: Shared) -> BackendRollback:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import shutil
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,11 +119,6 @@ class DatabaseRollback:
             return await asyncio.to_thread(load_migrations, target.migrations)
         except MigrationError as err:
             raise _fail(str(err), "InvalidRequest") from None
-
-    def activities(self) -> list[Callable[..., Any]]:
-        return [self.backup, self.plan_migration, self.apply_migration, self.verify_backup, self.integrity_before,
-                self.revert_migration, self.restore_data, self.validate, self.reapply_migration, self.discard_snapshot,
-                self.recover_to_point, self.swap_back, self.current_revision]
 
     # -- assessment (called by coordination.plan) -----------------------------------------
 
@@ -533,7 +528,6 @@ class DatabaseRollback:
         async with self.connection(target) as conn:
             done = await applied(conn)
         return done[-1].revision if done else None
-
 
 
 def build(shared: Shared) -> DatabaseRollback:

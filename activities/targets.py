@@ -2,7 +2,7 @@
 
 Each module the registry names (activities/<target>.py) defines `build(shared)`, returning its
 activities object: the planner asks it to assess its part of a rollback, the worker registers
-what it lists.
+the methods it declares with @activity.defn.
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ class TargetActivities(Protocol):
         """This target's part of the plan, from fresh evidence; refuses (AssessmentRefused) what cannot be done."""
         ...
 
-    def activities(self) -> list[Callable[..., Any]]:
-        """The activity methods to register, under the names of the target's contract."""
-        ...
+
+
+def defined_activities(holder: object) -> list[Callable[..., Any]]:
+    """The bound methods of `holder` declared with @activity.defn: what the worker registers for it."""
+    return [method for name in dir(type(holder)) if not name.startswith("_")
+            and hasattr(method := getattr(holder, name), "__temporal_activity_definition")]
 
 
 def build_targets(shared: Shared) -> dict[str, TargetActivities]:

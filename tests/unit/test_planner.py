@@ -48,9 +48,6 @@ class Slice:
         return TargetPlan(target="database", strategy="pitr", from_version=versions.current, to_version=to, checks=[],
                           params=params, evidence={"loses": "writes after 10:00"})
 
-    def activities(self) -> list:
-        return []
-
 
 def planner(tmp_path: Path, *, policy: dict | None = None, targets: dict | None = None) -> tuple[Coordination, dict[str, Slice]]:
     config = {"state_dir": str(tmp_path / "state"), "rollback": {"notification_channels": ["log"]},
