@@ -332,18 +332,9 @@ def _resolve_paths(config: AppConfig, base: Path) -> AppConfig:
     raw = config.model_dump()
     raw["state_dir"] = base / config.state_dir
     for env in raw["environments"].values():
-        backend = env["targets"].get("backend")
-        if backend:
-            backend["router"]["upstream_file"] = base / backend["router"]["upstream_file"]
-        database = env["targets"].get("database")
-        if database:
-            database["migrations"] = base / database["migrations"]
-            database["backup_dir"] = base / (database["backup_dir"] or Path(raw["state_dir"]) / "backups")
-            if database.get("pitr"):
-                pitr = database["pitr"]
-                for key in ("base_backup_dir", "wal_archive_dir"):
-                    pitr[key] = base / pitr[key]
-                pitr["work_dir"] = base / (pitr["work_dir"] or Path(raw["state_dir"]) / "pitr")
+        for target in TARGETS:
+            if part := env["targets"].get(target.name):
+                target.config.resolve_paths(part, base=base, state_dir=raw["state_dir"])
     return AppConfig.model_validate(raw)
 
 

@@ -6,6 +6,9 @@ Pure pydantic: the registry imports the targets' config models, and workflows im
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from rollback.state import TargetVersions
@@ -44,3 +47,8 @@ class TargetConfig(Strict):
     """What every target's config model has: the seed of its version record."""
 
     versions: VersionSeed = Field(default_factory=VersionSeed, description="seed; the state store wins once written")
+
+    @classmethod
+    def resolve_paths(cls, raw: dict[str, Any], *, base: Path, state_dir: Path) -> None:
+        """Make the relative paths of this target's part of rollback.yaml (`raw`, as dumped) relative to
+        the config file's directory `base`, and fill the defaults that live under the state directory."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -53,6 +53,10 @@ class BackendTarget(TargetConfig):
     max_unavailable: int = Field(default=1, ge=1)
     deploy_command: list[str] = Field(default_factory=list, description="sets {instance} to release {version} and restarts it")
     releases_command: list[str] = Field(default_factory=list, description="prints the JSON list of available releases")
+
+    @classmethod
+    def resolve_paths(cls, raw: dict[str, Any], *, base: Path, state_dir: Path) -> None:
+        raw["router"]["upstream_file"] = base / raw["router"]["upstream_file"]
 
     @field_validator("deploy_command", "releases_command")
     @classmethod

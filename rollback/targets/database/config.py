@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -56,3 +57,12 @@ class DatabaseTarget(TargetConfig):
     pgbouncer: PgBouncerSettings | None = Field(default=None, description="PAUSE this pool around each DDL transaction")
     pitr: PitrConfig | None = None
 
+    @classmethod
+    def resolve_paths(cls, raw: dict[str, Any], *, base: Path, state_dir: Path) -> None:
+        raw["migrations"] = base / raw["migrations"]
+        raw["backup_dir"] = base / (raw["backup_dir"] or state_dir / "backups")
+        if raw.get("pitr"):
+            pitr = raw["pitr"]
+            for key in ("base_backup_dir", "wal_archive_dir"):
+                pitr[key] = base / pitr[key]
+            pitr["work_dir"] = base / (pitr["work_dir"] or state_dir / "pitr")
