@@ -13,7 +13,7 @@ from activities.targets import TargetActivities
 from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigSource
 from rollback.models import EXECUTION_ORDER, RollbackPlan, RollbackRequest, RollbackTarget, TargetPlan
 from rollback.versions import version_problem
-from rollback.payloads import LockInput, RecordInput
+from rollback.payloads import ACQUIRE_LOCK, PLAN_ROLLBACK, RECORD_DEPLOYED, RECORD_RESTORED, RELEASE_LOCK, LockInput, RecordInput
 from rollback.state import StateStore, TargetVersions
 
 
@@ -42,7 +42,7 @@ class Coordination:
     def _store(self) -> StateStore:
         return StateStore(self.config.get().state_dir)
 
-    @activity.defn(name="coordination.plan")
+    @activity.defn(name=PLAN_ROLLBACK)
     async def plan(self, request: RollbackRequest) -> RollbackPlan:
         """Validate the request against the config and assess each target from fresh evidence."""
         config = self.config.get()
@@ -67,7 +67,8 @@ class Coordination:
         store = StateStore(config.state_dir)
         plans: list[TargetPlan] = []
         for target in [t.value for t in EXECUTION_ORDER if t.value in wanted]:
-            versions = store.versions(request.environment, target, seed=self._seed(request.environment, target))
+            part = env.targets.get(target)  # configured: checked above
+            versions = store.versions(request.environment, target, seed=part.versions if part else None)
             _check_recorded(request.environment, target, versions, to_version.get(target))
             plans.append(await self.targets[target].assess(request, versions, to_version.get(target)))
         policy = env.policy
@@ -96,7 +97,7 @@ class Coordination:
             return False if err.status == RPCStatusCode.NOT_FOUND else None
         return described.status == WorkflowExecutionStatus.RUNNING
 
-    @activity.defn(name="coordination.acquire_lock")
+    @activity.defn(name=ACQUIRE_LOCK)
     async def acquire_lock(self, inp: LockInput) -> None:
         config = self.config.get()
         store = StateStore(config.state_dir)
@@ -111,7 +112,7 @@ class Coordination:
                 type="EnvironmentLocked", non_retryable=True,
             )
 
-    @activity.defn(name="coordination.release_lock")
+    @activity.defn(name=RELEASE_LOCK)
     async def release_lock(self, inp: LockInput) -> bool:
         return self._store().release_lock(inp.environment, inp.holder)
 
@@ -119,12 +120,12 @@ class Coordination:
         configured = self.config.get().environment(environment).targets.get(target)
         return configured.versions if configured is not None else None
 
-    @activity.defn(name="coordination.record_restored")
+    @activity.defn(name=RECORD_RESTORED)
     async def record_restored(self, inp: RecordInput) -> bool:
         return self._store().record_restored(inp.environment, inp.target, inp.version, key=inp.key,
                                              seed=self._seed(inp.environment, inp.target))
 
-    @activity.defn(name="coordination.record_deployed")
+    @activity.defn(name=RECORD_DEPLOYED)
     async def record_deployed(self, inp: RecordInput) -> bool:
         """A new version went live through the system (e.g. a migration): current, previous becomes known-good."""
         entry = self._store().record_deploy(inp.environment, inp.target, inp.version, seed=self._seed(inp.environment, inp.target))

@@ -40,11 +40,10 @@ from typing import Any, Literal
 import asyncpg
 
 from rollback.targets.database.names import derived_name
-from rollback.targets.database.contract import Capture, CapturedObject
+from rollback.targets.database.contract import ARCHIVE_SCHEMA, Capture, CapturedObject
 from rollback.targets.database.pg import ident, qualified
 from rollback.targets.database.sql_statements import first_keyword, split_statements
 
-ARCHIVE_SCHEMA = "rollback_archive"
 CAPTURE_FUNCTIONS = f"""
 CREATE SCHEMA IF NOT EXISTS rollback_meta;
 CREATE SCHEMA IF NOT EXISTS {ARCHIVE_SCHEMA};

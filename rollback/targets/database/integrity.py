@@ -37,9 +37,8 @@ import asyncpg
 from pydantic import BaseModel, Field, field_validator
 
 from rollback.targets.database.pg import ident, qualified
-from rollback.targets.database.contract import Cause, Difference, IntegrityBrief, TableReport
+from rollback.targets.database.contract import ARCHIVE_SCHEMA, Cause, Difference, IntegrityBrief, TableReport
 
-ARCHIVE_SCHEMA = "rollback_archive"
 XID_MODULUS = 2**32
 
 # Per-column seeds and NULL marks. Each column is hashed with its own seed (so values swapped

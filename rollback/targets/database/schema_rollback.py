@@ -31,10 +31,9 @@ from rollback.targets.database.migrations import AttemptWrapper, Migration, Migr
 from rollback.targets.database.names import derived_name
 from rollback.targets.database.pg import ident, qualified, written_after
 from rollback.targets.database.pgschema import SchemaSnapshot, TableShape, snapshot
-from rollback.targets.database.contract import ArchivedObject, Capture, RestoreResult, RevertResult, SchemaDiff, TableRestore
+from rollback.targets.database.contract import ARCHIVE_SCHEMA, ArchivedObject, Capture, RestoreResult, RevertResult, SchemaDiff, TableRestore
 from rollback.targets.database.table_rebuild import BackupRows, LockPolicy, RebuildRefused, rebuild_table
 
-ARCHIVE_SCHEMA = "rollback_archive"
 XID_MASK = 0xFFFFFFFF  # a row's xmin is the low 32 bits of the 64-bit txid
 
 BOOKKEEPING_DDL = f"""

@@ -52,9 +52,9 @@ from rollback.targets.database.backups import TableCopy
 from rollback.targets.database.migrations import AttemptWrapper, MigrationError, in_transaction_with_lock_timeout
 from rollback.targets.database.names import derived_name
 from rollback.targets.database.pg import BULK_SESSION_SETTINGS, ident, qualified, quote_literal, written_after
+from rollback.targets.database.contract import ARCHIVE_SCHEMA
 from rollback.targets.database.pgschema import TableShape
 
-ARCHIVE_SCHEMA = "rollback_archive"
 CATCH_UP_BATCH = 20_000  # logged changes re-synced per catch-up transaction
 SWAP_BACKLOG = 2_000  # swap once a catch-up round found no more than this many logged changes
 CATCH_UP_ROUNDS = 50  # an application writing faster than we catch up still gets its swap
