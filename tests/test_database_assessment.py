@@ -11,14 +11,14 @@ from temporalio.exceptions import ApplicationError
 from activities.database import DatabaseRollback
 from rollback.models import RollbackRequest
 from rollback.state import TargetVersions
-from rollback.targets.database.backups import BackupCatalog, take_backup
+from rollback.targets.database.backups import BackupCatalog
 from rollback.targets.database.config import DatabaseTarget
-from rollback.targets.database.migrations import apply_up, load_migrations
+from rollback.targets.database.migrations import load_migrations
 from rollback.targets.database.pg import connect
 from rollback.targets.database.contract import SchemaRollbackParams
 from rollback.ports import free_port
 from tests.postgres import database  # noqa: F401 - fixture
-from tests.test_database_rollback import DROP_EMAIL, shop  # noqa: F401 - fixture
+from tests.test_database_rollback import DROP_EMAIL, migrated_past_a_backup, shop  # noqa: F401 - fixture
 
 EVENTS = "CREATE TABLE events (at timestamptz NOT NULL DEFAULT now(), what text); INSERT INTO events (what) VALUES ('a'), ('b');"
 KEYLESS = ("UPDATE events SET what = upper(what);", "SELECT 1;")
@@ -29,19 +29,13 @@ KNOWN_GOOD = TargetVersions(current="0002", known_good="0001")
 async def through_the_system(config, dsn: str, *, record_backup: bool = True, before: str = "") -> None:
     """0001, `before`, a backup (recorded in the catalog, or not), then 0002 applied with it: what `rollback db migrate` leaves."""
     target = config.get().environment("shop").targets.of("database", DatabaseTarget)
-    migrations = load_migrations(target.migrations)
     conn = await connect(dsn)
     try:
-        await apply_up(conn, migrations[0], backup_id=None, lock_timeout_ms=500, attempts=3)
-        if before:
-            await conn.execute(before)
-        manifest = await take_backup(dsn=dsn, root=target.backup_dir, backup_id="b1", environment="shop", revision="0001",
-                                     next_revision="0002")
-        if record_backup:
-            BackupCatalog(target.backup_dir).record(manifest)
-        await apply_up(conn, migrations[1], backup_id="b1", lock_timeout_ms=500, attempts=3)
+        manifest = await migrated_past_a_backup(conn, dsn, load_migrations(target.migrations), target.backup_dir, before=before)
     finally:
         await conn.close()
+    if record_backup:
+        BackupCatalog(target.backup_dir).record(manifest)
 
 
 async def refusal(config, versions: TargetVersions = KNOWN_GOOD, to_version: str | None = None) -> str:

@@ -127,15 +127,23 @@ DROP_EMAIL = ("ALTER TABLE customers DROP COLUMN email;", "ALTER TABLE customers
 
 async def applied_with_backup(conn: asyncpg.Connection, dsn: str, tmp_path: Path, step: tuple[str, str]):
     """Without the workflow: the shop as 0001, a backup, then `step` as 0002: (migrations, backup manifest)."""
-    from rollback.targets.database.backups import take_backup
-    from rollback.targets.database.migrations import apply_up, load_migrations
+    from rollback.targets.database.migrations import load_migrations
 
     migrations = load_migrations(write_migrations(tmp_path / "m", step))
+    return migrations, await migrated_past_a_backup(conn, dsn, migrations, tmp_path / "backups")
+
+
+async def migrated_past_a_backup(conn: asyncpg.Connection, dsn: str, migrations, backups: Path, *, before: str = ""):
+    """0001, then `before` (SQL), a backup b1 under `backups`, then 0002 applied with it: its manifest."""
+    from rollback.targets.database.backups import take_backup
+    from rollback.targets.database.migrations import apply_up
+
     await apply_up(conn, migrations[0], backup_id=None, lock_timeout_ms=500, attempts=3)
-    backup = await take_backup(dsn=dsn, root=tmp_path / "backups", backup_id="b1", environment="shop",
-                               revision="0001", next_revision="0002")
+    if before:
+        await conn.execute(before)
+    backup = await take_backup(dsn=dsn, root=backups, backup_id="b1", environment="shop", revision="0001", next_revision="0002")
     await apply_up(conn, migrations[1], backup_id="b1", lock_timeout_ms=500, attempts=3)
-    return migrations, backup
+    return backup
 
 
 async def killed_mid_rollback(client, task_queue: str, config: ConfigSource, log: Path, dsn: str, *, bulk: int, prepare: str,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 from rollback.targets.frontend.release import ReleaseError, ReleaseManifest, read_manifest, release_dir, verify_release
@@ -35,14 +36,14 @@ class DirectoryStore:
         releases = self.root / "releases"
         if not releases.is_dir():
             return []
-        found: list[tuple[object, str]] = []
+        found: list[tuple[datetime, str]] = []
         for entry in releases.iterdir():
             if entry.is_dir() and version_problem(entry.name) is None:
                 try:
                     found.append((read_manifest(entry).created, entry.name))
                 except ReleaseError:
                     continue  # not a release (yet): an upload in progress is no candidate
-        return [name for _, name in sorted(found)]  # type: ignore[type-var]
+        return [name for _, name in sorted(found)]
 
     def live(self) -> str | None:
         """The version `current` points at, None when there is no link yet."""
