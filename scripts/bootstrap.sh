@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine, safe to re-run: Debian packages the tests and
-# the demo run (nginx, wrk, Prometheus, Alertmanager, PgBouncer), then the virtual environment with the project installed.
+# the demo run (nginx, wrk, Prometheus, Alertmanager, PgBouncer, Varnish,
+# Chromium for the browser tests), then the virtual environment with the project installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,8 @@ command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need+=(nginx-lig
 command -v wrk >/dev/null 2>&1 || need+=(wrk)
 [[ -x /usr/bin/prometheus ]] || need+=(prometheus)
 [[ -x /usr/bin/prometheus-alertmanager ]] || need+=(prometheus-alertmanager)
+[[ -x /usr/sbin/varnishd ]] || need+=(varnish)
+[[ -x /usr/bin/chromium ]] || need+=(chromium)
 if ((${#need[@]})); then
   echo "bootstrap: installing Debian packages: ${need[*]}"
   SUDO=""; [[ $(id -u) -eq 0 ]] || SUDO="sudo"
