@@ -12,8 +12,9 @@ hashed assets, and skew pinning.
   that order) serves its requests from `releases/<id>/` while that release is retained, and from the
   live one after. The id is matched against the version rule first: never a path, never `..`.
 
-Entry points answer `Cache-Control: no-cache` and `Surrogate-Key: frontend-entry` (what a CDN purges by
-key); hashed assets are immutable for a year.
+Entry points answer `Cache-Control: no-cache` (browsers revalidate every time), `Surrogate-Control:
+max-age=300` (a CDN keeps them until the switch purges them) and `Surrogate-Key: frontend-entry` (what a
+CDN purges by key); hashed assets are immutable for a year.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from rollback.targets.frontend.store import ASSETS, CURRENT, POOL
 
 ENTRY_SURROGATE_KEY = "frontend-entry"
+CDN_ENTRY_TTL_SECONDS = 300
 # The version rule (rollback.versions.VERSION_PATTERN, and no `..`) as an nginx map regex.
 def _pinnable(capture: str) -> str:
     return f'"~^(?<{capture}>(?!.*\\.\\.)[A-Za-z0-9_][A-Za-z0-9._+-]{{0,63}})$"'
@@ -48,7 +50,8 @@ def pinning_maps() -> str:
 def server_block(*, root: Path, listen: str) -> str:
     """The `server { }` serving the store at `root` on `listen` (host:port); goes inside `http { }` after pinning_maps()."""
     pinned = "/releases/$frontend_release"
-    entry_headers = (f'add_header Cache-Control "no-cache" always; add_header Surrogate-Key "{ENTRY_SURROGATE_KEY}" always; '
+    entry_headers = (f'add_header Cache-Control "no-cache" always; add_header Surrogate-Control "max-age={CDN_ENTRY_TTL_SECONDS}" always; '
+                     f'add_header Surrogate-Key "{ENTRY_SURROGATE_KEY}" always; '
                      'add_header X-Frontend-Pinned $frontend_release always;')
     return f"""server {{
         listen {listen};
