@@ -138,6 +138,52 @@ class BackendRollback:
         return await self.health.validate(HttpCheckInput(
             base_url=base_url, check=target.health, version_path=target.version_path, expect_version=version))
 
+    async def api_document(self, environment: str, version: str, plan: TargetPlan | None) -> tuple[dict, str]:
+        """The OpenAPI document of `version`, and where it came from: the standby colour the plan switches
+        to, the front door when the backend stays, a running rolling instance, or openapi_documents."""
+        target = self.target(environment)
+        sources: list[str] = []
+        if plan is not None and isinstance(plan.params, BlueGreenParams):
+            sources.append(f"http://{self._colour(target, plan.params.colour).address}")
+        elif plan is None:
+            sources.append(target.router.front_url)
+        else:
+            for instance in target.instances:
+                if await self._version_at(target, f"http://{instance.address}") == version:
+                    sources.append(f"http://{instance.address}")
+                    break
+        for base in sources:
+            url = base.rstrip("/") + target.openapi_path
+            try:
+                answer = await self.health.get(url, target.health.timeout_seconds)
+                document = answer.json() if answer.status_code == 200 else None
+            except Exception:  # noqa: BLE001 - try the next source; the refusal below names them all
+                document = None
+            if isinstance(document, dict):
+                return document, url
+        if target.openapi_documents is not None:
+            path = target.openapi_documents / f"{_checked_version(version)}.json"
+            try:
+                return json.loads(path.read_text()), str(path)
+            except (OSError, ValueError) as err:
+                raise _refuse(f"backend {version}: no OpenAPI document at {path} ({err})") from None
+        tried = ", ".join(s.rstrip("/") + target.openapi_path for s in sources) or "no running instance of it"
+        raise _refuse(f"backend {version}: cannot read its OpenAPI document ({tried}); serve {target.openapi_path} "
+                      "or set openapi_documents in the backend's config")
+
+    async def live_version(self, environment: str) -> str | None:
+        """What the front door answers now."""
+        target = self.target(environment)
+        return await self._version_at(target, target.router.front_url)
+
+    async def _version_at(self, target: BackendTarget, base_url: str) -> str | None:
+        try:
+            answer = await self.health.get(base_url.rstrip("/") + target.version_path, target.health.timeout_seconds)
+            version = answer.json().get("version") if answer.status_code == 200 else None
+        except Exception:  # noqa: BLE001 - no answer is no version
+            return None
+        return version if isinstance(version, str) else None
+
     # -- blue-green -----------------------------------------------------------
 
     @activity.defn(name=CHECK_STANDBY)

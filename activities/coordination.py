@@ -9,9 +9,13 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.backend import BackendRollback
+from activities.compatibility import CompatibilityCheck
+from activities.frontend import FrontendRollback
 from activities.targets import TargetActivities
-from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigSource
+from rollback.config import ConfigSource
 from rollback.models import EXECUTION_ORDER, RollbackPlan, RollbackRequest, RollbackTarget, TargetPlan
+from rollback.targets.frontend.contract import CompatibilityReport
 from rollback.versions import version_problem
 from rollback.payloads import ACQUIRE_LOCK, PLAN_ROLLBACK, RECORD_DEPLOYED, RECORD_RESTORED, RELEASE_LOCK, LockInput, RecordInput
 from rollback.state import StateStore, TargetVersions
@@ -51,12 +55,6 @@ class Coordination:
         env = config.environment(request.environment)
         configured = env.targets.configured()
         wanted = configured if request.targets == [RollbackTarget.FULL] else [t.value for t in request.targets]
-        unavailable = [t for t in wanted if t in NOT_YET_AVAILABLE]
-        if unavailable:
-            # In the request format, but no slice yet: say so, rather than "not configured".
-            raise _invalid("targets", f"{', '.join(unavailable)} {'is' if len(unavailable) == 1 else 'are'} not available yet "
-                                      f"(this version rolls back {', '.join(CONFIGURABLE_TARGETS)}; "
-                                      f"configured for {request.environment!r}: {', '.join(configured) or 'none'})")
         missing = [t for t in wanted if t not in configured]
         if missing:
             raise _invalid("targets", f"{', '.join(missing)} not configured for {request.environment!r} (configured: {', '.join(configured)})")
@@ -72,6 +70,7 @@ class Coordination:
             _check_recorded(request.environment, target, versions, to_version.get(target))
             plans.append(await self.targets[target].assess(request, versions, to_version.get(target)))
         policy = env.policy
+        plans, compatibility = await self._compatibility(request, plans, configured, couple=policy.couple_frontend)
         # The request may add an approval, never waive one the environment's policy requires.
         require = policy.require_approval or bool(request.require_approval)
         why = "environment policy" if policy.require_approval else ("requested by the caller" if require else "")
@@ -87,7 +86,19 @@ class Coordination:
             on_failure=policy.on_failure, max_attempts=config.rollback.max_rollback_attempts,
             health_check_timeout_seconds=config.rollback.health_check_timeout,
             notification_channels=config.rollback.notification_channels, trigger_evidence=request.evidence,
+            compatibility=compatibility,
         )
+
+    async def _compatibility(self, request: RollbackRequest, plans: list[TargetPlan], configured: list[str], *,
+                             couple: bool) -> tuple[list[TargetPlan], CompatibilityReport | None]:
+        """Where the environment has both a frontend and a backend, the pair the rollback leaves live must fit."""
+        frontend, backend = self.targets.get("frontend"), self.targets.get("backend")
+        if not ({"frontend", "backend"} <= set(configured) and isinstance(frontend, FrontendRollback)
+                and isinstance(backend, BackendRollback)):
+            return plans, None
+        seed = self.config.get().environment(request.environment).targets.get("frontend")
+        versions = self._store().versions(request.environment, "frontend", seed=seed.versions if seed else None)
+        return await CompatibilityCheck(frontend, backend).reconcile(request, plans, couple=couple, frontend_versions=versions)
 
     async def _is_running(self, workflow_id: str) -> bool | None:
         """Whether the lock holder's workflow still runs; None when Temporal cannot tell us."""

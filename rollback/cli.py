@@ -27,18 +27,16 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from rollback.client import RollbackError, RollbackOrchestrator, ensure_search_attributes
-from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigError, load_config
+from rollback.config import CONFIGURABLE_TARGETS, ConfigError, load_config
 from rollback.models import LOCK_STEP, TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget
 from rollback.versions import version_problem
 from rollback.settings import SEARCH_ATTRIBUTES, TemporalSettings, config_path, search_attribute_type
 from rollback.state import StateStore
 
-_TARGETS_HELP = (f"{', '.join(CONFIGURABLE_TARGETS)} or full (repeatable)"
-                 + "".join(f"; {name} is not available yet" for name in NOT_YET_AVAILABLE))
+_TARGETS_HELP = f"{', '.join(CONFIGURABLE_TARGETS)} or full (repeatable)"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help=f"Durable rollbacks of {' and '.join(CONFIGURABLE_TARGETS)}"
-                       + "".join(f" ({name} is not available yet)" for name in NOT_YET_AVAILABLE) + ".")
+                  help=f"Durable rollbacks of {', '.join(CONFIGURABLE_TARGETS)}, together or alone.")
 monitor_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Continuous health monitoring.")
 app.add_typer(monitor_app, name="monitor")
 db_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Database migrations and backups.")
@@ -110,8 +108,6 @@ def run(action: Callable[[], Coroutine[Any, Any, int | None]]) -> None:
 def _checked_targets(targets: list[str]) -> list[str]:
     """Refuse, before anything runs, a target this version cannot roll back, saying why."""
     for name in targets:
-        if name in NOT_YET_AVAILABLE:
-            raise ValueError(f"targets: {name} is not available yet (this version rolls back {', '.join(CONFIGURABLE_TARGETS)})")
         if name not in (*CONFIGURABLE_TARGETS, RollbackTarget.FULL.value):
             raise ValueError(f"targets: unknown target {name!r}; use {', '.join(CONFIGURABLE_TARGETS)} or full")
     return targets

@@ -41,6 +41,8 @@ class Policy(Strict):
     approval_timeout_seconds: int = Field(default=1800, ge=1)
     on_approval_timeout: Literal["reject", "proceed"] = "reject"
     on_failure: Literal["compensate", "halt"] = "compensate"
+    couple_frontend: bool = Field(default=False, description="a backend rollback that the live frontend does not fit takes the "
+                                                             "frontend back to its newest retained release that fits")
 
 
 # -- monitoring (HealthMonitorWorkflow) -------------------------------------------------
@@ -258,10 +260,8 @@ else:
 
 
 # The targets this version has a slice for (rollback/targets/registry.py), in execution order
-# (frontend, backend, database). `frontend` is part of the request format (RollbackTarget) but
-# has no slice yet: the CLI, its help and the planner say so instead of offering it.
+# (frontend, backend, database).
 CONFIGURABLE_TARGETS = tuple(t.value for t in EXECUTION_ORDER if t.value in BY_NAME)
-NOT_YET_AVAILABLE = tuple(t.value for t in EXECUTION_ORDER if t.value not in BY_NAME)
 
 
 class Environment(Strict):

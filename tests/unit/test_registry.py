@@ -15,7 +15,7 @@ from temporalio import activity
 from activities.health import HttpHealth
 from activities.targets import Shared, defined_activities
 
-from rollback.config import CONFIGURABLE_TARGETS, NOT_YET_AVAILABLE, ConfigSource, Targets
+from rollback.config import CONFIGURABLE_TARGETS, ConfigSource, Targets
 from rollback.models import EXECUTION_ORDER, RollbackTarget, TargetPlan
 from rollback.targets.registry import TARGETS
 from workflows.flows import TargetFlow
@@ -31,7 +31,7 @@ def _contract(name: str) -> ModuleType:
 def test_every_target_named_is_in_the_request_format_and_the_config():
     assert [t.name for t in TARGETS if t.name not in {r.value for r in RollbackTarget}] == []
     assert set(Targets.model_fields) == {t.name for t in TARGETS}, "a target's config model is a field of Targets"
-    assert set(CONFIGURABLE_TARGETS) | set(NOT_YET_AVAILABLE) == {t.value for t in EXECUTION_ORDER}
+    assert set(CONFIGURABLE_TARGETS) == {t.value for t in EXECUTION_ORDER}
     assert set(CONFIGURABLE_TARGETS) == {t.name for t in TARGETS}
 
 
@@ -63,7 +63,8 @@ def test_each_strategy_has_its_parameters_and_names_itself(target):
 
 def _example(params) -> dict:
     examples = {"blue_green": {"colour": "blue"}, "rolling": {"batches": [["app-1"]]}, "pitr": {"restore_point": "p"},
-                "schema_rollback": {"undo": [{"revision": "0002", "label": "0002_x", "backup_id": "b"}], "target_backup_id": "b"}}
+                "schema_rollback": {"undo": [{"revision": "0002", "label": "0002_x", "backup_id": "b"}], "target_backup_id": "b"},
+                "release_switch": {"build": "b1", "purge_paths": ["/"]}}
     return examples[params.model_fields["strategy"].default]
 
 

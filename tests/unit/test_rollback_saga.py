@@ -407,11 +407,11 @@ async def test_a_revert_that_cannot_be_undone_stops_compensation_and_pages(time_
 
 async def test_a_plan_naming_a_target_without_a_flow_fails_before_anything_runs(time_skipping):
     plan = rolling_plan()
-    plan.targets[0].target = "frontend"  # type: ignore[assignment]  # in the request format, no slice yet
+    plan.targets[0].target = "full"  # type: ignore[assignment]  # in the request format, never a slice of its own
     world = World(plan)
     result, status = await run(time_skipping, world)
     assert result is None and status.state == Phase.FAILED
-    assert "no flow for target 'frontend'" in (status.error or ""), status.error
+    assert "no flow for target 'full'" in (status.error or ""), status.error
     assert world.effects() == ["plan"]
 
 

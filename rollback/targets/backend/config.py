@@ -46,6 +46,9 @@ class BackendTarget(TargetConfig):
     health: HealthCheck = Field(default_factory=HealthCheck)
     smoke: SmokeCheck = Field(default_factory=SmokeCheck)
     version_path: str = "/version"
+    openapi_path: str = Field(default="/openapi.json", description="the API a release serves, for the frontend compatibility check")
+    openapi_documents: Path | None = Field(
+        default=None, description="directory of <version>.json OpenAPI documents, for releases no instance runs yet (rolling)")
     # blue_green
     colours: dict[str, Instance] = Field(default_factory=dict)
     # rolling
@@ -57,6 +60,8 @@ class BackendTarget(TargetConfig):
     @classmethod
     def resolve_paths(cls, raw: dict[str, Any], *, base: Path, state_dir: Path) -> None:
         raw["router"]["upstream_file"] = base / raw["router"]["upstream_file"]
+        if raw.get("openapi_documents") is not None:
+            raw["openapi_documents"] = base / raw["openapi_documents"]
 
     @field_validator("deploy_command", "releases_command")
     @classmethod

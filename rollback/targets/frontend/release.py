@@ -21,8 +21,9 @@ from rollback.versions import Version, version_problem
 
 MANIFEST = "release.json"
 ENTRY_POINT = "index.html"
-# `GET /api/items/{id}`: a method and an absolute path, path parameters in braces (as in OpenAPI).
-OPERATION = re.compile(r"^(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS) (/[A-Za-z0-9._~!$&'()*+,;=:@%{}/-]*)$")
+# `GET /api/items/{id}`: a method and an absolute path, path parameters in braces (as in OpenAPI),
+# optionally the query parameters it sends: `GET /api/items?page&size`.
+OPERATION = re.compile(r"^(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS) (/[A-Za-z0-9._~!$'()*+,;=:@%{}/-]*)(\?[A-Za-z0-9._~-]+(&[A-Za-z0-9._~-]+)*)?$")
 CHUNK = 1024 * 1024
 
 
