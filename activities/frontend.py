@@ -25,6 +25,7 @@ from rollback.config import ConfigSource
 from rollback.models import HealthReport, RollbackRequest, RollbackTarget, TargetPlan
 from rollback.state import TargetVersions
 from rollback.targets.frontend.cdn import CdnError, PurgeRequest, PurgeResult
+from rollback.targets.frontend.cdn.factory import provider_for
 from rollback.targets.frontend.config import DirectoryStoreConfig, FrontendTarget, StoreConfig
 from rollback.targets.frontend.contract import (
     AWAIT_FRONT_DOOR, PURGE_CDN, SWITCH_RELEASE, VALIDATE, VERIFY_RELEASE, FrontDoorInput, FrontDoorResult, PurgeInput, ReleaseInput,
@@ -151,8 +152,6 @@ class FrontendRollback:
         tiers = self.target(inp.environment).cdn
         if inp.tier >= len(tiers):
             raise _refuse(f"CDN tier {inp.tier} is not configured (the config has {len(tiers)})", "InvalidRequest")
-        from rollback.targets.frontend.cdn.factory import provider_for  # boto3 for CloudFront: only where configured
-
         try:
             provider = provider_for(tiers[inp.tier])
             return await provider.purge(PurgeRequest(paths=inp.paths, key=inp.key), progress=_heartbeat)

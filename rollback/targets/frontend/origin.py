@@ -47,8 +47,9 @@ def pinning_maps() -> str:
     return "\n    ".join(maps)
 
 
-def server_block(*, root: Path, listen: str) -> str:
-    """The `server { }` serving the store at `root` on `listen` (host:port); goes inside `http { }` after pinning_maps()."""
+def server_block(*, root: Path, listen: str, api_upstream: str | None = None) -> str:
+    """The `server { }` serving the store at `root` on `listen` (host:port); goes inside `http { }` after pinning_maps().
+    `api_upstream` (host:port): where `/api/` goes, for a frontend that calls its backend on its own origin."""
     pinned = "/releases/$frontend_release"
     entry_headers = (f'add_header Cache-Control "no-cache" always; add_header Surrogate-Control "max-age={CDN_ENTRY_TTL_SECONDS}" always; '
                      f'add_header Surrogate-Key "{ENTRY_SURROGATE_KEY}" always; '
@@ -61,7 +62,7 @@ def server_block(*, root: Path, listen: str) -> str:
         # Dot-files are staging names (.current.v2.123) and partial uploads: never served.
         location ~ /\\. {{ return 404; }}
         location = /release.json {{ return 404; }}
-        # What is live, whoever asks: a pinned tab polls it to learn that it should move.
+{_api_location(api_upstream)}        # What is live, whoever asks: a pinned tab polls it to learn that it should move.
         location = /version.json {{
             try_files /{CURRENT}/version.json =404;
             {entry_headers}
@@ -81,7 +82,21 @@ def server_block(*, root: Path, listen: str) -> str:
     }}"""
 
 
-def nginx_conf(*, root: Path, listen: str, work_dir: Path) -> str:
+def _api_location(api_upstream: str | None) -> str:
+    if api_upstream is None:
+        return ""
+    return f"""        location /api/ {{
+            proxy_pass http://{api_upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_connect_timeout 1s;
+            proxy_read_timeout 10s;
+            proxy_max_temp_file_size 0;
+        }}
+"""
+
+
+def nginx_conf(*, root: Path, listen: str, work_dir: Path, api_upstream: str | None = None) -> str:
     """A complete nginx.conf for an origin of its own (the tests and the demo run one)."""
     d = work_dir.resolve()
     temp = "\n    ".join(f"{kind}_temp_path {d}/tmp/{kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -98,7 +113,7 @@ http {{
     access_log {d}/access.log;
     {temp}
     {pinning_maps()}
-    {server_block(root=root, listen=listen)}
+    {server_block(root=root, listen=listen, api_upstream=api_upstream)}
 }}
 """.replace("include_types;", _MIME_TYPES)
 
