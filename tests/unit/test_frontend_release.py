@@ -117,3 +117,51 @@ def test_retention_keeps_the_newest_and_never_the_live_or_known_good_one(tmp_pat
     assert store.retire(keep=2, protect={"v1"}) == ["v3"]
     assert store.versions() == ["v1", "v2", "v4", "v5"] and (tmp_path / "releases" / "v6-uploading").is_dir()
     assert read_manifest(tmp_path / "releases" / "v5").build == "build-v5"
+
+
+def _assets(version: str) -> dict[str, str]:
+    return {f"assets/app.{version}0000.js": f"console.log('{version}')"}
+
+
+def built_with_assets(tmp_path: Path, version: str, age: int) -> Path:
+    source = tmp_path / "build" / version
+    for relative, text in {"index.html": f"<p>{version}</p>", **_assets(version)}.items():
+        (source / relative).parent.mkdir(parents=True, exist_ok=True)
+        (source / relative).write_text(text)
+    write_manifest(source, build=f"b-{version}", created=datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(days=age))
+    return source
+
+
+def test_publishing_is_atomic_idempotent_and_refuses_other_content_under_a_version(tmp_path):
+    store = DirectoryStore(tmp_path / "site")
+    source = built_with_assets(tmp_path, "v1", 0)
+    assert store.publish(source).build == "b-v1"
+    assert store.publish(source).build == "b-v1"  # again: nothing changes
+    assert store.versions() == ["v1"] and not list((tmp_path / "site" / "releases").glob(".*"))
+    (source / "index.html").write_text("<p>rebuilt</p>")
+    write_manifest(source, build="b-v1-again", created=datetime(2026, 1, 2, tzinfo=timezone.utc))
+    with pytest.raises(ReleaseError, match="release v1 already exists with other content"):
+        store.publish(source)
+    (source / "stray.txt").write_text("not in the manifest")
+    with pytest.raises(ReleaseError, match="not in release.json: stray.txt"):
+        store.publish(source)  # verified before anything is copied
+
+
+def test_every_retained_releases_assets_stay_reachable_through_the_pool_until_retired(tmp_path):
+    store = DirectoryStore(tmp_path / "site")
+    for age, version in enumerate(["v1", "v2", "v3"]):
+        store.publish(built_with_assets(tmp_path, version, age))
+    store.switch("v3")
+    pool = tmp_path / "site" / "pool" / "assets"
+    assert sorted(p.name for p in pool.iterdir()) == ["app.v10000.js", "app.v20000.js", "app.v30000.js"]
+    assert (pool / "app.v10000.js").read_text() == "console.log('v1')"
+    assert store.retire(keep=1, protect={"v2"}) == ["v1"]
+    assert sorted(p.name for p in pool.iterdir()) == ["app.v20000.js", "app.v30000.js"]  # no dangling link
+
+
+def test_each_switch_that_moves_the_pointer_is_logged_once(tmp_path):
+    store = DirectoryStore(tmp_path / "site")
+    for age, version in enumerate(["v1", "v2"]):
+        store.publish(built_with_assets(tmp_path, version, age))
+    assert store.switch("v1") and store.switch("v2") and not store.switch("v2") and store.switch("v1")
+    assert [(s["from"], s["to"]) for s in store.switches()] == [(None, "v1"), ("v1", "v2"), ("v2", "v1")]

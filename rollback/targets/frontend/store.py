@@ -15,9 +15,10 @@ the same bytes).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
@@ -25,6 +26,7 @@ from rollback.targets.frontend.release import ReleaseError, ReleaseManifest, rea
 from rollback.versions import version_problem
 
 CURRENT = "current"
+SWITCH_LOG = "switches.jsonl"  # one line per switch that moved the pointer: what was live when
 POOL = "pool"
 ASSETS = "assets"  # a release's hashed, immutable files: everything else is an entry point
 
@@ -157,9 +159,17 @@ class DirectoryStore:
         staging = self.root / f".{CURRENT}.{version}.{os.getpid()}"
         if staging.is_symlink():
             staging.unlink()  # left by a run that died between symlink and rename
+        previous = self.live()
         os.symlink(relative, staging)
         os.replace(staging, self.current_link)
+        with (self.root / SWITCH_LOG).open("a") as log:
+            log.write(json.dumps({"at": datetime.now(timezone.utc).isoformat(), "from": previous, "to": version}) + "\n")
         return True
+
+    def switches(self) -> list[dict[str, str | None]]:
+        """Every switch that moved the pointer, oldest first."""
+        path = self.root / SWITCH_LOG
+        return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
     def retire(self, *, keep: int, protect: set[str]) -> list[str]:
         """Remove all but the newest `keep` releases, never one in `protect` (the live and known-good ones)
