@@ -36,6 +36,10 @@ from rollback.targets.database.contract import (
     Reapplied, Recovered, RestoreInput, RestoreResult, RevertResult, SchemaDiff, SchemaRollbackParams, SnapshotDiscarded, SnapshotRef,
     SwapBackInput, SwappedBack, ValidateDbInput,
 )
+from rollback.targets.frontend.cdn import PurgeResult
+from rollback.targets.frontend.contract import (
+    FrontDoorInput, FrontDoorResult, PurgeInput, ReleaseInput, ReleaseSwitchParams, SwitchResult, VerifyResult,
+)
 from workflows.rollback import RollbackWorkflow
 
 TEST_SERVER = Path(sys.executable).parent / "temporal-test-server"
@@ -79,6 +83,15 @@ def full_plan(**policy: object) -> RollbackPlan:
             MigrationToUndo(revision="0002", label="0002_add_note", backup_id="b2")]
     plan.targets.append(TargetPlan(target="database", strategy="schema_rollback", from_version="0003", to_version="0001",
                                    checks=[], params=SchemaRollbackParams(undo=undo, target_backup_id="b2")))
+    return plan
+
+
+def three_tier_plan(**policy: object) -> RollbackPlan:
+    """`full` with every tier: the frontend first, then the backend, then the database."""
+    plan = full_plan(**policy)
+    params = ReleaseSwitchParams(build="b1", previous_build="b2", purge_paths=["/", "/index.html"], tiers=["varnish", "cloudfront"])
+    plan.targets.insert(0, TargetPlan(target="frontend", strategy="release_switch", from_version="v2", to_version="v1", checks=[],
+                                      params=params))
     return plan
 
 
@@ -216,6 +229,31 @@ class World:
         self._did(f"swap back {inp.retired_name}")
         return SwappedBack(swapped_back=True)
 
+    @activity.defn(name="frontend.verify_release")
+    async def verify_release(self, inp: ReleaseInput) -> VerifyResult:
+        self._did(f"verify release {inp.version}")
+        return VerifyResult(version=inp.version, build=f"b{inp.version[1:]}", files=3)
+
+    @activity.defn(name="frontend.switch_release")
+    async def switch_release(self, inp: ReleaseInput) -> SwitchResult:
+        self._did(f"switch frontend to {inp.version}")
+        return SwitchResult(version=inp.version, previous=None, switched=True, attempt=1)
+
+    @activity.defn(name="frontend.purge_cdn")
+    async def purge_cdn(self, inp: PurgeInput) -> PurgeResult:
+        self._did(f"purge tier {inp.tier} ({inp.key.rsplit(':', 2)[-2]})")
+        return PurgeResult(provider="test", purged=inp.paths, calls=1)
+
+    @activity.defn(name="frontend.await_front_door")
+    async def await_front_door(self, inp: FrontDoorInput) -> FrontDoorResult:
+        self._did(f"front door {inp.build}")
+        return FrontDoorResult(url="http://cdn/version.json", answers={inp.build: 5}, streak=5)
+
+    @activity.defn(name="frontend.validate")
+    async def validate_frontend(self, inp: ReleaseInput) -> HealthReport:
+        self._did(f"validate frontend {inp.version}")
+        return HealthReport(url="http://cdn/", healthy=True, samples=5, successes=5, success_ratio=1.0, required_ratio=1.0)
+
     @activity.defn(name="notify.send")
     async def send(self, note: Notification) -> NotifyResult:
         self.calls.append(f"notify {note.event}")
@@ -225,7 +263,8 @@ class World:
         return [self.plan_rollback, self.acquire_lock, self.release_lock, self.record_restored, self.roll_batch,
                 self.validate, self.smoke, self.send, self.verify_backup, self.integrity_before, self.discard_snapshot,
                 self.revert_migration, self.restore_data, self.reapply_migration, self.validate_database, self.current_revision,
-                self.recover_to_point, self.swap_back]
+                self.recover_to_point, self.swap_back, self.verify_release, self.switch_release, self.purge_cdn,
+                self.await_front_door, self.validate_frontend]
 
     def effects(self) -> list[str]:
         """The calls that change something or decide (not the notifications)."""
@@ -392,6 +431,30 @@ async def test_a_failure_in_the_database_is_compensated_across_both_targets_in_r
                       "roll app-1 to v2", "unlock"]
     assert [(s.target, s.state) for s in status.steps if s.state == "compensated"] == [
         ("database", "compensated")] * 3 + [("backend", "compensated")] * 3
+
+
+FRONTEND = ["verify release v1", "switch frontend to v1", "purge tier 0 (forward)", "purge tier 1 (forward)", "front door b1"]
+
+
+async def test_full_rolls_back_frontend_then_backend_then_database_each_validated_before_the_next(time_skipping):
+    world = World(three_tier_plan())
+    result, status = await run(time_skipping, world)
+    assert result is not None and result.restored == {"frontend": "v1", "backend": "v1", "database": "0001"}
+    assert world.effects() == ["plan", "lock", *FRONTEND, *ROLLED, "validate", *DATABASE, "integrity check", "validate frontend v1",
+                               "smoke", "revision", "record v1", "record v1", "record 0001", "unlock"]
+    assert status.plan is not None and status.plan.targets[0].steps == [
+        "verify release v1", "switch frontend to v1", "purge varnish", "purge cloudfront", "front door serves build b1",
+        "validate frontend through the front door"]
+
+
+async def test_a_database_failure_in_full_switches_the_frontend_back_last(time_skipping):
+    world = World(three_tier_plan(), fail={"restore 0002"})
+    result, status = await run(time_skipping, world)
+    assert result is None and status.state == Phase.COMPENSATED
+    undone = world.effects()[world.effects().index("restore 0002") + 1:]
+    assert undone == ["reapply 0002", "reapply 0003", "discard snapshot", "roll app-3 to v2", "roll app-2 to v2", "roll app-1 to v2",
+                      "switch frontend to v2", "purge tier 0 (back)", "purge tier 1 (back)", "front door b2", "unlock"]
+    assert [s.state for s in status.steps if s.id == "frontend.switch_back"] == ["compensated"]
 
 
 async def test_a_revert_that_cannot_be_undone_stops_compensation_and_pages(time_skipping):

@@ -1,0 +1,163 @@
+"""The frontend target end to end: real Temporal, real nginx (the backend's and the frontend origin), real
+Varnish in front of the releases, the demo backend's OpenAPI document for the compatibility check."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from temporalio.client import WorkflowFailureError
+
+from rollback.dev.frontend_stack import FrontendStack
+from rollback.dev.stack import BackendStack
+from rollback.models import Phase, RollbackTarget
+from rollback.ports import free_port
+from rollback.state import StateStore
+from rollback.targets.frontend.release import MANIFEST
+from tests.conftest import write_config
+from tests.helpers import front_version, orchestrator
+
+FRONTEND = [RollbackTarget.FRONTEND]
+
+
+def frontend_of(stack: BackendStack) -> FrontendStack:
+    return FrontendStack(base_dir=stack.base_dir, origin_port=free_port(), varnish_port=free_port(), varnish_admin_port=free_port(),
+                         api_upstream=f"127.0.0.1:{stack.nginx_port}", log=lambda _: None)
+
+
+@pytest.fixture
+def frontend(blue_green: BackendStack) -> Iterator[FrontendStack]:
+    stack = frontend_of(blue_green)
+    try:
+        stack.start("v1")
+        yield stack
+    finally:
+        stack.stop()
+
+
+def config_of(backend: BackendStack, frontend: FrontendStack, tmp_path: Path, *, policy: dict | None = None, **frontend_fields):
+    return write_config(backend, tmp_path, policy=policy or {},
+                        extra={"environments": {"demo": {"targets": {"frontend": frontend.target_config(**frontend_fields)}}}})
+
+
+def served(frontend: FrontendStack) -> dict:
+    return frontend.serving() or {}
+
+
+async def test_a_frontend_rollback_switches_purges_varnish_and_checks_the_pair(blue_green, frontend, tmp_path, client, task_queue,
+                                                                                run_worker):
+    good = served(frontend)["build"]
+    frontend.deploy("v2", "broken-js")
+    assert served(frontend)["version"] == "v2"
+    await run_worker(config_of(blue_green, frontend, tmp_path))
+    orch = orchestrator(client, task_queue)
+
+    started = await orch.initiate_rollback(targets=FRONTEND, initiated_by="tester", reason="broken js in v2")
+    result = await orch.wait(started.execution_id)
+
+    assert result is not None and result.state == Phase.SUCCEEDED, result
+    assert result.restored == {"frontend": "v1"}
+    assert served(frontend) == {"version": "v1", "build": good}  # through Varnish: its cache was purged
+    status = await orch.get_rollback_status(started.execution_id)
+    assert status.plan is not None and status.plan.compatibility is not None
+    assert status.plan.compatibility.summary() == "frontend v1 with backend v1: compatible"
+    assert status.plan.compatibility.source.endswith("/openapi.json")
+    assert [s.name for s in status.steps if s.target == "frontend"] == [
+        "verify release v1", "switch frontend to v1", "purge varnish", f"front door serves build {good}",
+        "validate frontend through the front door"]
+    assert all(s.state == "succeeded" for s in status.steps), status.steps
+    versions = StateStore(blue_green.state_dir).versions("demo", "frontend")
+    assert (versions.current, versions.known_good) == ("v1", "v1")
+    assert [(s["from"], s["to"]) for s in frontend.store.switches()][-1] == ("v2", "v1")
+
+
+async def test_a_corrupt_or_missing_release_is_refused_before_anything_moves(blue_green, frontend, tmp_path, client, task_queue,
+                                                                              run_worker):
+    frontend.deploy("v2")
+    index = frontend.store.path("v1") / "index.html"
+    index.write_text(index.read_text() + "<!-- edited on the server -->")
+    await run_worker(config_of(blue_green, frontend, tmp_path))
+    orch = orchestrator(client, task_queue)
+    switches = len(frontend.store.switches())
+
+    for to_version, said in (("v1", "release v1: index.html has sha256"), ("v9", "release v9 is not in the store (retained: v1, v2)")):
+        started = await orch.initiate_rollback(targets=FRONTEND, initiated_by="tester", to_version={RollbackTarget.FRONTEND: to_version})
+        with pytest.raises(WorkflowFailureError):
+            await client.get_workflow_handle(started.execution_id).result()
+        status = await orch.get_rollback_status(started.execution_id)
+        assert status.state == Phase.FAILED and said in (status.error or ""), status.error
+    assert len(frontend.store.switches()) == switches and served(frontend)["version"] == "v2"
+
+
+async def test_a_corrupt_release_json_is_refused_naming_the_file(blue_green, frontend, tmp_path, client, task_queue, run_worker):
+    frontend.deploy("v2")
+    (frontend.store.path("v1") / MANIFEST).write_text("{not json")
+    await run_worker(config_of(blue_green, frontend, tmp_path))
+    orch = orchestrator(client, task_queue)
+    started = await orch.initiate_rollback(targets=FRONTEND, initiated_by="tester", to_version={RollbackTarget.FRONTEND: "v1"})
+    with pytest.raises(WorkflowFailureError):
+        await client.get_workflow_handle(started.execution_id).result()
+    status = await orch.get_rollback_status(started.execution_id)
+    assert "v1" in (status.error or "") and served(frontend)["version"] == "v2", status.error
+
+
+async def test_a_backend_rollback_the_live_frontend_does_not_fit_is_refused_or_couples_the_frontend(
+        blue_green, frontend, tmp_path, client, task_queue, run_worker):
+    blue_green.deploy("v2", "errors")
+    frontend.deploy("v2", "missing-api")  # calls GET /api/orders, which no demo backend serves
+    orch = orchestrator(client, task_queue)
+
+    worker = await run_worker(config_of(blue_green, frontend, tmp_path))
+    refused = await orch.initiate_rollback(targets=[RollbackTarget.BACKEND], initiated_by="tester")
+    with pytest.raises(WorkflowFailureError):
+        await client.get_workflow_handle(refused.execution_id).result()
+    status = await orch.get_rollback_status(refused.execution_id)
+    assert ("frontend v2 with backend v1: incompatible: missing GET /api/orders; "
+            "set policy couple_frontend: true") in (status.error or ""), status.error
+    assert await front_version(blue_green.front_url) == "v2" and served(frontend)["version"] == "v2"
+    await worker.__aexit__(None, None, None)
+    run_worker.workers.remove(worker)
+
+    await run_worker(config_of(blue_green, frontend, tmp_path / "coupled", policy={"couple_frontend": True}))
+    started = await orch.initiate_rollback(targets=[RollbackTarget.BACKEND], initiated_by="tester")
+    result = await orch.wait(started.execution_id)
+    assert result is not None and result.state == Phase.SUCCEEDED, result
+    assert result.restored == {"frontend": "v1", "backend": "v1"}
+    status = await orch.get_rollback_status(started.execution_id)
+    assert status.plan is not None and status.plan.compatibility is not None and status.plan.compatibility.coupled
+    assert [t.target.value for t in status.plan.targets] == ["frontend", "backend"]
+    assert await front_version(blue_green.front_url) == "v1" and served(frontend)["version"] == "v1"
+
+
+async def test_a_frontend_switched_before_a_failing_backend_is_switched_back(blue_green, frontend, tmp_path, client, task_queue,
+                                                                             run_worker):
+    blue_green.deploy("v2", "errors")
+    bad_build = frontend.deploy("v2")
+    # The colour the backend would return to now fails its checks: the backend step fails after the frontend moved.
+    blue_green.redeploy_colour("blue", "v1", "errors_after:10")  # passes assessment (5) and verify_standby (5)
+    await run_worker(config_of(blue_green, frontend, tmp_path))
+    orch = orchestrator(client, task_queue)
+
+    started = await orch.initiate_rollback(targets=[RollbackTarget.FRONTEND, RollbackTarget.BACKEND], initiated_by="tester")
+    with pytest.raises(WorkflowFailureError):
+        await client.get_workflow_handle(started.execution_id).result()
+    status = await orch.get_rollback_status(started.execution_id)
+    assert status.state == Phase.COMPENSATED, status.error
+    assert [(s["from"], s["to"]) for s in frontend.store.switches()][-2:] == [("v2", "v1"), ("v1", "v2")]
+    assert served(frontend) == {"version": "v2", "build": bad_build}
+    undo = next(s for s in status.steps if s.name == "switch frontend back to v2")
+    assert undo.state == "succeeded", status.steps
+
+
+async def test_assets_of_both_releases_answer_through_varnish_and_a_missing_one_is_a_404(frontend):
+    frontend.deploy("v2")
+    async with httpx.AsyncClient(base_url=frontend.front_url, timeout=5) as http:
+        for version in ("v1", "v2"):
+            manifest = frontend.store.manifest(version)
+            for path in (p for p in manifest.files if p.startswith("assets/")):
+                answer = await http.get(f"/{path}")
+                assert answer.status_code == 200, (version, path)
+        missing = await http.get("/assets/app.0000000000.js")
+        assert missing.status_code == 404 and "<html" not in missing.text.lower().split("404")[0]
