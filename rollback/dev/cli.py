@@ -14,7 +14,7 @@ dev_app = typer.Typer(add_completion=False, no_args_is_help=True, help="The loca
 
 @dev_app.command("up")
 def dev_up() -> None:
-    """Start Temporal, nginx, the blue and green demo backends and a worker (idempotent)."""
+    """Start Temporal, nginx, the blue and green demo backends, the frontend behind Varnish and a worker (idempotent)."""
     from rollback.dev.stack import DevStack  # here, not at the top: every `rollback` command loads this module
 
     async def action() -> int:
@@ -38,7 +38,8 @@ def dev_down() -> None:
 
 @dev_app.command("deploy")
 def dev_deploy(target: str = typer.Option(..., "--target"), version: str = typer.Option(..., "--version"),
-               fault: str = typer.Option("none", "--fault", help="none, errors or latency")) -> None:
+               fault: str = typer.Option("none", "--fault", help="backend: none, errors, latency, errors_after:N or noisy; "
+                                                                        "frontend: none, broken-js or missing-api")) -> None:
     """Deploy a release to the demo stack the way a pipeline would (records it, switches traffic)."""
     from rollback.dev.stack import DevStack
 

@@ -21,6 +21,8 @@ The process helpers at the bottom are shared with rollback.dev.stack.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
 import contextlib
 import fcntl
 import json
@@ -29,11 +31,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -304,6 +306,19 @@ def wait_until(predicate: Callable[[], bool], deadline_seconds: float, interval:
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+T = TypeVar("T")
+
+
+def run_async(factory: Callable[[], Awaitable[T]], timeout: float = 10.0) -> T:
+    """Run a coroutine to completion from sync code, even when the caller is inside an event loop."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(lambda: asyncio.run(_as_coroutine(factory))).result(timeout=timeout)
+
+
+async def _as_coroutine(factory: Callable[[], Awaitable[T]]) -> T:
+    return await factory()
 
 
 def log_tail(path: Path, lines: int = 5) -> str:

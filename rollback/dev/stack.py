@@ -5,7 +5,7 @@ temporary directory): nginx + instances, the matching rollback.yaml, and `deploy
 ships a release the way a real pipeline would, so there is something to roll back.
 
 `DevStack` is `rollback dev up|down|deploy`: a Temporal dev server, a blue/green
-BackendStack named "demo", and a worker, all detached from the calling process (they
+BackendStack named "demo", its frontend tier (rollback/dev/frontend_stack.py), and a worker, all detached from the calling process (they
 outlive the CLI) and found again through pid files under `.rollback/dev`. Those processes
 get the stack's own Temporal address, namespace, task queue and config explicitly and
 none of the caller's ROLLBACK_*/TEMPORAL_* variables, which were exported for other work.
@@ -16,7 +16,6 @@ Every wait is a poll with a deadline; every subprocess and HTTP call has a timeo
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -28,19 +27,21 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import httpx
 import yaml
 
 from rollback.config import AppConfig
 from rollback.dev import instances as inst
+from rollback.dev.frontend_stack import FrontendStack
 from rollback.targets.backend.nginx import NginxRouter, UpstreamServer
 from rollback.ports import port_is_free
 from rollback.settings import TemporalSettings, search_attribute_args
 from rollback.state import StateStore, TargetVersions
 
 Strategy = Literal["blue_green", "rolling"]
+FRONTEND_FAULTS = ("none", "broken-js", "missing-api")
 Log = Callable[[str], None]
 
 HTTP_TIMEOUT_SECONDS = 2.0
@@ -490,6 +491,9 @@ class DevPorts:
     temporal: int = 7233
     ui: int = 8233
     api: int = 8400
+    frontend: int = 8088  # Varnish: what users reach
+    frontend_origin: int = 8087  # nginx serving the releases
+    varnish_admin: int = 8089
 
     @classmethod
     def from_env(cls) -> "DevPorts":
@@ -507,6 +511,9 @@ class DevPorts:
             temporal=port("ROLLBACK_DEV_TEMPORAL_PORT", 7233),
             ui=port("ROLLBACK_DEV_UI_PORT", 8233),
             api=port("ROLLBACK_DEV_API_PORT", 8400),
+            frontend=port("FRONTEND_PORT", 8088),
+            frontend_origin=port("ROLLBACK_DEV_FRONTEND_ORIGIN_PORT", 8087),
+            varnish_admin=port("ROLLBACK_DEV_VARNISH_ADMIN_PORT", 8089),
         )
 
 
@@ -546,6 +553,12 @@ class DevStack:
             environment=self.environment,
             log=self.log,
         )
+
+    @property
+    def frontend(self) -> FrontendStack:
+        return FrontendStack(base_dir=self.base_dir, origin_port=self.ports.frontend_origin, varnish_port=self.ports.frontend,
+                             varnish_admin_port=self.ports.varnish_admin, api_upstream=f"127.0.0.1:{self.ports.nginx}",
+                             environment=self.environment, log=self.log)
 
     @property
     def config_path(self) -> Path:
@@ -595,10 +608,11 @@ class DevStack:
         self._start_temporal()
         backend = self.backend
         backend.start("v1", {"v1": "none"})
+        self.frontend.start("v1")
         self._create_database()
+        targets = {"database": self.database_target(), "frontend": self.frontend.target_config()}
         backend.write_config(self.config_path, policy={"require_approval": False},
-                             extra={"environments": {self.environment: {"monitoring": self.monitoring(),
-                                                                        "targets": {"database": self.database_target()}}}})
+                             extra={"environments": {self.environment: {"monitoring": self.monitoring(), "targets": targets}}})
         self.log(f"config written to {self.config_path}")
         if start_worker:
             self._start_worker()
@@ -639,7 +653,7 @@ class DevStack:
             finally:
                 await conn.close()
 
-        created = _run_async(create, timeout=30)
+        created = inst.run_async(create, timeout=30)
         self.log(f"database {self.database_name} {'created' if created else 'already there'}")
 
     def _migrate(self, revision: str, *, only_if_new: bool = False) -> None:
@@ -661,7 +675,7 @@ class DevStack:
                                                                initiated_by="rollback dev"), on_progress=self.log)
             return result.revision
 
-        revision_now = _run_async(migrate, timeout=600)
+        revision_now = inst.run_async(migrate, timeout=600)
         self.log(f"database {self.database_name} at {revision_now}" if revision_now else
                  f"database {self.database_name} already migrated (rollback db backups -e {self.environment})")
 
@@ -731,7 +745,7 @@ class DevStack:
         async def start() -> bool:
             return await RollbackOrchestrator(settings=self.temporal_settings).start_monitor(self.environment)
 
-        started = _run_async(start, timeout=75)
+        started = inst.run_async(start, timeout=75)
         self.log(f"monitor-{self.environment} {'started' if started else 'already running'}")
 
     def _start_temporal(self) -> None:
@@ -772,7 +786,7 @@ class DevStack:
             # Right after spawn the child may not have exec'd yet, so trust Popen over /proc.
             return process.poll() is None if process is not None else inst.pid_alive(pid)
 
-        ready = inst.wait_until(lambda: not alive() or _run_async(probe), deadline, 0.5)
+        ready = inst.wait_until(lambda: not alive() or inst.run_async(probe), deadline, 0.5)
         if ready and alive():
             return
         if process is not None and alive():
@@ -848,6 +862,7 @@ class DevStack:
             ("api", lambda: self._stop_pid_file("api", self._running("api", "serve", f"--port {self.ports.api}"))),
             ("writer", lambda: self._stop_pid_file("writer", self._running("writer", "rollback.dev.writer"))),
             ("worker", lambda: self._stop_pid_file("worker", self._worker_pid())),
+            ("frontend", self.frontend.stop),
             ("backend", self.backend.stop),
             ("temporal", lambda: self._stop_pid_file("temporal", self._temporal_pid())),
         ]
@@ -874,8 +889,13 @@ class DevStack:
             # A database release is a migration, run through the system (backup first).
             self._migrate(version)
             return None
+        if target == "frontend":
+            if fault not in FRONTEND_FAULTS:
+                raise ValueError(f"--fault {fault!r}: a frontend release takes one of {', '.join(FRONTEND_FAULTS)}")
+            self.frontend.deploy(version, fault)  # type: ignore[arg-type]  # checked just above
+            return None
         if target != "backend":
-            raise ValueError(f"unknown deploy target {target!r}; supported targets: backend, database")
+            raise ValueError(f"unknown deploy target {target!r}; supported targets: frontend, backend, database")
         return self.backend.deploy(version, fault)
 
     def status(self) -> DevStatus:
@@ -926,19 +946,6 @@ def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any
         else:
             merged[key] = value
     return merged
-
-
-T = TypeVar("T")
-
-
-def _run_async(factory: Callable[[], Awaitable[T]], timeout: float = 10.0) -> T:
-    """Run a coroutine to completion from sync code, even when the caller is inside an event loop."""
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(lambda: asyncio.run(_as_coroutine(factory))).result(timeout=timeout)
-
-
-async def _as_coroutine(factory: Callable[[], Awaitable[T]]) -> T:
-    return await factory()
 
 
 async def _connect(address: str) -> Any:

@@ -59,6 +59,9 @@ def server_block(*, root: Path, listen: str, api_upstream: str | None = None) ->
         root {root.resolve()};
         disable_symlinks off;
         etag on;
+        # A miss is a short text 404: a chunk request never gets HTML it would try to run.
+        error_page 404 @missing;
+        location @missing {{ types {{ }} default_type text/plain; return 404 "not found\n"; }}
         # Dot-files are staging names (.current.v2.123) and partial uploads: never served.
         location ~ /\\. {{ return 404; }}
         location = /release.json {{ return 404; }}
