@@ -173,7 +173,7 @@ class FrontendRollback:
                 seen[got] = seen.get(got, 0) + 1
                 streak = streak + 1 if got == inp.build else 0
                 if streak >= target.switch_samples:
-                    return FrontDoorResult(url=url, answers=seen, streak=streak)
+                    return FrontDoorResult(url=url, answers=seen, streak=streak, attempt=_attempt())
                 await asyncio.sleep(0.02)
         raise ApplicationError(f"{url} did not settle on build {inp.build} of {inp.version} within "
                                f"{target.switch_timeout_seconds:g}s: saw {seen}", type="FrontDoorMismatch")

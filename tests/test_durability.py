@@ -14,6 +14,7 @@ from rollback.models import Phase, RollbackTarget
 from rollback.state import StateStore
 from tests.conftest import write_config
 from tests.helpers import front_version, orchestrator, status_when
+from tests.test_frontend_rollback import config_of, frontend_of
 from tests.test_rollback_workflow import notifications, restarts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,3 +73,35 @@ async def test_worker_killed_during_execution_resumes_and_each_effect_happens_on
     assert all(s.state == "succeeded" for s in status.steps)
     # The kill landed inside batch 2: its activity ran again on the new worker.
     assert next(s for s in status.steps if s.name.startswith("roll batch 2/3")).attempts == 2
+
+
+async def test_worker_killed_mid_frontend_switch_resumes_and_switches_once(blue_green, tmp_path, client, task_queue):
+    frontend = frontend_of(blue_green)
+    replacement = worker = None
+    try:
+        frontend.start("v1")
+        good = (frontend.serving() or {})["build"]
+        frontend.deploy("v2", "broken-js")
+        # Many answers in a row make the front-door step last a few seconds: the kill lands inside it.
+        config = config_of(blue_green, frontend, tmp_path, switch_samples=150).path
+        switches = len(frontend.store.switches())
+        log = tmp_path / "worker.log"
+        worker = start_worker(client, task_queue, config, log)
+        orch = orchestrator(client, task_queue)
+        started = await orch.initiate_rollback(targets=[RollbackTarget.FRONTEND], initiated_by="tester")
+        await status_when(orch, started.execution_id,
+                          lambda s: any(x.id == "frontend.await_front_door" and x.state == "running" for x in s.steps),
+                          what="the front door step running")
+        replacement = kill_and_replace(worker, client, task_queue, config, log)
+        result = await orch.wait(started.execution_id)
+        served = frontend.serving()
+    finally:
+        stop_workers(worker, replacement)
+        frontend.stop()
+
+    assert result is not None and result.state == Phase.SUCCEEDED, log.read_text()[-2000:]
+    assert (served or {}).get("build") == good
+    assert [(s["from"], s["to"]) for s in frontend.store.switches()[switches:]] == [("v2", "v1")]  # once, across two workers
+    status = await orch.get_rollback_status(started.execution_id)
+    assert next(s for s in status.steps if s.id == "frontend.await_front_door").attempts == 2
+    assert Counter(n["event"] for n in notifications(blue_green)) == {"started": 1, "succeeded": 1}

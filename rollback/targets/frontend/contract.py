@@ -71,6 +71,7 @@ class FrontDoorResult(BaseModel):
     url: str
     answers: dict[str, int] = Field(description="what the front door answered while settling, by build")
     streak: int
+    attempt: int = 1
 
     def step_detail(self) -> str:
         return f"{self.url}: {self.streak} answers in a row; saw {self.answers}"
