@@ -2,8 +2,10 @@
 
 dev up -> deploy broken v2 -> manual rollback that needs approval -> approve with the
 `temporal` CLI -> watch -> timeline -> the monitor's automatic rollback of a broken v3 ->
-a full rollback of a broken v4 and a destructive migration (with the integrity report)
--> dev down. Exits 0 only if every rollback succeeded, v1 serves, and no row was lost.
+a frontend rollback of broken JavaScript (through Varnish) -> a full rollback of all three
+tiers: a broken backend v4, a frontend v3 calling an API no backend has, and a destructive
+migration (with the integrity report) -> dev down. Exits 0 only if every rollback succeeded,
+v1 serves on both tiers, and no row was lost.
 """
 
 from __future__ import annotations
@@ -57,6 +59,33 @@ def fresh_start(rollback: str) -> None:
             await conn.close()
 
     asyncio.run(drop())
+
+
+def frontend_version() -> dict:
+    """What users get from the frontend, through Varnish."""
+    port = os.environ.get("FRONTEND_PORT", "8088")
+    return httpx.get(f"http://127.0.0.1:{port}/version.json", timeout=5).json()
+
+
+def frontend_rollback(rollback: str) -> bool:
+    """A frontend release with broken JavaScript, rolled back: the pointer switch, Varnish purged, checked."""
+    good = frontend_version()
+    print(f"frontend through Varnish: {good}")
+    sh(rollback, "dev", "deploy", "--target", "frontend", "--version", "v2", "--fault", "broken-js")
+    print(f"after the deploy: {frontend_version()}")
+    started = sh(rollback, "start", "--environment", "demo", "--target", "frontend", "--by", "demo-sre",
+                 "--reason", "v2's JavaScript throws in every browser", capture=True)
+    workflow_id = started.stdout.strip()
+    print(f"started {workflow_id}")
+    watched = sh(rollback, "watch", workflow_id, check=False)
+    final = status(rollback, workflow_id)
+    for step in final["steps"]:
+        if step["target"] == "frontend":
+            print(f"  {step['name']}: {step['detail']}")
+    print(f"  compatibility: {(final['plan'] or {}).get('compatibility')}")
+    now = frontend_version()
+    print(f"frontend through Varnish: {now}")
+    return watched.returncode == 0 and final["state"] == "succeeded" and now == good
 
 
 def front(path: str) -> tuple[int, str]:
@@ -134,11 +163,11 @@ def figures() -> dict:
 
 def full_rollback(rollback: str) -> bool:
     """A broken backend and a destructive migration together, rolled back as one operation."""
-    sh(rollback, "monitor", "pause", "-e", "demo", "--by", "demo", "--reason", "full rollback demo")
     before = figures()
     print(f"database at {before['revision']}: {before['orders']} orders ({before['cents']} with cents), "
           f"{before['customers_with_email']} customers with an e-mail address")
     sh(rollback, "dev", "deploy", "--target", "backend", "--version", "v4", "--fault", "errors")
+    sh(rollback, "dev", "deploy", "--target", "frontend", "--version", "v3", "--fault", "missing-api")
     sh(rollback, "dev", "deploy", "--target", "database", "--version", "0003")
     migrated = figures()
     print(f"after 0003: e-mail column gone ({migrated['customers_with_email']} e-mails), "
@@ -153,6 +182,11 @@ def full_rollback(rollback: str) -> bool:
     watched = sh(rollback, "watch", workflow_id, check=False)
     final = status(rollback, workflow_id)
     after = figures()
+    say("Targets in reverse deployment order: frontend, backend, database")
+    for target in (final["plan"] or {}).get("targets", []):
+        print(f"  {target['target']}: {target['strategy']} {target['from_version']} -> {target['to_version']}")
+    print(f"  compatibility: {((final['plan'] or {}).get('compatibility') or {}).get('compatible')}, "
+          f"frontend {frontend_version()['version']} with backend {json.loads(front('/version')[1]).get('version')}")
     say("Database integrity report")
     for step in final["steps"]:
         if step["target"] == "database":
@@ -164,7 +198,8 @@ def full_rollback(rollback: str) -> bool:
           f"(before: {before['customers_with_email']}); orders with cents: {after['cents']} (before: {before['cents']})")
     return (watched.returncode == 0 and final["state"] == "succeeded" and after["revision"] == before["revision"]
             and after["customers_with_email"] == before["customers_with_email"] and after["cents"] >= before["cents"]
-            and after["max_order"] > migrated["max_order"] and json.loads(front("/version")[1]).get("version") == "v1")
+            and after["max_order"] > migrated["max_order"] and json.loads(front("/version")[1]).get("version") == "v1"
+            and frontend_version()["version"] == "v1")
 
 
 def main() -> int:
@@ -174,7 +209,7 @@ def main() -> int:
     os.environ["TEMPORAL_ADDRESS"] = address
     ok = False
     try:
-        say("Starting the local stack: Temporal dev server, nginx, blue and green backends, a worker")
+        say("Starting the local stack: Temporal dev server, nginx, blue and green backends, the frontend behind Varnish, a worker")
         fresh_start(rollback)
         sh(rollback, "dev", "up")
         print("Temporal UI: http://127.0.0.1:%s" % os.environ.get("ROLLBACK_DEV_UI_PORT", "8233"))
@@ -228,9 +263,14 @@ def main() -> int:
         sh(rollback, "monitor", "resume", "-e", "demo", "--by", "demo")
         auto_ok = automatic(rollback)
 
-        say("A full rollback: broken backend v4 and a destructive database migration (0003) together")
+        say("A frontend rollback: a pipeline publishes frontend v2, whose JavaScript throws")
+        sh(rollback, "monitor", "pause", "-e", "demo", "--by", "demo", "--reason", "frontend and full rollback demo")
+        frontend_ok = frontend_rollback(rollback)
+
+        say("A full rollback of three tiers: broken backend v4, frontend v3 calling an API no backend has, "
+            "and a destructive database migration (0003)")
         full_ok = full_rollback(rollback)
-        ok = manual_ok and auto_ok and full_ok
+        ok = manual_ok and auto_ok and frontend_ok and full_ok
     finally:
         say("Stopping the local stack")
         sh(rollback, "dev", "down", check=False)

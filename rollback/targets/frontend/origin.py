@@ -9,8 +9,9 @@ hashed assets, and skew pinning.
   A missing file is a 404, never index.html: an SPA fallback that answers a chunk with HTML and
   status 200 is what turns a deploy into `ChunkLoadError` in open tabs.
 - Skew pinning: a client's deployment id (query `dpl`, header `x-deployment-id`, cookie `__dpl`, in
-  that order) serves its requests from `releases/<id>/` while that release is retained, and from the
-  live one after. The id is matched against the version rule first: never a path, never `..`.
+  that order; the cookie for assets only) serves its requests from `releases/<id>/` while that release
+  is retained, and from the live one after. The id is matched against the version rule first: never a
+  path, never `..`.
 
 Entry points answer `Cache-Control: no-cache` (browsers revalidate every time), `Surrogate-Control:
 max-age=300` (a CDN keeps them until the switch purges them) and `Surrogate-Key: frontend-entry` (what a
@@ -34,7 +35,11 @@ _UNPINNED = "-"
 
 
 def pinning_maps() -> str:
-    """`$frontend_release`: the pinned, validated deployment id, or `-`."""
+    """`$frontend_release` (assets: query, header or cookie) and `$frontend_entry_release` (entry points: query or
+    header only): the pinned, validated deployment id, or `-`.
+
+    The cookie never pins an entry point: it is shared by every tab, so a new tab or a reload would open on
+    whatever release the last tab pinned, the rolled-back one included."""
     maps = []
     for variable, source in (("dpl_query", "$arg_dpl"), ("dpl_header", "$http_x_deployment_id"), ("dpl_cookie", "$cookie___dpl")):
         maps.append(f"map {source} ${variable} {{ default \"\"; {_pinnable(variable + '_id')} ${variable}_id; }}")
@@ -44,16 +49,25 @@ def pinning_maps() -> str:
                 '        "~^\\|(?<h>[^|]+)\\|" $h;\n'
                 '        "~^\\|\\|(?<c>[^|]+)$" $c;\n'
                 '    }')
+    maps.append('map "$dpl_query|$dpl_header" $frontend_entry_release {\n'
+                f'        default {_UNPINNED};\n'
+                '        "~^(?<eq>[^|]+)\\|" $eq;\n'
+                '        "~^\\|(?<eh>[^|]+)$" $eh;\n'
+                '    }')
     return "\n    ".join(maps)
 
 
 def server_block(*, root: Path, listen: str, api_upstream: str | None = None) -> str:
     """The `server { }` serving the store at `root` on `listen` (host:port); goes inside `http { }` after pinning_maps().
     `api_upstream` (host:port): where `/api/` goes, for a frontend that calls its backend on its own origin."""
-    pinned = "/releases/$frontend_release"
-    entry_headers = (f'add_header Cache-Control "no-cache" always; add_header Surrogate-Control "max-age={CDN_ENTRY_TTL_SECONDS}" always; '
+    pinned, entry_pinned = "/releases/$frontend_release", "/releases/$frontend_entry_release"
+    # No ETag and no If-Modified-Since on entry points: nginx derives both from mtime and size, and two
+    # releases built at the same second with same-sized pages would share them, so a browser (or Varnish)
+    # revalidating after a switch would get 304 and keep the old page.
+    entry_headers = ('etag off; if_modified_since off; '
+                     f'add_header Cache-Control "no-cache" always; add_header Surrogate-Control "max-age={CDN_ENTRY_TTL_SECONDS}" always; '
                      f'add_header Surrogate-Key "{ENTRY_SURROGATE_KEY}" always; '
-                     'add_header X-Frontend-Pinned $frontend_release always;')
+                     'add_header X-Frontend-Pinned $frontend_entry_release always;')
     return f"""server {{
         listen {listen};
         root {root.resolve()};
@@ -71,7 +85,7 @@ def server_block(*, root: Path, listen: str, api_upstream: str | None = None) ->
             {entry_headers}
         }}
         location = / {{
-            try_files {pinned}/index.html /{CURRENT}/index.html =404;
+            try_files {entry_pinned}/index.html /{CURRENT}/index.html =404;
             {entry_headers}
         }}
         location /{ASSETS}/ {{
@@ -79,7 +93,7 @@ def server_block(*, root: Path, listen: str, api_upstream: str | None = None) ->
             add_header Cache-Control "public, max-age=31536000, immutable" always;
         }}
         location / {{
-            try_files {pinned}$uri /{CURRENT}$uri =404;
+            try_files {entry_pinned}$uri /{CURRENT}$uri =404;
             {entry_headers}
         }}
     }}"""
