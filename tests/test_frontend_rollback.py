@@ -22,9 +22,9 @@ from tests.helpers import front_version, orchestrator
 FRONTEND = [RollbackTarget.FRONTEND]
 
 
-def frontend_of(stack: BackendStack) -> FrontendStack:
+def frontend_of(stack: BackendStack, **fields) -> FrontendStack:
     return FrontendStack(base_dir=stack.base_dir, origin_port=free_port(), varnish_port=free_port(), varnish_admin_port=free_port(),
-                         api_upstream=f"127.0.0.1:{stack.nginx_port}", log=lambda _: None)
+                         api_upstream=f"127.0.0.1:{stack.nginx_port}", log=lambda _: None, **fields)
 
 
 @pytest.fixture

@@ -61,10 +61,11 @@ def server_block(*, root: Path, listen: str, api_upstream: str | None = None) ->
     """The `server { }` serving the store at `root` on `listen` (host:port); goes inside `http { }` after pinning_maps().
     `api_upstream` (host:port): where `/api/` goes, for a frontend that calls its backend on its own origin."""
     pinned, entry_pinned = "/releases/$frontend_release", "/releases/$frontend_entry_release"
-    # No ETag and no If-Modified-Since on entry points: nginx derives both from mtime and size, and two
-    # releases built at the same second with same-sized pages would share them, so a browser (or Varnish)
-    # revalidating after a switch would get 304 and keep the old page.
-    entry_headers = ('etag off; if_modified_since off; '
+    # No validators on entry points (no ETag, no Last-Modified, If-Modified-Since ignored). nginx derives
+    # them from mtime and size: two releases built in the same second with same-sized pages share an ETag,
+    # and a rollback goes back in time, so a browser revalidating its newer page with If-Modified-Since
+    # gets 304 from the CDN holding the older one, and keeps the rolled-back page.
+    entry_headers = ('etag off; if_modified_since off; add_header Last-Modified "" always; '
                      f'add_header Cache-Control "no-cache" always; add_header Surrogate-Control "max-age={CDN_ENTRY_TTL_SECONDS}" always; '
                      f'add_header Surrogate-Key "{ENTRY_SURROGATE_KEY}" always; '
                      'add_header X-Frontend-Pinned $frontend_entry_release always;')
