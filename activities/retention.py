@@ -1,4 +1,5 @@
-"""Backup retention: delete backups (and archive tables) past `backup_retention_days`, never a pinned one.
+"""Retention: delete backups (and archive tables) past `backup_retention_days`, never a pinned one; and
+frontend releases beyond each frontend's `keep_releases`, never the live, current or known-good one.
 
 Pinned: the backups a rollback of the current or the known-good revision would need,
 every backup of an environment where a rollback is running (it may reference any of
@@ -7,8 +8,10 @@ them), and those whose rollback archive is still inside the retention window.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -17,11 +20,14 @@ from temporalio.client import Client
 
 from rollback.targets.database import integrity
 from rollback.targets.database.backups import BackupCatalog, delete_backup, select_expired
+from activities.frontend import store_of
 from rollback.config import ConfigSource
 from rollback.targets.database.config import DatabaseTarget
 from rollback.targets.database.pg import MissingDsn, dsn_from_env, qualified
 from rollback.payloads import APPLY_RETENTION, RetentionInput, RetentionReport
 from rollback.targets.database.schema_rollback import ARCHIVE_SCHEMA
+from rollback.targets.frontend.config import FrontendTarget
+from rollback.targets.frontend.store import to_retire
 from rollback.state import StateStore
 
 
@@ -43,6 +49,10 @@ class Retention:
         days = config.rollback.backup_retention_days
         report = RetentionReport(retention_days=days)
         for name, env in config.environments.items():
+            frontend = env.targets.of("frontend", FrontendTarget)
+            if frontend is not None and not await self._rollback_running(name):
+                report.releases_retired[name] = await asyncio.to_thread(self._retire_releases, config.state_dir, name, frontend,
+                                                                        dry_run=inp.dry_run)
             target = env.targets.of("database", DatabaseTarget)
             if target is None or target.backup_dir is None:
                 continue
@@ -63,6 +73,16 @@ class Retention:
                 report.deleted.append(backup_id)
             activity.heartbeat(name)
         return report
+
+    @staticmethod
+    def _retire_releases(state_dir: Path, environment: str, target: FrontendTarget, *, dry_run: bool) -> list[str]:
+        store = store_of(target.store)
+        versions = StateStore(state_dir).versions(environment, "frontend", seed=target.versions)
+        live = store.live()
+        protect = {v for v in (versions.current, versions.known_good, live) if v}
+        if dry_run:
+            return to_retire(store.versions(), keep=target.keep_releases, protect=protect)
+        return store.retire(keep=target.keep_releases, protect=protect)
 
     async def _archives(self, target: DatabaseTarget, cutoff: datetime, *, drop: bool) -> dict[str, Any]:
         """Drop archive tables of reverts older than the window; the revisions reverted within it."""

@@ -85,3 +85,4 @@ class RetentionReport(BaseModel):
     pinned: dict[str, list[str]] = Field(default_factory=dict, description="backup ids kept whatever their age, per environment")
     archives_dropped: list[str] = Field(default_factory=list, description="tables in rollback_archive")
     skipped: dict[str, str] = Field(default_factory=dict, description="environments left alone, and why")
+    releases_retired: dict[str, list[str]] = Field(default_factory=dict, description="frontend releases removed, per environment")

@@ -10,9 +10,11 @@ import httpx
 import pytest
 from temporalio.client import WorkflowFailureError
 
+from activities.retention import Retention
 from rollback.dev.frontend_stack import FrontendStack
 from rollback.dev.stack import BackendStack
 from rollback.models import Phase, RollbackTarget
+from rollback.payloads import RetentionInput
 from rollback.ports import free_port
 from rollback.state import StateStore
 from rollback.targets.frontend.release import MANIFEST
@@ -161,3 +163,22 @@ async def test_assets_of_both_releases_answer_through_varnish_and_a_missing_one_
                 assert answer.status_code == 200, (version, path)
         missing = await http.get("/assets/app.0000000000.js")
         assert (missing.status_code, missing.text, missing.headers["content-type"]) == (404, "not found\n", "text/plain")
+
+
+async def test_retention_keeps_the_newest_and_the_current_and_known_good_releases(blue_green, tmp_path, client):
+    frontend = frontend_of(blue_green, keep_releases=10)
+    try:
+        frontend.start("v1")
+        for version in ("v2", "v3", "v4"):
+            frontend.deploy(version)
+        old_asset = next(p for p in frontend.store.manifest("v1").files if p.startswith("assets/app."))
+        config = config_of(blue_green, frontend, tmp_path, keep_releases=1)
+        dry = await Retention(config, client).apply(RetentionInput(dry_run=True))
+        assert dry.releases_retired == {"demo": ["v1", "v2"]} and frontend.store.versions() == ["v1", "v2", "v3", "v4"]
+        report = await Retention(config, client).apply(RetentionInput())
+        assert report.releases_retired == {"demo": ["v1", "v2"]}  # v3 is known-good, v4 live and current
+        assert frontend.store.versions() == ["v3", "v4"]
+        async with httpx.AsyncClient(base_url=frontend.origin_url, timeout=5) as http:
+            assert (await http.get(f"/{old_asset}")).status_code == 404  # its pool link went with it
+    finally:
+        frontend.stop()

@@ -36,7 +36,6 @@ READY_SECONDS = 15.0
 SETTLE_SECONDS = 15.0
 HTTP_TIMEOUT_SECONDS = 2.0
 COMMAND_TIMEOUT_SECONDS = 15.0
-KEEP_RELEASES = 5
 
 
 class FrontendStackError(RuntimeError):
@@ -52,6 +51,7 @@ class FrontendStack:
     api_upstream: str | None = None  # host:port of the backend's front door
     environment: str = "demo"
     check_interval_ms: int = DEFAULT_CHECK_INTERVAL_MS
+    keep_releases: int = 5
     log: Log = field(default=print, compare=False, repr=False)
 
     # -- paths and addresses -----------------------------------------------------
@@ -189,7 +189,7 @@ class FrontendStack:
         state = StateStore(self.state_dir)
         entry = state.record_deploy(self.environment, "frontend", version, seed=state.versions(self.environment, "frontend"))
         protect = {v for v in (entry.current, entry.known_good) if v}
-        retired = store.retire(keep=KEEP_RELEASES, protect=protect)
+        retired = store.retire(keep=self.keep_releases, protect=protect)
         self.log(f"deployed frontend {version} (build {build}, fault {fault}); known-good {entry.known_good}"
                  + (f"; retired {', '.join(retired)}" if retired else ""))
         return build
@@ -209,6 +209,7 @@ class FrontendStack:
             "front_url": self.front_url,
             "cdn": [self.cdn_tier().model_dump(mode="json")],
             "health": {"path": "/", "samples": 3, "max_latency_ms": 1000},
+            "keep_releases": self.keep_releases,
             **overrides,
         }
 

@@ -65,6 +65,12 @@ class ReleaseStore(Protocol):
         ...
 
 
+def to_retire(versions: list[str], *, keep: int, protect: set[str]) -> list[str]:
+    """Of `versions` (oldest first), those retention removes: all but the newest `keep`, never a protected one."""
+    kept = set(versions[-keep:]) if keep > 0 else set()
+    return [v for v in versions if v not in kept and v not in protect]
+
+
 def entry_points(manifest: ReleaseManifest) -> list[str]:
     """The release's files that are not hashed assets: what a switch changes at the front door, and what a CDN must purge."""
     return sorted(path for path in manifest.files if not path.startswith(f"{ASSETS}/"))
@@ -175,9 +181,8 @@ class DirectoryStore:
         """Remove all but the newest `keep` releases, never one in `protect` (the live and known-good ones)
         nor the one live now. Returns the versions removed."""
         versions = self.versions()
-        kept = set(versions[-keep:]) if keep > 0 else set()
         live = self.live()
-        removed = [v for v in versions if v not in kept and v not in protect and v != live]
+        removed = to_retire(versions, keep=keep, protect=protect | ({live} if live else set()))
         for version in removed:
             shutil.rmtree(self.path(version))
         if removed:
