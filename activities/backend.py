@@ -82,27 +82,27 @@ class BackendRollback:
             raise _refuse(f"backend of {environment!r}: no known-good version recorded; pass to_version")
         if to == from_version:
             raise _refuse(f"backend of {environment!r} already runs {to}: nothing to roll back")
-        front = await self._check(target, target.router.front_url, None)
-        evidence = {"front_door": front.model_dump(mode="json")}
         smoke = target.smoke
         checks = [f"{target.health.path} x{target.health.samples} >= {target.health.success_ratio:.0%} under {target.health.max_latency_ms} ms",
                   f"front door {target.router.front_url} answers {to}",
                   f"smoke: {', '.join(smoke.paths or [target.health.path])} x{smoke.samples} >= {smoke.success_ratio:.0%}, p95 <= {smoke.max_p95_ms} ms"]
         if target.strategy == "blue_green":
-            return await self._assess_blue_green(environment, target, from_version, to, evidence, checks)
-        return await self._assess_rolling(environment, target, from_version, to, evidence, checks)
+            return await self._assess_blue_green(environment, target, from_version, to, checks)
+        front = await self._check(target, target.router.front_url, None)
+        return await self._assess_rolling(environment, target, from_version, to, {"front_door": front.model_dump(mode="json")}, checks)
 
     async def _assess_blue_green(self, environment: str, target: BackendTarget, from_version: str | None, to: str,
-                                 evidence: dict, checks: list[str]) -> TargetPlan:
+                                 checks: list[str]) -> TargetPlan:
         live = self._live_colour(target)
         if live is None:
             raise _refuse(f"backend of {environment!r}: no colour is live in {target.router.upstream_file}; "
                           "fix the router before rolling back (nothing to return to on failure)")
-        standby: dict[str, HealthReport] = {}
-        for colour, instance in target.colours.items():
-            if colour != live:
-                standby[colour] = await self._check(target, f"http://{instance.address}", to)
-        evidence["standby"] = {c: r.model_dump(mode="json") for c, r in standby.items()}
+        colours = [c for c in target.colours if c != live]
+        # The front door and every standby colour sampled at once: each check paces its own samples.
+        front_report, *reports = await asyncio.gather(
+            self._check(target, target.router.front_url, None), *(self._check(target, f"http://{target.colours[c].address}", to) for c in colours))
+        standby: dict[str, HealthReport] = dict(zip(colours, reports, strict=True))
+        evidence = {"front_door": front_report.model_dump(mode="json"), "standby": {c: r.model_dump(mode="json") for c, r in standby.items()}}
         ready = [c for c, r in standby.items() if r.healthy]
         if not ready:
             seen = ", ".join(f"{c}: {r.detail or 'unhealthy'}" for c, r in standby.items())
