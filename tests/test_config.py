@@ -72,3 +72,36 @@ async def test_no_secret_reaches_the_workflow_history(blue_green, tmp_path, clie
     history = await history_without(client, started.execution_id, [planted])
     assert "tester" in history, "payloads were decoded and searched"
     assert planted not in (tmp_path / "bg" / "state" / "demo.json").read_text()
+
+
+def _frontend_config(tmp_path: Path, **fields) -> dict:
+    frontend = {"store": {"kind": "directory", "root": "site"}, "front_url": "http://127.0.0.1:8088",
+                "cdn": [{"provider": "varnish", "url": "http://127.0.0.1:8088"}], **fields}
+    return {"state_dir": str(tmp_path / "state"), "environments": {"demo": {"targets": {"frontend": frontend}}}}
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"cdn": [{"provider": "akamai"}]}, "environments.demo.targets.frontend.cdn.0: Input tag 'akamai' found using 'provider' does "
+                                        "not match any of the expected tags: 'none', 'varnish', 'cloudflare', 'fastly', 'cloudfront'"),
+    ({"cdn": [{"provider": "cloudflare", "zone_id": "z", "site_url": "https://shop.example", "token_env": "my token"}]},
+     "environments.demo.targets.frontend.cdn.0.cloudflare.token_env: String should match pattern"),
+    ({"cdn": [{"provider": "fastly", "token_env": "FASTLY_TOKEN"}]}, "environments.demo.targets.frontend.cdn.0.fastly.service_id: Field required"),
+    ({"store": {"kind": "ftp", "root": "site"}}, "environments.demo.targets.frontend.store: Input tag 'ftp' found using 'kind'"),
+    ({"store": {"kind": "s3", "bucket": "b"}}, "environments.demo.targets.frontend.store.s3.bucket: String should have at least 3 characters"),
+    ({"keep_releases": 0}, "environments.demo.targets.frontend.keep_releases: Input should be greater than or equal to 1"),
+    ({"front_url": None}, "environments.demo.targets.frontend.front_url"),
+])
+def test_frontend_config_errors_name_the_field(tmp_path, fields, expected):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(_frontend_config(tmp_path, **fields)))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert expected in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_frontend_store_root_is_relative_to_the_config_file(tmp_path):
+    path = tmp_path / "conf" / "rollback.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(_frontend_config(tmp_path)))
+    frontend = load_config(path).environment("demo").targets.get("frontend")
+    assert frontend is not None and frontend.store.root == tmp_path / "conf" / "site"  # type: ignore[union-attr]
