@@ -4,12 +4,16 @@ Varnish in front of the releases, the demo backend's OpenAPI document for the co
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import pytest
 from temporalio.client import WorkflowFailureError
+from temporalio.exceptions import ApplicationError
 
+from activities.frontend import FrontendRollback
+from activities.health import HttpHealth
 from activities.retention import Retention
 from rollback.dev.frontend_stack import FrontendStack
 from rollback.dev.stack import BackendStack
@@ -17,7 +21,9 @@ from rollback.models import Phase, RollbackTarget
 from rollback.payloads import RetentionInput
 from rollback.ports import free_port
 from rollback.state import StateStore
+from rollback.targets.frontend.contract import PurgeInput
 from rollback.targets.frontend.release import MANIFEST
+from tests.cdn_standins import CLOUDFLARE_TOKEN, CLOUDFLARE_ZONE, cloudflare_standin  # noqa: F401 (fixture)
 from tests.conftest import write_config
 from tests.helpers import front_version, orchestrator
 
@@ -182,3 +188,27 @@ async def test_retention_keeps_the_newest_and_the_current_and_known_good_release
             assert (await http.get(f"/{old_asset}")).status_code == 404  # its pool link went with it
     finally:
         frontend.stop()
+
+
+async def test_a_cdn_refusing_the_token_fails_the_purge_for_good_and_a_rate_limit_is_retried_later(
+        blue_green, frontend, cloudflare_standin, tmp_path, http, monkeypatch):
+    cloudflare = {"provider": "cloudflare", "zone_id": CLOUDFLARE_ZONE, "token_env": "CF_PURGE_TOKEN", "api_url": cloudflare_standin.url,
+                  "site_url": "https://shop.example"}
+    activities = FrontendRollback(config_of(blue_green, frontend, tmp_path, cdn=[cloudflare]), HttpHealth(http))
+    purge = PurgeInput(environment="demo", tier=0, paths=["/", "/index.html"], key="rollback-demo-1:run:frontend:forward:purge.0")
+
+    monkeypatch.setenv("CF_PURGE_TOKEN", "not-the-token")
+    with pytest.raises(ApplicationError) as refused:
+        await activities.purge_cdn(purge)
+    assert refused.value.non_retryable and "401" in str(refused.value) and "not-the-token" not in str(refused.value)
+
+    monkeypatch.setenv("CF_PURGE_TOKEN", CLOUDFLARE_TOKEN)
+    cloudflare_standin.rate_limit(10, retry_after="1")  # more 429s than the provider waits out in place
+    with pytest.raises(ApplicationError) as limited:
+        await activities.purge_cdn(purge)
+    # Retryable, no sooner than Cloudflare asked: Temporal's next attempt honours Retry-After.
+    assert not limited.value.non_retryable and limited.value.next_retry_delay == timedelta(seconds=1), limited.value
+    monkeypatch.delenv("CF_PURGE_TOKEN")
+    with pytest.raises(ApplicationError, match="CF_PURGE_TOKEN") as unset:
+        await activities.purge_cdn(purge)
+    assert unset.value.non_retryable
