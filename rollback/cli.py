@@ -314,6 +314,8 @@ def render(current: RollbackStatus) -> Table:
     caption = [f"environment {current.environment}, trigger {current.trigger}, by {current.initiated_by}"]
     if current.plan:
         caption += [f"{t.target.value}: {t.strategy} {t.from_version} -> {t.to_version}" for t in current.plan.targets]
+        if current.plan.compatibility:
+            caption.append(f"compatibility: {current.plan.compatibility.summary()}")
     if current.approval.required:
         caption.append(f"approval: {current.approval.decision}" + (f" by {current.approval.by}" if current.approval.by else ""))
     if current.error:

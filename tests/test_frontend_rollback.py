@@ -26,6 +26,7 @@ from rollback.targets.frontend.release import MANIFEST
 from tests.cdn_standins import CLOUDFLARE_TOKEN, CLOUDFLARE_ZONE, cloudflare_standin  # noqa: F401 (fixture)
 from tests.conftest import write_config
 from tests.helpers import front_version, orchestrator
+from tests.test_cli import cli
 
 FRONTEND = [RollbackTarget.FRONTEND]
 
@@ -79,6 +80,8 @@ async def test_a_frontend_rollback_switches_purges_varnish_and_checks_the_pair(b
     versions = StateStore(blue_green.state_dir).versions("demo", "frontend")
     assert (versions.current, versions.known_good) == ("v1", "v1")
     assert [(s["from"], s["to"]) for s in frontend.store.switches()][-1] == ("v2", "v1")
+    shown = await cli(client, task_queue, "status", started.execution_id)
+    assert "compatibility: frontend v1 with backend v1: compatible" in shown.stdout, shown.stdout
 
 
 async def test_a_corrupt_or_missing_release_is_refused_before_anything_moves(blue_green, frontend, tmp_path, client, task_queue,
