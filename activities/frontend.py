@@ -105,26 +105,39 @@ class FrontendRollback:
             raise _refuse(f"frontend of {environment!r}: release {to} is not in the store "
                           f"(retained: {', '.join(retained) or 'none'})")
         manifest = await self._in_thread(lambda: store.verify(to))  # a corrupt release is refused before anything moves
-        previous = await self._in_thread(lambda: store.manifest(live)) if live else None
+        previous = await asyncio.to_thread(self._readable_manifest, store, live)
         changed = set(entry_points(manifest)) | (set(entry_points(previous)) if previous else set())
         front = await self._front_door_answer(target)
+        # What an undo waits for: the live release's build; from the front door when its manifest is unreadable.
+        previous_build = previous.build if previous else (str(front["build"]) if live and front.get("build") else None)
         return TargetPlan(
             target=RollbackTarget.FRONTEND, strategy="release_switch", from_version=live or versions.current, to_version=to,
             checks=[f"release {to} matches its release.json ({len(manifest.files)} files)",
                     f"{target.front_url}{target.version_path} answers build {manifest.build} {target.switch_samples}x in a row",
                     f"{target.health.path} and up to {target.check_assets} release files through the front door"],
-            params=ReleaseSwitchParams(build=manifest.build, previous_build=previous.build if previous else None,
+            params=ReleaseSwitchParams(build=manifest.build, previous_build=previous_build,
                                        purge_paths=purge_urls(sorted(changed)), tiers=[c.provider for c in target.cdn]),
             evidence={"front_door": front, "release": {"build": manifest.build, "files": len(manifest.files), "api": manifest.api},
                       **({"recorded_current": versions.current} if versions.current not in (None, live) else {})},
         )
+
+    @staticmethod
+    def _readable_manifest(store: ReleaseStore, version: str | None) -> ReleaseManifest | None:
+        """The live release's manifest, None when there is none or it is broken: rolling back from a broken
+        release must never depend on that release being intact."""
+        try:
+            return store.manifest(version) if version else None
+        except ReleaseError:
+            return None
 
     async def _front_door_answer(self, target: FrontendTarget) -> dict[str, object]:
         url = target.front_url.rstrip("/") + target.version_path
         try:
             answer = await self.health.get(url, target.health.timeout_seconds)
             body = answer.json() if answer.status_code == 200 else None
-            return {"url": url, "status": answer.status_code, **(body if isinstance(body, dict) else {})}
+            # Only the two fields it is for: the body is the live release's, and could be anything.
+            seen = {k: str(body[k])[:200] for k in ("version", "build") if k in body} if isinstance(body, dict) else {}
+            return {"url": url, "status": answer.status_code, **seen}
         except Exception as err:  # noqa: BLE001 - evidence, not a decision: a broken front door is why we roll back
             return {"url": url, "error": type(err).__name__}
 

@@ -71,7 +71,7 @@ from typing import Any
 
 from _harness import (backend_stack, decompose, emit, exit_now, in_process_worker, keep_stdout_for_json, log, machine,
                       temporal_server)
-from switch_under_load import load_figures, nginx_problems, wrk_binary
+from switch_under_load import load_figures, nginx_problems, run_wrk
 
 import httpx
 from temporalio.client import Client, WorkflowFailureError
@@ -149,25 +149,11 @@ end
     return path
 
 
-async def run_wrk(url: str, script: Path, seconds: int, *, threads: int, connections: int, marker: Path) -> dict[str, Any]:
-    """wrk with the generated script: its JSON line, plus when it started (epoch seconds) and its command line."""
-    argv = [wrk_binary(), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url,
-            "--", str(marker)]
-    started = time.time()
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout=seconds + 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    text = stdout.decode(errors="replace")
-    line = next((ln for ln in text.splitlines() if ln.startswith("WRK_JSON ")), None)
-    if proc.returncode != 0 or line is None:
-        raise RuntimeError(f"wrk failed (exit {proc.returncode}): {stderr.decode(errors='replace')[-500:]} {text[-500:]}")
-    data = json.loads(line.removeprefix("WRK_JSON "))
-    data["started_epoch"] = started
-    data["argv"] = " ".join(argv[1:-5]) + f" {url}"
+async def run_wrk_with(url: str, script: Path, seconds: int, *, threads: int, connections: int, marker: Path) -> dict[str, Any]:
+    """wrk with the generated script (which touches `marker` once the load is on): its JSON line, when it started
+    (epoch seconds) and its command line."""
+    data = await run_wrk(url, seconds, threads=threads, connections=connections, script=script, script_args=(str(marker),))
+    data["argv"] = f"-t{threads} -c{connections} -d{seconds}s --latency -s {script.name} {url}"
     return data
 
 
@@ -495,13 +481,13 @@ async def load_part(args: argparse.Namespace, client: Client, orch: RollbackOrch
     if args.baseline_seconds > 0:
         log(f"load: baseline {args.baseline_seconds}s, no rollback")
         before = varnish_counters(frontend)
-        raw = await run_wrk(url, script, args.baseline_seconds, **shape, marker=script.with_name("baseline.on"))
+        raw = await run_wrk_with(url, script, args.baseline_seconds, **shape, marker=script.with_name("baseline.on"))
         baseline = {**load_figures(raw), "varnish": counter_delta(before, varnish_counters(frontend))}
 
     log(f"load: {args.load_seconds}s with up to {args.load_rollbacks} rollbacks")
     before = varnish_counters(frontend)
     marker = script.with_name("load.on")
-    wrk_task = asyncio.create_task(run_wrk(url, script, args.load_seconds, **shape, marker=marker))
+    wrk_task = asyncio.create_task(run_wrk_with(url, script, args.load_seconds, **shape, marker=marker))
     load_t0 = time.monotonic()
     rollbacks: list[dict[str, Any]] = []
     skipped = 0

@@ -59,9 +59,12 @@ def wrk_binary() -> str:
     return found
 
 
-async def run_wrk(url: str, seconds: int, *, threads: int, connections: int) -> dict[str, Any]:
-    """Run wrk with the status-class script; its JSON line plus when it started (epoch seconds)."""
-    argv = [wrk_binary(), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(LUA), url]
+async def run_wrk(url: str, seconds: int, *, threads: int, connections: int, script: Path = LUA,
+                  script_args: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run wrk with a script that prints a `WRK_JSON {...}` line (default: the status-class one); that JSON
+    plus when it started (epoch seconds). `script_args` go to the script (after `--`)."""
+    argv = [wrk_binary(), f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url,
+            *(["--", *script_args] if script_args else [])]
     started = time.time()
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:

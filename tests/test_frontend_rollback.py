@@ -215,3 +215,18 @@ async def test_a_cdn_refusing_the_token_fails_the_purge_for_good_and_a_rate_limi
     with pytest.raises(ApplicationError, match="CF_PURGE_TOKEN") as unset:
         await activities.purge_cdn(purge)
     assert unset.value.non_retryable
+
+
+async def test_a_broken_live_release_does_not_stop_the_rollback_away_from_it(blue_green, frontend, tmp_path, client, task_queue,
+                                                                              run_worker):
+    good = served(frontend)["build"]
+    frontend.deploy("v2")
+    (frontend.store.path("v2") / MANIFEST).write_text("")  # the bad release is broken in more ways than one
+    await run_worker(config_of(blue_green, frontend, tmp_path))
+    orch = orchestrator(client, task_queue)
+    started = await orch.initiate_rollback(targets=FRONTEND, initiated_by="tester")
+    result = await orch.wait(started.execution_id)
+    assert result is not None and result.state == Phase.SUCCEEDED, result
+    assert served(frontend) == {"version": "v1", "build": good}
+    status = await orch.get_rollback_status(started.execution_id)
+    assert status.plan is not None and status.plan.targets[0].params.previous_build.startswith("v2-")  # type: ignore[attr-defined]
