@@ -29,6 +29,7 @@ bench: bootstrap
 	.venv/bin/python bench/integrity_speed.py
 	.venv/bin/python bench/migration_capture.py
 	.venv/bin/python bench/db_rollback.py
+	.venv/bin/python bench/frontend_switch.py
 
 clean:
 	-.venv/bin/rollback dev down
