@@ -7,7 +7,8 @@ backend: and the same pair again if compensation runs them back in reverse), so 
 live frontend call an operation the live backend lacks.
 
 Incompatible: the plan is refused naming the operations, or, with policy `couple_frontend`, a backend
-rollback takes the frontend along to its newest retained release that fits.
+rollback takes the frontend along to its newest retained release, older than the live one, that fits
+both the backend it returns to and the one live between the two switches.
 """
 
 from __future__ import annotations
@@ -62,17 +63,24 @@ class CompatibilityCheck:
         if frontend_plan is not None or not couple:
             hint = "" if frontend_plan is not None else "; set policy couple_frontend: true to roll the frontend back with it"
             raise _refuse(report.summary() + hint)
-        coupled = await self._newest_compatible(request, backend_version, backend_plan, frontend_versions, exclude=frontend_version)
+        coupled = await self._newest_compatible(request, backend_version, backend_plan, frontend_versions, live=frontend_version)
         if coupled is None:
             raise _refuse(report.summary() + "; no retained frontend release is compatible either")
         plan, fitting = coupled
         return [plan, *plans], fitting.model_copy(update={"coupled": True})
 
     async def _newest_compatible(self, request: RollbackRequest, backend_version: str, backend_plan: TargetPlan | None,
-                                 versions: TargetVersions, *, exclude: str) -> tuple[TargetPlan, CompatibilityReport] | None:
+                                 versions: TargetVersions, *, live: str) -> tuple[TargetPlan, CompatibilityReport] | None:
+        """The newest release built before the live one that fits the backend left live, and the backend live
+        between the two switches (the frontend goes first): a rollback never rolls the frontend forward."""
         retained = await self.frontend.retained(request.environment)
-        for candidate in reversed([v for v in retained if v != exclude]):  # newest build first
+        older = retained[:retained.index(live)] if live in retained else retained
+        between_version = backend_plan.from_version if backend_plan is not None else None
+        for candidate in reversed(older):
             report = await self.pair(request.environment, candidate, backend_version, backend_plan)
-            if report.compatible:
-                return await self.frontend.assess(request, versions, candidate), report
+            if not report.compatible:
+                continue
+            if between_version and not (await self.pair(request.environment, candidate, between_version, None)).compatible:
+                continue
+            return await self.frontend.assess(request, versions, candidate), report
         return None

@@ -167,7 +167,10 @@ class FrontendRollback:
             raise _refuse(f"CDN tier {inp.tier} is not configured (the config has {len(tiers)})", "InvalidRequest")
         try:
             provider = provider_for(tiers[inp.tier])
-            return await provider.purge(PurgeRequest(paths=inp.paths, key=inp.key), progress=_heartbeat)
+            # A beat every second whatever the provider is doing (a slow API call, a long lookup), and its own
+            # progress reports besides.
+            async with heartbeating(f"purge {provider.name}"):
+                return await provider.purge(PurgeRequest(paths=inp.paths, key=inp.key), progress=_heartbeat)
         except CdnError as err:
             raise ApplicationError(str(err), type="CdnPurgeFailed", non_retryable=not err.retryable,
                                    next_retry_delay=_seconds(err.retry_after)) from None
@@ -213,7 +216,9 @@ class FrontendRollback:
             manifest = await self._in_thread(lambda: store.manifest(inp.version))
             problems = [report.detail] if not report.healthy else []
             checked = 0
-            for path, digest in sorted(manifest.files.items())[:target.check_assets]:
+            # Entry points first: with many assets, index.html must still be among the files compared.
+            for path in [*entry_points(manifest), *sorted(set(manifest.files) - set(entry_points(manifest)))][:target.check_assets]:
+                digest = manifest.files[path]
                 checked += 1
                 url = f"{target.front_url.rstrip('/')}/{path}"
                 try:

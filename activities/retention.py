@@ -50,17 +50,20 @@ class Retention:
         report = RetentionReport(retention_days=days)
         for name, env in config.environments.items():
             frontend = env.targets.of("frontend", FrontendTarget)
-            if frontend is not None and not await self._rollback_running(name):
+            target = env.targets.of("database", DatabaseTarget)
+            has_backups = target is not None and target.backup_dir is not None
+            if frontend is None and not has_backups:
+                continue
+            if await self._rollback_running(name):
+                report.skipped[name] = "a rollback is running: every backup and frontend release of this environment is kept"
+                continue
+            if frontend is not None:
                 report.releases_retired[name] = await asyncio.to_thread(self._retire_releases, config.state_dir, name, frontend,
                                                                         dry_run=inp.dry_run)
-            target = env.targets.of("database", DatabaseTarget)
             if target is None or target.backup_dir is None:
                 continue
             catalog = BackupCatalog(target.backup_dir)
             manifests = catalog.list(name)
-            if await self._rollback_running(name):
-                report.skipped[name] = "a rollback is running: every backup of this environment is kept"
-                continue
             versions = StateStore(config.state_dir).versions(name, "database", seed=target.versions)
             pinned = _pins(manifests, versions.current, versions.known_good)
             archives = await self._archives(target, now - timedelta(days=days), drop=not inp.dry_run)

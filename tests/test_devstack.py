@@ -189,9 +189,11 @@ def test_written_config_loads(tmp_path: Path, strategy: str) -> None:
     assert config.state_dir == stack.state_dir
 
 
-def test_dev_stack_rejects_unknown_deploy_target(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="supported targets: backend"):
-        DevStack(base_dir=tmp_path).deploy("frontend", "v2")
+def test_dev_stack_rejects_unknown_deploy_target_and_a_backend_fault_for_the_frontend(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown deploy target 'cdn'; supported targets: frontend, backend, database"):
+        DevStack(base_dir=tmp_path).deploy("cdn", "v2")
+    with pytest.raises(ValueError, match="--fault 'errors': a frontend release takes one of none, broken-js, missing-api"):
+        DevStack(base_dir=tmp_path).deploy("frontend", "v2", "errors")
 
 
 def test_errors_after_fault_breaks_a_colour_once_it_takes_traffic(unstarted_blue_green: BackendStack) -> None:

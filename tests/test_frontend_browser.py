@@ -177,8 +177,10 @@ class Tab:
         return tab
 
     async def first_chunk(self) -> dict:
-        """The page's own first chunk load (it starts one as soon as it runs)."""
-        await self.page.wait_for_function("() => window.chunkLoads && window.chunkLoads.length >= 1")
+        """The page's own first chunk load (it starts one as soon as it runs), rendered: until then its render may
+        still clear `#error` behind a later load's back."""
+        await self.page.wait_for_function("() => window.chunkLoads?.length >= 1 && (!window.chunkLoads[0].ok "
+                                          "|| 'items' in window.chunkLoads[0] || 'renderError' in window.chunkLoads[0])")
         return (await self.chunk_loads())[0]
 
     async def load_items(self, chunk: str | None = None) -> dict:

@@ -129,9 +129,7 @@ class FrontendStack:
         return self.nginx_dir / "nginx.conf"
 
     def _nginx_args(self) -> list[str]:
-        from rollback.dev.stack import nginx_binary  # here: rollback.dev.stack imports this module
-
-        return [nginx_binary(), "-p", f"{self.nginx_dir}/", "-c", str(self._conf_path), "-e", str(self.nginx_dir / "error.log")]
+        return [inst.nginx_binary(), "-p", f"{self.nginx_dir}/", "-c", str(self._conf_path), "-e", str(self.nginx_dir / "error.log")]
 
     def _nginx_pid(self) -> int | None:
         pid = inst.read_pid(self.nginx_dir / "nginx.pid")

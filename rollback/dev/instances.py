@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -309,6 +310,13 @@ def wait_until(predicate: Callable[[], bool], deadline_seconds: float, interval:
 
 
 T = TypeVar("T")
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
+    if found is None:
+        raise RuntimeError("nginx not found (install the Debian package nginx-light)")
+    return found
 
 
 def run_async(factory: Callable[[], Awaitable[T]], timeout: float = 10.0) -> T:

@@ -113,13 +113,6 @@ class DevStatus:
 # -- the backend stack -------------------------------------------------------------
 
 
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
-    if found is None:
-        raise StackError("nginx not found (install the Debian package nginx-light)")
-    return found
-
-
 @dataclass(frozen=True)
 class BackendStack:
     """nginx on `nginx_port` in front of `instances` (name → port, in order).
@@ -181,7 +174,7 @@ class BackendStack:
 
     def _nginx_args(self) -> list[str]:
         # -e: nginx opens its error log before reading the config; keep even that out of /var.
-        return [nginx_binary(), "-p", f"{self.nginx_dir}/", "-c", str(self.conf_path), "-e", str(self.nginx_dir / "error.log")]
+        return [inst.nginx_binary(), "-p", f"{self.nginx_dir}/", "-c", str(self.conf_path), "-e", str(self.nginx_dir / "error.log")]
 
     def router(self) -> NginxRouter:
         args = self._nginx_args()

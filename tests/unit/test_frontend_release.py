@@ -4,6 +4,7 @@ the live pointer is switched atomically, and retention never removes the live or
 from __future__ import annotations
 
 import json
+import re
 import os
 import threading
 from datetime import datetime, timedelta, timezone
@@ -165,3 +166,17 @@ def test_each_switch_that_moves_the_pointer_is_logged_once(tmp_path):
         store.publish(built_with_assets(tmp_path, version, age))
     assert store.switch("v1") and store.switch("v2") and not store.switch("v2") and store.switch("v1")
     assert [(s["from"], s["to"]) for s in store.switches()] == [(None, "v1"), ("v1", "v2"), ("v2", "v1")]
+
+
+@pytest.mark.parametrize("content, said", [
+    ('{"version": "v1", "build": "other"}', "version.json says {'version': 'v1', 'build': 'other'}"),
+    ("not json", "version.json says not a JSON object"),
+])
+def test_a_version_file_that_disagrees_with_the_manifest_is_refused(tmp_path, content, said):
+    release = tmp_path / "releases" / "v1"
+    release.mkdir(parents=True)
+    (release / "index.html").write_text("<p>v1</p>")
+    (release / "version.json").write_text(content)
+    write_manifest(release, build="b-v1", created=datetime(2026, 1, 1, tzinfo=timezone.utc))
+    with pytest.raises(ReleaseError, match=re.escape(f"release v1: {said}, release.json says {{'version': 'v1', 'build': 'b-v1'}}")):
+        verify_release(release)

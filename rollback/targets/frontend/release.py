@@ -21,6 +21,7 @@ from rollback.versions import Version, version_problem
 
 MANIFEST = "release.json"
 ENTRY_POINT = "index.html"
+VERSION_FILE = "version.json"  # what the front door answers: {"version": ..., "build": ...} of the live release
 # `GET /api/items/{id}`: a method and an absolute path, path parameters in braces (as in OpenAPI),
 # optionally the query parameters it sends: `GET /api/items?page&size`.
 OPERATION = re.compile(r"^(GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS) (/[A-Za-z0-9._~!$'()*+,;=:@%{}/-]*)(\?[A-Za-z0-9._~-]+(&[A-Za-z0-9._~-]+)*)?$")
@@ -128,7 +129,22 @@ def verify_release(release_dir: Path) -> ReleaseManifest:
         if (actual := sha256_of(path)) != expected:
             raise ReleaseError(f"release {release_dir.name}: {relative} has sha256 {actual[:12]}..., "
                                f"{MANIFEST} says {expected[:12]}...")
+    if VERSION_FILE in manifest.files:
+        _check_version_file(manifest, (release_dir / VERSION_FILE).read_bytes())
     return manifest
+
+
+def _check_version_file(manifest: ReleaseManifest, content: bytes) -> None:
+    """version.json must name the release and build of its manifest: a switch is done once the front door
+    answers that build, so a mismatch would only show after the switch, as a timeout and an undo."""
+    try:
+        said = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        said = None
+    if not isinstance(said, dict) or said.get("version") != manifest.version or said.get("build") != manifest.build:
+        shown = {k: said.get(k) for k in ("version", "build")} if isinstance(said, dict) else "not a JSON object"
+        raise ReleaseError(f"release {manifest.version}: {VERSION_FILE} says {shown}, {MANIFEST} says "
+                           f"{{'version': {manifest.version!r}, 'build': {manifest.build!r}}}")
 
 
 def release_dir(root: Path, version: str) -> Path:

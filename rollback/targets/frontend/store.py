@@ -146,6 +146,8 @@ class DirectoryStore:
             relative = asset.relative_to(assets)
             link = pool / relative
             if link.exists():  # follows the link: a dangling one is relinked below
+                # A name two releases hold with other bytes (an unhashed file under assets/) keeps its first
+                # link: a pinned tab gets its own release's copy, an unpinned one the live release's first.
                 continue
             link.parent.mkdir(parents=True, exist_ok=True)
             staging = link.with_name(f".{link.name}.{os.getpid()}")

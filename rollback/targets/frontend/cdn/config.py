@@ -109,8 +109,10 @@ class CloudFrontCdn(CdnTier):
     distribution_id: str = Field(pattern=API_ID)
     endpoint_url: str | None = Field(default=None, description="another CloudFront endpoint (moto in the tests); default AWS")
     region: str | None = None
-    poll_seconds: float = Field(default=5, gt=0, le=300)
-    wait_seconds: int = Field(default=900, ge=1, description="give up waiting for the invalidation to be Completed (retryable)")
+    poll_seconds: float = Field(default=5, gt=0, le=60)
+    # Within one attempt of the purge step (10 minutes): a retried attempt finds the same invalidation
+    # by its CallerReference and waits on.
+    wait_seconds: int = Field(default=480, ge=1, le=540, description="give up waiting for the invalidation to be Completed (retryable)")
 
     @field_validator("endpoint_url")
     @classmethod
