@@ -7,6 +7,7 @@ database; migrations are written per test into a temporary directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import os
@@ -24,6 +25,7 @@ from rollback.config import ConfigSource
 from rollback.models import MigrateRequest, MigrateResult, Phase, RollbackRequest, RollbackStatus, RollbackTarget
 from rollback.targets.database.pg import local_dsn, with_database
 from rollback.state import StateStore
+from tests.test_frontend_rollback import frontend_of
 from tests.helpers import eventually, front_version, history_without, keep_history, largest_payload, orchestrator, status_when
 from tests.pgbouncer import pgbouncer  # noqa: F401 - fixture
 from tests.postgres import database  # noqa: F401 - fixture
@@ -384,33 +386,45 @@ async def test_unexpected_change_fails_integrity_and_compensates(shop, client, t
     assert await value(dsn, "SELECT max(revision) FROM rollback_meta.migrations") == "0002"
 
 
-async def test_a_full_rollback_that_fails_in_the_database_is_compensated_across_both_tiers(shop, blue_green, tmp_path, client,
-                                                                                           task_queue, run_worker):
-    """Backend and database together: the backend switches back to v1, the database is reverted, its
-    integrity check fails (the down SQL deletes a row), and compensation undoes both, newest first:
-    the migration re-applied with its data, the snapshot discarded, then traffic switched back to v2."""
+@pytest.mark.parametrize("with_frontend", [False, True], ids=["backend-and-database", "three-tiers"])
+async def test_a_full_rollback_that_fails_in_the_database_is_compensated_across_every_tier(shop, blue_green, tmp_path, client,
+                                                                                           task_queue, run_worker, with_frontend):
+    """Backend and database together (and the frontend, in front of them): the frontend switches back to v1,
+    the backend to v1, the database is reverted, its integrity check fails (the down SQL deletes a row), and
+    compensation undoes every tier, newest first: the migration re-applied with its data, the snapshot
+    discarded, traffic switched back to v2, then the frontend switched back to v2."""
     make, dsn = shop
     sneaky = (ADDITIVE[0], ADDITIVE[1] + " DELETE FROM orders WHERE id = 17;")
     database = yaml.safe_load(make(sneaky).path.read_text())["environments"]["shop"]["targets"]["database"]
     raw = blue_green.config_dict()
     raw["environments"]["demo"]["targets"]["database"] = database
-    path = tmp_path / "full.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    await run_worker(ConfigSource(path))
-    orch = orchestrator(client, task_queue)
-    for revision in ("0001", "0002"):
-        await orch.migrate(MigrateRequest(environment="demo", to_revision=revision, initiated_by="tester"))
-    await fetch(dsn, "INSERT INTO reviews (order_id, stars) VALUES (1, 4), (2, 5)")
-    blue_green.deploy("v2", "errors")
+    frontend = frontend_of(blue_green) if with_frontend else None
+    with contextlib.ExitStack() as cleanup:
+        if frontend is not None:
+            frontend.start("v1")
+            cleanup.callback(frontend.stop)
+            raw["environments"]["demo"]["targets"]["frontend"] = frontend.target_config()
+        path = tmp_path / "full.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        await run_worker(ConfigSource(path))
+        orch = orchestrator(client, task_queue)
+        for revision in ("0001", "0002"):
+            await orch.migrate(MigrateRequest(environment="demo", to_revision=revision, initiated_by="tester"))
+        await fetch(dsn, "INSERT INTO reviews (order_id, stars) VALUES (1, 4), (2, 5)")
+        blue_green.deploy("v2", "errors")
+        bad_build = frontend.deploy("v2") if frontend is not None else None
 
-    started = await orch.start(RollbackRequest(environment="demo", targets=[RollbackTarget.FULL], initiated_by="tester"))
-    await orch.wait(started.execution_id)
-    status = await orch.get_rollback_status(started.execution_id)
+        started = await orch.start(RollbackRequest(environment="demo", targets=[RollbackTarget.FULL], initiated_by="tester"))
+        await orch.wait(started.execution_id)
+        status = await orch.get_rollback_status(started.execution_id)
+        served = frontend.serving() if frontend is not None else None
 
     assert status.state == Phase.COMPENSATED and "id=17" in (status.error or ""), status.error
     assert [s.name for s in status.steps if s.state == "compensated"] == [
-        "re-apply 0002_step2 (undo its revert)", "discard the integrity snapshot", "switch traffic back to green"]
+        "re-apply 0002_step2 (undo its revert)", "discard the integrity snapshot", "switch traffic back to green",
+        *(["switch frontend back to v2"] if with_frontend else [])]
     assert await front_version(blue_green.front_url) == "v2", "traffic is back where the rollback found it"
+    assert served == ({"version": "v2", "build": bad_build} if with_frontend else None)
     assert await value(dsn, "SELECT max(revision) FROM rollback_meta.migrations") == "0002"
     assert await value(dsn, "SELECT count(*) FROM reviews") == 2 and await _kept_row_tables(dsn) == 0
     versions = StateStore(blue_green.state_dir)
