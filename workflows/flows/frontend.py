@@ -36,9 +36,8 @@ def switch_release(version: str) -> Step:
     return Step(id="frontend.switch_release", name=f"switch frontend to {version}", target=TARGET)
 
 
-def purge(tier: int, provider: str, *, back: bool = False) -> Step:
-    return Step(id=f"frontend.{'purge_back' if back else 'purge'}.{tier}", name=f"purge {provider}" + (" (switch back)" if back else ""),
-                target=TARGET)
+def purge(tier: int, provider: str) -> Step:
+    return Step(id=f"frontend.purge.{tier}", name=f"purge {provider}", target=TARGET)
 
 
 def await_front_door(build: str) -> Step:
@@ -85,7 +84,7 @@ class FrontendFlow:
                                                     kind=StepKind.LONG))
         for tier, provider in enumerate(params.tiers):
             purge_input = PurgeInput(environment=run.environment, tier=tier, paths=params.purge_paths, key=f"{key}:purge.{tier}")
-            await step(purge(tier, provider, back=undo), partial(call, frontend.PURGE_CDN, purge_input, PurgeResult,
+            await step(purge(tier, provider), partial(call, frontend.PURGE_CDN, purge_input, PurgeResult,
                                                                  attempts=attempts, kind=StepKind.LONG))
         door = FrontDoorInput(environment=run.environment, version=version, build=build)
         await step(await_front_door(build), partial(call, frontend.AWAIT_FRONT_DOOR, door, FrontDoorResult, attempts=attempts,
