@@ -19,6 +19,7 @@ from activities.health import HttpCheckInput, HttpHealth
 from activities.heartbeat import heartbeating
 from rollback.config import ConfigSource
 from rollback.targets.backend.config import BackendTarget, Instance
+from rollback.payloads import NOTHING_TO_ROLL_BACK
 from rollback.models import HealthReport, RollbackRequest, RollbackTarget, TargetPlan
 from rollback.versions import version_problem
 from rollback.targets.backend.contract import (
@@ -81,7 +82,7 @@ class BackendRollback:
         if not to:
             raise _refuse(f"backend of {environment!r}: no known-good version recorded; pass to_version")
         if to == from_version:
-            raise _refuse(f"backend of {environment!r} already runs {to}: nothing to roll back")
+            raise _refuse(f"backend of {environment!r} already runs {to}: nothing to roll back", NOTHING_TO_ROLL_BACK)
         smoke = target.smoke
         checks = [f"{target.health.path} x{target.health.samples} >= {target.health.success_ratio:.0%} under {target.health.max_latency_ms} ms",
                   f"front door {target.router.front_url} answers {to}",

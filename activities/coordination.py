@@ -17,7 +17,7 @@ from rollback.config import ConfigSource
 from rollback.models import EXECUTION_ORDER, RollbackPlan, RollbackRequest, RollbackTarget, TargetPlan
 from rollback.targets.frontend.contract import CompatibilityReport
 from rollback.versions import version_problem
-from rollback.payloads import ACQUIRE_LOCK, PLAN_ROLLBACK, RECORD_DEPLOYED, RECORD_RESTORED, RELEASE_LOCK, LockInput, RecordInput
+from rollback.payloads import ACQUIRE_LOCK, NOTHING_TO_ROLL_BACK, PLAN_ROLLBACK, RECORD_DEPLOYED, RECORD_RESTORED, RELEASE_LOCK, LockInput, RecordInput
 from rollback.state import StateStore, TargetVersions
 
 
@@ -64,11 +64,21 @@ class Coordination:
             raise _invalid("to_version", f"names targets not being rolled back: {', '.join(extra)}")
         store = StateStore(config.state_dir)
         plans: list[TargetPlan] = []
+        skipped: dict[str, str] = {}
+        full = request.targets == [RollbackTarget.FULL]
         for target in [t.value for t in EXECUTION_ORDER if t.value in wanted]:
             part = env.targets.get(target)  # configured: checked above
             versions = store.versions(request.environment, target, seed=part.versions if part else None)
             _check_recorded(request.environment, target, versions, to_version.get(target))
-            plans.append(await self.targets[target].assess(request, versions, to_version.get(target)))
+            try:
+                plans.append(await self.targets[target].assess(request, versions, to_version.get(target)))
+            except ApplicationError as err:
+                if not (full and err.type == NOTHING_TO_ROLL_BACK):
+                    raise
+                skipped[target] = err.message  # `full`: a tier already where it should be is left alone
+        if not plans:
+            raise ApplicationError("full: nothing to roll back: " + "; ".join(skipped.values()), type=NOTHING_TO_ROLL_BACK,
+                                   non_retryable=True)
         policy = env.policy
         plans, compatibility = await self._compatibility(request, plans, configured, couple=policy.couple_frontend)
         # The request may add an approval, never waive one the environment's policy requires.
@@ -86,7 +96,7 @@ class Coordination:
             on_failure=policy.on_failure, max_attempts=config.rollback.max_rollback_attempts,
             health_check_timeout_seconds=config.rollback.health_check_timeout,
             notification_channels=config.rollback.notification_channels, trigger_evidence=request.evidence,
-            compatibility=compatibility,
+            compatibility=compatibility, skipped=skipped,
         )
 
     async def _compatibility(self, request: RollbackRequest, plans: list[TargetPlan], configured: list[str], *,

@@ -32,6 +32,7 @@ from rollback.targets.database.migrations import (
     Migration, MigrationError, applied, apply_up, edited_since_applied, find, in_transaction_with_lock_timeout, load_migrations, plan_upgrade,
     position, record_applied, run_captured,
 )
+from rollback.payloads import NOTHING_TO_ROLL_BACK
 from rollback.models import DatabaseOptions, RollbackRequest, RollbackTarget, TargetPlan
 from rollback.targets.database.contract import (
     APPLY_MIGRATION, BACKUP, CURRENT_REVISION, DISCARD_SNAPSHOT, INTEGRITY_BEFORE, PLAN_MIGRATION, REAPPLY_MIGRATION,
@@ -55,8 +56,8 @@ if TYPE_CHECKING:
     from activities.targets import Shared
 
 
-def _refuse(message: str) -> ApplicationError:
-    return ApplicationError(message, type="AssessmentRefused", non_retryable=True)
+def _refuse(message: str, kind: str = "AssessmentRefused") -> ApplicationError:
+    return ApplicationError(message, type=kind, non_retryable=True)
 
 
 def _fail(message: str, kind: str = "DatabaseStepFailed") -> ApplicationError:
@@ -133,7 +134,8 @@ class DatabaseRollback:
         except (OSError, asyncpg.PostgresError) as err:
             raise _refuse(f"database of {environment!r} is unreachable with ${target.dsn_env}: {type(err).__name__}") from None
         if not done:
-            raise _refuse("no migration was ever applied through the system (rollback db migrate): nothing to roll back")
+            raise _refuse("no migration was ever applied through the system (rollback db migrate): nothing to roll back",
+                          NOTHING_TO_ROLL_BACK)
         current = done[-1].revision
         to = to_version or versions.known_good
         if to is None:
@@ -144,7 +146,8 @@ class DatabaseRollback:
             raise _refuse(str(err)) from None
         to = migrations[to_index].revision  # canonical spelling: validation compares it with the database's record
         if to_index >= current_index:
-            raise _refuse(f"database is at revision {current}; {to} is not older")
+            raise _refuse(f"database is at revision {current}; {to} is not older",
+                          NOTHING_TO_ROLL_BACK if to_index == current_index else "AssessmentRefused")
         undo = [m for m in reversed(done) if position(migrations, m.revision) > to_index]
         catalog = self.catalog(target)
         evidence: dict[str, Any] = {"current_revision": current, "backups": [m.backup_id for m in undo]}

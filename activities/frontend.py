@@ -22,6 +22,7 @@ from temporalio.exceptions import ApplicationError
 from activities.health import HttpCheckInput, HttpHealth
 from activities.heartbeat import heartbeating
 from rollback.config import ConfigSource
+from rollback.payloads import NOTHING_TO_ROLL_BACK
 from rollback.models import HealthReport, RollbackRequest, RollbackTarget, TargetPlan
 from rollback.state import TargetVersions
 from rollback.targets.frontend.cdn import CdnError, PurgeRequest, PurgeResult
@@ -99,7 +100,7 @@ class FrontendRollback:
         if not to:
             raise _refuse(f"frontend of {environment!r}: no known-good release recorded; pass to_version")
         if to == live:
-            raise _refuse(f"frontend of {environment!r} already serves {to}: nothing to roll back")
+            raise _refuse(f"frontend of {environment!r} already serves {to}: nothing to roll back", NOTHING_TO_ROLL_BACK)
         retained = await self._in_thread(store.versions)
         if to not in retained:
             raise _refuse(f"frontend of {environment!r}: release {to} is not in the store "

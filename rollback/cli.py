@@ -314,6 +314,7 @@ def render(current: RollbackStatus) -> Table:
     caption = [f"environment {current.environment}, trigger {current.trigger}, by {current.initiated_by}"]
     if current.plan:
         caption += [f"{t.target.value}: {t.strategy} {t.from_version} -> {t.to_version}" for t in current.plan.targets]
+        caption += [f"{target}: left alone ({why})" for target, why in current.plan.skipped.items()]
         if current.plan.compatibility:
             caption.append(f"compatibility: {current.plan.compatibility.summary()}")
     if current.approval.required:

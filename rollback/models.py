@@ -219,9 +219,11 @@ class RollbackPlan(BaseModel):
     notification_channels: list[str]
     trigger_evidence: dict[str, Any] = Field(default_factory=dict)
     compatibility: CompatibilityReport | None = Field(default=None, description="the frontend and backend the rollback leaves live")
+    skipped: dict[str, str] = Field(default_factory=dict, description="targets of `full` already where they should be, and why")
 
     def step_detail(self) -> str:
         moves = "; ".join(f"{t.target.value}: {t.strategy} {t.from_version} -> {t.to_version}" for t in self.targets)
+        moves += "".join(f"; {target}: left alone ({why})" for target, why in self.skipped.items())
         return moves + (f"; {self.compatibility.summary()}" if self.compatibility else "")
 
 

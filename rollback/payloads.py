@@ -29,6 +29,10 @@ START_ROLLBACK = "monitor.start_rollback"
 CHECK_HTTP = "health.check_http"
 APPLY_RETENTION = "retention.apply"
 
+# A target's assessment found it already at the version to return to: `full` leaves such a target alone
+# (rolling back what is not broken helps nobody); a rollback that names the target is refused.
+NOTHING_TO_ROLL_BACK = "NothingToRollBack"
+
 
 class LockInput(BaseModel):
     environment: str

@@ -38,14 +38,15 @@ async def through_the_system(config, dsn: str, *, record_backup: bool = True, be
         BackupCatalog(target.backup_dir).record(manifest)
 
 
-async def refusal(config, versions: TargetVersions = KNOWN_GOOD, to_version: str | None = None) -> str:
+async def refusal(config, versions: TargetVersions = KNOWN_GOOD, to_version: str | None = None, *,
+                  kind: str = "AssessmentRefused") -> str:
     slice_ = DatabaseRollback(config)
     try:
         with pytest.raises(ApplicationError) as refused:
             await slice_.assess(REQUEST, versions, to_version)
     finally:
         await slice_.close()
-    assert refused.value.type == "AssessmentRefused" and refused.value.non_retryable
+    assert refused.value.type == kind and refused.value.non_retryable
     return refused.value.message
 
 
@@ -64,14 +65,14 @@ async def test_a_database_migrated_through_the_system_is_planned(shop):  # noqa:
 
 async def test_nothing_applied_through_the_system_is_refused(shop):  # noqa: F811
     make, _ = shop
-    assert "no migration was ever applied through the system" in await refusal(make(DROP_EMAIL))
+    assert "no migration was ever applied through the system" in await refusal(make(DROP_EMAIL), kind="NothingToRollBack")
 
 
 async def test_a_target_that_is_not_older_is_refused(shop):  # noqa: F811
     make, dsn = shop
     config = make(DROP_EMAIL)
     await through_the_system(config, dsn)
-    assert await refusal(config, to_version="0002") == "database is at revision 0002; 0002 is not older"
+    assert await refusal(config, to_version="0002", kind="NothingToRollBack") == "database is at revision 0002; 0002 is not older"
 
 
 async def test_a_migration_without_down_sql_is_refused(shop, tmp_path):  # noqa: F811

@@ -35,6 +35,8 @@ class Slice:
     async def assess(self, request: RollbackRequest, versions: TargetVersions, to_version: str | None) -> TargetPlan:
         self.asked.append((request.environment, versions, to_version))
         to = to_version or versions.known_good or "?"
+        if to == versions.current:  # what every slice says when there is nothing to do
+            raise ApplicationError(f"{self.name} already runs {to}: nothing to roll back", type="NothingToRollBack", non_retryable=True)
         if self.name == "backend":
             return TargetPlan(target="backend", strategy="rolling", from_version=versions.current, to_version=to, checks=[],
                               params=RollingParams(batches=[["app-1"]]))
@@ -71,6 +73,24 @@ async def test_full_asks_every_configured_target_in_execution_order_with_its_rec
     assert (environment, versions.current, versions.known_good, to_version) == ("shop", "v2", "v1", None)
     assert (slices["database"].asked[0][1].current, slices["database"].asked[0][1].known_good) == ("0003", "0001")
     assert not made.require_approval and made.on_approval_timeout == "reject"
+
+
+async def test_full_leaves_a_target_with_nothing_to_roll_back_alone_and_refuses_only_when_all_are(tmp_path):
+    settled = {**DATABASE, "versions": {"current": "0001", "known_good": "0001"}}
+    coordination, _ = planner(tmp_path, targets={"backend": BACKEND, "database": settled})
+    made = await plan(coordination, targets=["full"])
+    assert [t.target.value for t in made.targets] == ["backend"]
+    assert made.skipped == {"database": "database already runs 0001: nothing to roll back"}
+    assert made.step_detail() == "backend: rolling v2 -> v1; database: left alone (database already runs 0001: nothing to roll back)"
+    # Named explicitly, the same target is a refusal: the caller asked for something that cannot be done.
+    with pytest.raises(ApplicationError, match="database already runs 0001: nothing to roll back"):
+        await plan(coordination, targets=["database"])
+    nothing = {**BACKEND, "versions": {"current": "v1", "known_good": "v1"}}
+    coordination, _ = planner(tmp_path / "all", targets={"backend": nothing, "database": settled})
+    with pytest.raises(ApplicationError) as refused:
+        await plan(coordination, targets=["full"])
+    assert refused.value.message == ("full: nothing to roll back: backend already runs v1: nothing to roll back; "
+                                     "database already runs 0001: nothing to roll back")
 
 
 async def test_a_recovery_that_loses_data_always_waits_for_a_person_and_silence_never_approves(tmp_path):
