@@ -27,13 +27,13 @@ from rollback.models import HealthReport, RollbackRequest, RollbackTarget, Targe
 from rollback.state import TargetVersions
 from rollback.targets.frontend.cdn import CdnError, PurgeRequest, PurgeResult
 from rollback.targets.frontend.cdn.factory import provider_for
-from rollback.targets.frontend.config import DirectoryStoreConfig, FrontendTarget, StoreConfig
+from rollback.targets.frontend.config import FrontendTarget
 from rollback.targets.frontend.contract import (
     AWAIT_FRONT_DOOR, PURGE_CDN, SWITCH_RELEASE, VALIDATE, VERIFY_RELEASE, FrontDoorInput, FrontDoorResult, PurgeInput, ReleaseInput,
     ReleaseSwitchParams, SwitchResult, VerifyResult, purge_urls,
 )
 from rollback.targets.frontend.release import ReleaseError, ReleaseManifest
-from rollback.targets.frontend.store import DirectoryStore, ReleaseStore, entry_points
+from rollback.targets.frontend.store import ReleaseStore, entry_points
 
 if TYPE_CHECKING:
     from activities.targets import Shared
@@ -41,14 +41,6 @@ if TYPE_CHECKING:
 
 def _refuse(message: str, kind: str = "AssessmentRefused") -> ApplicationError:
     return ApplicationError(message, type=kind, non_retryable=True)
-
-
-def store_of(config: StoreConfig) -> ReleaseStore:
-    if isinstance(config, DirectoryStoreConfig):
-        return DirectoryStore(config.root)
-    from rollback.targets.frontend.s3store import S3Store  # boto3: only where an S3 store is configured
-
-    return S3Store(config.bucket, config.prefix, endpoint_url=config.endpoint_url, region=config.region)
 
 
 T = TypeVar("T")
@@ -70,7 +62,7 @@ class FrontendRollback:
         return frontend
 
     def store(self, environment: str) -> ReleaseStore:
-        return store_of(self.target(environment).store)
+        return self.target(environment).store.open()
 
     async def _in_thread(self, call: Callable[[], T]) -> T:
         try:
@@ -94,7 +86,7 @@ class FrontendRollback:
     async def assess(self, request: RollbackRequest, versions: TargetVersions, to_version: str | None) -> TargetPlan:
         environment = request.environment
         target = self.target(environment)
-        store = store_of(target.store)
+        store = target.store.open()
         live = await self._in_thread(store.live)
         to = to_version or versions.known_good
         if not to:
@@ -211,7 +203,7 @@ class FrontendRollback:
     async def validate(self, inp: ReleaseInput) -> HealthReport:
         """The front door's health path, then the release's own files through the front door, byte for byte."""
         target = self.target(inp.environment)
-        store = store_of(target.store)
+        store = target.store.open()
         async with heartbeating("frontend through the front door"):
             report = await self.health.validate(HttpCheckInput(base_url=target.front_url, check=target.health))
             manifest = await self._in_thread(lambda: store.manifest(inp.version))

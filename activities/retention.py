@@ -20,7 +20,6 @@ from temporalio.client import Client
 
 from rollback.targets.database import integrity
 from rollback.targets.database.backups import BackupCatalog, delete_backup, select_expired
-from activities.frontend import store_of
 from rollback.config import ConfigSource
 from rollback.targets.database.config import DatabaseTarget
 from rollback.targets.database.pg import MissingDsn, dsn_from_env, qualified
@@ -79,7 +78,7 @@ class Retention:
 
     @staticmethod
     def _retire_releases(state_dir: Path, environment: str, target: FrontendTarget, *, dry_run: bool) -> list[str]:
-        store = store_of(target.store)
+        store = target.store.open()
         versions = StateStore(state_dir).versions(environment, "frontend", seed=target.versions)
         live = store.live()
         protect = {v for v in (versions.current, versions.known_good, live) if v}

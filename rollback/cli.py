@@ -32,6 +32,8 @@ from rollback.models import LOCK_STEP, TERMINAL_STATES, MigrateRequest, Phase, R
 from rollback.versions import version_problem
 from rollback.settings import SEARCH_ATTRIBUTES, TemporalSettings, config_path, search_attribute_type
 from rollback.state import StateStore
+from rollback.targets.frontend.config import FrontendTarget
+from rollback.targets.frontend.store import ReleaseStore
 
 _TARGETS_HELP = f"{', '.join(CONFIGURABLE_TARGETS)} or full (repeatable)"
 
@@ -41,6 +43,8 @@ monitor_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Cont
 app.add_typer(monitor_app, name="monitor")
 db_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Database migrations and backups.")
 app.add_typer(db_app, name="db")
+release_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Frontend releases: write release.json, publish, list.")
+app.add_typer(release_app, name="release")
 # Piped output (logs, CI) gets room for whole step names instead of rich's 80 columns.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 
@@ -547,6 +551,74 @@ def db_schedule_retention() -> None:
 
     async def action() -> int:
         print(await _orchestrator().ensure_retention_schedule())
+        return 0
+
+    run(action)
+
+
+@release_app.command("manifest")
+def release_manifest(directory: str = typer.Argument(..., help="the built release, a directory named after its version"),
+                     build: str = typer.Option(..., "--build", help="build id or commit"),
+                     api: list[str] = typer.Option([], "--api", help="a backend operation the build calls, `METHOD /path` (repeatable)"),
+                     backend_min: Optional[str] = typer.Option(None, "--backend-min"),
+                     backend_max: Optional[str] = typer.Option(None, "--backend-max")) -> None:
+    """Write DIRECTORY/release.json: the sha256 of every file, the API the build calls, the backends it supports."""
+    from pathlib import Path
+
+    from rollback.targets.frontend.release import BackendRange, write_manifest
+
+    async def action() -> int:
+        path = Path(directory)
+        checked_version(path.resolve().name, "DIRECTORY's name")
+        if not path.is_dir():
+            raise ValueError(f"{directory}: not a directory")
+        supported = BackendRange(min=backend_min, max=backend_max) if backend_min or backend_max else None
+        manifest = write_manifest(path, build=build, created=datetime.now(timezone.utc), api=api, backend=supported)
+        print(f"{path / 'release.json'}: release {manifest.version}, build {manifest.build}, {len(manifest.files)} files")
+        return 0
+
+    run(action)
+
+
+def _frontend_store(environment: str) -> ReleaseStore:
+    env = load_config(config_path()).environments.get(environment)
+    frontend = env.targets.of("frontend", FrontendTarget) if env is not None else None
+    if frontend is None:
+        raise ConfigError(f"environment {environment!r} has no frontend target")
+    return frontend.store.open()
+
+
+@release_app.command("publish")
+def release_publish(directory: str = typer.Argument(..., help="the built release, with its release.json"),
+                    environment: str = typer.Option(..., "--environment", "-e")) -> None:
+    """Verify the release and add it to the environment's store (nothing goes live: a rollback or deploy switches)."""
+    from pathlib import Path
+
+    async def action() -> int:
+        manifest = await asyncio.to_thread(_frontend_store(environment).publish, Path(directory))
+        print(f"published {manifest.version} (build {manifest.build}, {len(manifest.files)} files) to {environment}")
+        return 0
+
+    run(action)
+
+
+@release_app.command("list")
+def release_list(environment: str = typer.Option(..., "--environment", "-e"), as_json: bool = typer.Option(False, "--json")) -> None:
+    """The environment's retained frontend releases, oldest first, and which one is live."""
+
+    async def action() -> int:
+        store = _frontend_store(environment)
+        live = await asyncio.to_thread(store.live)
+        manifests = [await asyncio.to_thread(store.manifest, v) for v in await asyncio.to_thread(store.versions)]
+        if as_json:
+            print(json.dumps([{"version": m.version, "build": m.build, "created": m.created.isoformat(), "files": len(m.files),
+                               "api": m.api, "live": m.version == live} for m in manifests], indent=2))
+            return 0
+        table = Table("release", "build", "built", "files", "api", "live")
+        for m in manifests:
+            table.add_row(m.version, m.build, f"{m.created:%Y-%m-%d %H:%M:%S}", str(len(m.files)), ", ".join(m.api) or "-",
+                          "yes" if m.version == live else "")
+        out.print(table)
         return 0
 
     run(action)

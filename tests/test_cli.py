@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -211,3 +212,31 @@ async def test_watch_of_a_compensated_rollback_exits_1_and_usage_errors_exit_2(b
     for usage in (["start", "-e", "demo"], ["watch"], ["status", workflow_id, "--no-such-option"], ["no-such-command"]):
         wrong = await cli(client, task_queue, *usage)
         assert wrong.returncode == 2 and "Traceback" not in wrong.stderr, (usage, wrong.returncode, wrong.stderr)
+
+
+def test_a_pipeline_writes_publishes_and_lists_frontend_releases(tmp_path):
+    config = tmp_path / "rollback.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "environments": {"shop": {"targets": {"frontend": {
+        "store": {"kind": "directory", "root": "site"}, "front_url": "http://127.0.0.1:1"}}}}}))
+    env = cli_env(ROLLBACK_CONFIG=str(config))
+    build = tmp_path / "dist" / "v1.4.0"
+    (build / "assets").mkdir(parents=True)
+    (build / "index.html").write_text("<script type=module src=/assets/app.1a2b3c.js></script>")
+    (build / "assets" / "app.1a2b3c.js").write_text("fetch('/api/items')")
+
+    written = run_cli("release", "manifest", str(build), "--build", "abc123", "--api", "GET /api/items", "--backend-min", "v2.0.0",
+                      env=env)
+    assert written.returncode == 0, written.stderr
+    assert written.stdout.strip().endswith("release v1.4.0, build abc123, 2 files")
+    published = run_cli("release", "publish", str(build), "-e", "shop", env=env)
+    assert published.returncode == 0 and "published v1.4.0 (build abc123, 2 files) to shop" in published.stdout, published.stderr
+    listed = run_cli("release", "list", "-e", "shop", "--json", env=env)
+    assert [(r["version"], r["build"], r["api"], r["live"]) for r in json.loads(listed.stdout)] == [
+        ("v1.4.0", "abc123", ["GET /api/items"], False)]
+
+    (build / "assets" / "app.1a2b3c.js").write_text("tampered after the manifest")
+    line = one_line_error(run_cli("release", "publish", str(build), "-e", "shop", env=env))
+    assert line.startswith("error: release v1.4.0: assets/app.1a2b3c.js has sha256"), line
+    assert one_line_error(run_cli("release", "manifest", str(build), "--build", "b", "--api", "FETCH /x", env=env)).startswith(
+        "error: api: ")
+    assert one_line_error(run_cli("release", "list", "-e", "nowhere", env=env)) == "error: environment 'nowhere' has no frontend target"

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from rollback.config_parts import HealthCheck, Strict, TargetConfig
 from rollback.targets.frontend.cdn.config import CdnConfig
+from rollback.targets.frontend.store import DirectoryStore, ReleaseStore
 
 
 class DirectoryStoreConfig(Strict):
@@ -16,6 +17,9 @@ class DirectoryStoreConfig(Strict):
 
     kind: Literal["directory"] = "directory"
     root: Path = Field(description="holds releases/<version>/, the `current` link and the asset pool")
+
+    def open(self) -> ReleaseStore:
+        return DirectoryStore(self.root)
 
 
 class S3StoreConfig(Strict):
@@ -26,6 +30,11 @@ class S3StoreConfig(Strict):
     prefix: str = ""
     endpoint_url: str | None = Field(default=None, description="an S3-compatible endpoint; default AWS")
     region: str | None = None
+
+    def open(self) -> ReleaseStore:
+        from rollback.targets.frontend.s3store import S3Store  # boto3: only where an S3 store is configured
+
+        return S3Store(self.bucket, self.prefix, endpoint_url=self.endpoint_url, region=self.region)
 
 
 StoreConfig = Annotated[Union[DirectoryStoreConfig, S3StoreConfig], Field(discriminator="kind")]
