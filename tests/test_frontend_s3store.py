@@ -35,7 +35,7 @@ def build(root: Path, version: str, *, age: int = 0, extra: dict[str, str] | Non
     code = app if app is not None else f"console.log('{version}')"
     files = {
         "index.html": f"<html><script src='/{hashed(code, 'app')}'></script>{version}</html>",
-        "version.json": json.dumps({"version": version}),
+        "version.json": json.dumps({"version": version, "build": f"build-{version}"}),
         hashed(code, "app"): code,
         hashed(VENDOR, "vendor"): VENDOR,
         **(extra or {}),
