@@ -3,6 +3,7 @@ Varnish in front of the releases, the demo backend's OpenAPI document for the co
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -12,15 +13,17 @@ import pytest
 from temporalio.client import WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 
+from activities.backend import BackendRollback
 from activities.frontend import FrontendRollback
 from activities.health import HttpHealth
 from activities.retention import Retention
 from rollback.dev.frontend_stack import FrontendStack
 from rollback.dev.stack import BackendStack
-from rollback.models import Phase, RollbackTarget
+from rollback.models import Phase, RollbackTarget, TargetPlan
 from rollback.payloads import RetentionInput
 from rollback.ports import free_port
 from rollback.state import StateStore
+from rollback.targets.backend.contract import RollingParams
 from rollback.targets.frontend.contract import PurgeInput
 from rollback.targets.frontend.release import MANIFEST
 from tests.cdn_standins import CLOUDFLARE_TOKEN, CLOUDFLARE_ZONE, cloudflare_standin  # noqa: F401 (fixture)
@@ -230,3 +233,20 @@ async def test_a_broken_live_release_does_not_stop_the_rollback_away_from_it(blu
     assert served(frontend) == {"version": "v1", "build": good}
     status = await orch.get_rollback_status(started.execution_id)
     assert status.plan is not None and status.plan.targets[0].params.previous_build.startswith("v2-")  # type: ignore[attr-defined]
+
+
+async def test_a_rolling_backends_api_comes_from_an_instance_on_the_version_or_from_openapi_documents(rolling, tmp_path, http):
+    rolling.deploy("v2")
+    documents = tmp_path / "openapi"
+    documents.mkdir()
+    (documents / "v1.json").write_text(json.dumps({"openapi": "3.1.0", "paths": {"/api/legacy": {}}}))
+    plan = TargetPlan(target="backend", strategy="rolling", from_version="v2", to_version="v1", checks=[],
+                      params=RollingParams(batches=[["app-1"]]))
+    backend = BackendRollback(write_config(rolling, tmp_path, extra={"environments": {"demo": {"targets": {"backend": {
+        "openapi_documents": str(documents)}}}}}), HttpHealth(http))
+    running, source = await backend.api_document("demo", "v2", plan)  # every instance runs v2 now
+    assert source.endswith("/openapi.json") and "/api/items" in running["paths"]
+    stored, source = await backend.api_document("demo", "v1", plan)  # no instance runs v1 any more
+    assert source == str(documents / "v1.json") and list(stored["paths"]) == ["/api/legacy"]
+    with pytest.raises(ApplicationError, match="backend v0: no OpenAPI document at"):
+        await backend.api_document("demo", "v0", plan)
