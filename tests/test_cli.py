@@ -240,3 +240,29 @@ def test_a_pipeline_writes_publishes_and_lists_frontend_releases(tmp_path):
     assert one_line_error(run_cli("release", "manifest", str(build), "--build", "b", "--api", "FETCH /x", env=env)).startswith(
         "error: api: ")
     assert one_line_error(run_cli("release", "list", "-e", "nowhere", env=env)) == "error: environment 'nowhere' has no frontend target"
+
+
+def test_the_origin_nginx_conf_and_the_vcl_printed_for_an_environment_are_valid(tmp_path):
+    config = tmp_path / "rollback.yaml"
+    config.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), "environments": {"shop": {"targets": {"frontend": {
+        "store": {"kind": "directory", "root": "site"}, "front_url": "http://127.0.0.1:1"}}}}}))
+    env = cli_env(ROLLBACK_CONFIG=str(config))
+    printed = run_cli("release", "nginx-conf", "-e", "shop", "--listen", "127.0.0.1:18087", "--api-upstream", "127.0.0.1:8080", env=env)
+    assert printed.returncode == 0, printed.stderr
+    assert f"root {tmp_path / 'site'};" in printed.stdout
+    nginx = tmp_path / "nginx"
+    (nginx / "logs").mkdir(parents=True)
+    (nginx / "nginx.conf").write_text(f"pid {nginx}/nginx.pid; error_log {nginx}/error.log; events {{}}\n"
+                                      f"http {{ access_log off; {printed.stdout} }}\n")
+    tested = subprocess.run(["/usr/sbin/nginx", "-t", "-q", "-p", f"{nginx}/", "-c", str(nginx / "nginx.conf"), "-e",
+                             str(nginx / "error.log")], capture_output=True, text=True, timeout=30)
+    assert tested.returncode == 0, tested.stderr
+
+    vcl = run_cli("release", "vcl", "--origin", "127.0.0.1:18087", "--purger", "10.0.0.0/8", env=env)
+    assert vcl.returncode == 0, vcl.stderr
+    (tmp_path / "front.vcl").write_text(vcl.stdout)
+    # -j none: as root, varnishd would read the file as user vcache, who cannot enter a private tmp dir.
+    compiled = subprocess.run(["/usr/sbin/varnishd", "-C", "-j", "none", "-n", str(tmp_path / "varnish"), "-f", str(tmp_path / "front.vcl")],
+                              capture_output=True, text=True, timeout=60)
+    assert compiled.returncode == 0, compiled.stderr[-2000:]
+    assert one_line_error(run_cli("release", "vcl", "--origin", "nowhere", env=env)) == "error: --origin: 'nowhere' is not host:port"
