@@ -144,7 +144,8 @@ class Coordination:
     @activity.defn(name=RECORD_RESTORED)
     async def record_restored(self, inp: RecordInput) -> bool:
         return self._store().record_restored(inp.environment, inp.target, inp.version, key=inp.key,
-                                             seed=self._seed(inp.environment, inp.target))
+                                             seed=self._seed(inp.environment, inp.target), rolled_back_from=inp.rolled_back_from,
+                                             rollback=inp.rollback, by=inp.by)
 
     @activity.defn(name=RECORD_DEPLOYED)
     async def record_deployed(self, inp: RecordInput) -> bool:

@@ -37,13 +37,14 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from temporalio.service import RPCError, RPCStatusCode
 
-from rollback.client import WORKFLOW_TYPE, RollbackError, RollbackOrchestrator
+from rollback.client import WORKFLOW_TYPE, RollbackError, RollbackOrchestrator, deploy_gate
 from rollback.config import AppConfig, ConfigError, ConfigSource
 from rollback.models import RollbackRequest, RollbackStatus, RollbackTarget, RollbackTrigger
 from rollback.monitoring import TRIGGER_EVIDENCE_MAX_BYTES, TriggerRequest, json_size
 from rollback.settings import config_path
 from rollback.state import StateStore
 from rollback.triggers import TriggerOutcome, route_trigger
+from rollback.versions import version_problem
 
 log = logging.getLogger("rollback.api")
 
@@ -181,6 +182,14 @@ class RollbackAccepted(BaseModel):
     execution_id: str
     environment: str
     status_url: str
+
+
+class GateAnswer(BaseModel):
+    environment: str
+    target: str
+    version: str
+    allowed: bool
+    reason: str | None = Field(default=None, description="why not: a rollback running, the lock held, the release rolled back from")
 
 
 class ErrorBody(BaseModel):
@@ -532,6 +541,20 @@ class _Endpoints:
         response.headers["Location"] = url
         return RollbackAccepted(execution_id=started.execution_id, environment=started.environment, status_url=url)
 
+    async def gate(self, environment: str, target: str, version: str) -> JSONResponse:
+        """The deployment gate: 200 `allowed`, 409 refused with the reason (what `rollback gate` prints)."""
+        config = self.config()
+        if (problem := _unknown_environment(config, environment, ("path", "environment"))) is not None:
+            raise problem
+        configured = config.environment(environment).targets.configured()
+        if target not in configured:
+            raise _invalid(("query", "target"), f"{target!r} is not configured for {environment} (configured: {', '.join(configured)})")
+        if (problem_text := version_problem(version)) is not None:
+            raise _invalid(("query", "version"), problem_text)
+        refusal = await deploy_gate(self.orchestrator, StateStore(config.state_dir), environment, target, version)
+        return JSONResponse(status_code=200 if refusal is None else 409, content=GateAnswer(
+            environment=environment, target=target, version=version, allowed=refusal is None, reason=refusal).model_dump())
+
     async def rollback_status(self, execution_id: str) -> RollbackStatus:
         if len(execution_id) > 255:
             raise HTTPException(404, "no such rollback")
@@ -630,5 +653,10 @@ def create_app(*, settings: ApiSettings, orchestrator: RollbackOrchestrator | No
         responses={**ERRORS, 404: {"model": ErrorBody, "description": "no such rollback"},
                    504: {"model": ErrorBody, "description": "the status query timed out"}},
         summary="A rollback's phase, plan, steps and approval")
+    app.add_api_route(
+        "/v1/environments/{environment}/gate", endpoints.gate, methods=["GET"], response_model=GateAnswer,
+        dependencies=[Depends(endpoints.api_token)], tags=["deployments"],
+        responses={**ERRORS, 409: {"model": GateAnswer, "description": "refused: the reason says why"}},
+        summary="May a pipeline deploy `version` of `target` now? (`rollback gate`)")
     _install_openapi(app, [AlertmanagerWebhook, PipelineTrigger, RollbackRequest])
     return app

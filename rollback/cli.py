@@ -26,7 +26,7 @@ from rich.table import Table
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
-from rollback.client import RollbackError, RollbackOrchestrator, ensure_search_attributes
+from rollback.client import RollbackError, RollbackOrchestrator, deploy_gate, ensure_search_attributes
 from rollback.config import CONFIGURABLE_TARGETS, ConfigError, load_config
 from rollback.models import LOCK_STEP, TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget
 from rollback.versions import version_problem
@@ -330,6 +330,27 @@ def render(current: RollbackStatus) -> Table:
     return table
 
 
+def _gate_lines(environment: str | None) -> list[str]:
+    """What the deployment gate holds for the environment(s) in the worker's config: the lock and the marks."""
+    try:
+        config = load_config(config_path())
+    except ConfigError:
+        return []  # no config here: the rollbacks are listed from Temporal alone
+    store = StateStore(config.state_dir)
+    lines: list[str] = []
+    for name in [environment] if environment else sorted(config.environments):
+        if name not in config.environments:
+            continue
+        state = store.read(name)
+        if state.lock is not None and state.lock.expires_at > datetime.now(timezone.utc):
+            lines.append(f"{name}: locked by {state.lock.holder}")
+        for target, marks in sorted(state.bad_releases.items()):
+            for version, mark in sorted(marks.items()):
+                if mark.active:
+                    lines.append(f"{name}: gate refuses {target} {version} (rolled back by {mark.rollback})")
+    return lines
+
+
 @app.command(name="list")
 def list_(environment: str = typer.Option(None, "--environment", "-e"), running: bool = typer.Option(False, "--running"),
           limit: int = typer.Option(20, min=1, max=1000)) -> None:
@@ -341,6 +362,8 @@ def list_(environment: str = typer.Option(None, "--environment", "-e"), running:
         for r in rows:
             table.add_row(r.execution_id, r.environment, r.status, r.state, r.trigger, ",".join(r.targets),
                           f"{r.started:%Y-%m-%d %H:%M:%S}" if r.started else "")
+        table.caption = "\n".join(_gate_lines(environment))
+        table.caption_justify = "left"
         out.print(table)
         return 0
 
@@ -397,8 +420,57 @@ def record_deploy(environment: str = typer.Option(..., "--environment", "-e"), t
             raise RollbackError(f"target {target!r} is not configured for {environment} (configured: {', '.join(configured)})")
         slice_config = config.environment(environment).targets.get(target)
         seed = slice_config.versions if slice_config else None
-        entry = StateStore(config.state_dir).record_deploy(environment, target, version, seed=seed)
+        store = StateStore(config.state_dir)
+        if (refusal := store.gate_refusal(environment, target, version)) is not None and "was rolled back by" in refusal:
+            raise RollbackError(f"not recorded: {refusal}")
+        entry = store.record_deploy(environment, target, version, seed=seed)
         print(f"{environment}/{target}: current {entry.current}, known-good {entry.known_good or 'none recorded yet'}")
+        return 0
+
+    run(action)
+
+
+@app.command()
+def gate(environment: str = typer.Option(..., "--environment", "-e"), target: str = typer.Option(..., "--target", "-t"),
+         version: str = typer.Option(..., "--version")) -> None:
+    """May a pipeline deploy VERSION of TARGET now? Exit 0 yes; 1 no, with the reason (a rollback running, the lock
+    held, VERSION rolled back from); 2 on usage errors."""
+
+    async def action() -> int:
+        checked_version(version)
+        config = load_config(config_path())
+        if environment not in config.environments:
+            raise RollbackError(f"unknown environment {environment!r}; configured: {', '.join(sorted(config.environments))}")
+        configured = config.environment(environment).targets.configured()
+        if target not in configured:
+            raise RollbackError(f"target {target!r} is not configured for {environment} (configured: {', '.join(configured)})")
+        refusal = await deploy_gate(_orchestrator(), StateStore(config.state_dir), environment, target, version)
+        if refusal is not None:
+            print(f"refused: {refusal}")
+            return 1
+        print(f"allowed: {environment}/{target} {version}")
+        return 0
+
+    run(action)
+
+
+@release_app.command("allow")
+def release_allow(environment: str = typer.Option(..., "--environment", "-e"), target: str = typer.Option(..., "--target", "-t"),
+                  version: str = typer.Option(..., "--version"), by: str = typer.Option(..., "--by"),
+                  reason: str = typer.Option(..., "--reason")) -> None:
+    """Lift the deploy gate's mark on a release a rollback rolled back from (recorded: who, when, why)."""
+
+    async def action() -> int:
+        checked_version(version)
+        if not by.strip() or not reason.strip():
+            raise ValueError("--by and --reason must say who lifts the mark and why")
+        config = load_config(config_path())
+        if environment not in config.environments:
+            raise RollbackError(f"unknown environment {environment!r}; configured: {', '.join(sorted(config.environments))}")
+        mark = StateStore(config.state_dir).allow_release(environment, target, version, by=by, reason=reason)
+        if mark is None:
+            raise RollbackError(f"{target} {version} of {environment!r} is not marked: nothing to allow")
+        print(f"allowed {environment}/{target} {version} (rolled back by {mark.rollback}); by {by}: {reason}")
         return 0
 
     run(action)

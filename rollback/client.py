@@ -19,6 +19,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from rollback.config import RollbackConfig
+from rollback.state import StateStore
 from rollback.monitoring import MonitorInput, MonitorStatus, PauseRequest, Rule
 from rollback.models import Approval, MigrateRequest, MigrateResult, RollbackRequest, RollbackResult, RollbackStatus, RollbackTarget, RollbackTrigger
 from rollback.settings import (
@@ -340,3 +341,15 @@ def monitor_id(environment: str) -> str:
 
 def _quote(value: str) -> str:
     return value.replace("\\", "\\\\").replace("'", "\\'")
+
+
+async def deploy_gate(orchestrator: RollbackOrchestrator, store: StateStore, environment: str, target: str, version: str) -> str | None:
+    """The gate's answer: why a deploy must wait or not happen, None when it may go. A Temporal service that
+    cannot be asked is a refusal: the gate fails closed."""
+    try:
+        running = await orchestrator.running_rollback(environment)
+    except (RollbackError, RPCError, OSError, RuntimeError) as err:
+        return f"cannot tell whether a rollback of {environment!r} runs (Temporal: {err})"
+    if running is not None:
+        return f"rollback {running} of {environment!r} is running"
+    return store.gate_refusal(environment, target, version)

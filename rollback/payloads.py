@@ -44,6 +44,9 @@ class RecordInput(BaseModel):
     target: str
     version: Version
     key: str = Field(description="idempotency key: workflow id + step")
+    rolled_back_from: str | None = Field(default=None, description="the release rolled back from: marked bad for the deploy gate")
+    rollback: str = Field(default="", description="the rollback's workflow id")
+    by: str = Field(default="", description="who initiated the rollback")
 
 
 class Notification(BaseModel):

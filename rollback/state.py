@@ -31,9 +31,26 @@ class LockRecord(BaseModel):
     expires_at: datetime
 
 
+class BadRelease(BaseModel):
+    """A release a rollback rolled back from: the deployment gate refuses it until someone lifts the mark."""
+
+    rollback: str = Field(description="the workflow id of the rollback that rolled it back")
+    by: str = Field(description="who initiated that rollback")
+    at: datetime
+    lifted_by: str | None = None
+    lifted_at: datetime | None = None
+    lift_reason: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.lifted_at is None
+
+
 class EnvironmentState(BaseModel):
     versions: dict[str, TargetVersions] = Field(default_factory=dict)
     lock: LockRecord | None = None
+    # Releases rolled back from, by target and version (kept once lifted, as the record of who allowed it).
+    bad_releases: dict[str, dict[str, BadRelease]] = Field(default_factory=dict)
     # Idempotency keys of effects already performed, with what they did.
     effects: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # Replay keys of inbound triggers (the API's), by source ("pipeline", "alertmanager"): key -> when it
@@ -123,8 +140,10 @@ class StateStore:
             state.versions[target] = entry
             return entry
 
-    def record_restored(self, environment: str, target: str, version: str, *, key: str, seed: TargetVersions | None = None) -> bool:
-        """A rollback restored `version`: current and known-good. Once per key."""
+    def record_restored(self, environment: str, target: str, version: str, *, key: str, seed: TargetVersions | None = None,
+                        rolled_back_from: str | None = None, rollback: str = "", by: str = "") -> bool:
+        """A rollback restored `version`: current and known-good; the release it rolled back from is marked bad
+        for the deployment gate. Once per key."""
         with self._locked(environment) as state:
             if key in state.effects:
                 return False
@@ -133,9 +152,41 @@ class StateStore:
             entry.known_good = version
             entry.history = (entry.history + [{"event": "restored", "version": version, "at": _now().isoformat(), "by": key}])[-HISTORY_LIMIT:]
             state.versions[target] = entry
+            if rolled_back_from and rolled_back_from != version:
+                state.bad_releases.setdefault(target, {})[rolled_back_from] = BadRelease(rollback=rollback or key, by=by, at=_now())
             state.effects[key] = {"effect": "record_restored", "target": target, "version": version}
             _trim(state)
             return True
+
+    # -- the deployment gate --------------------------------------------------
+
+    def gate_refusal(self, environment: str, target: str, version: str) -> str | None:
+        """Why a deploy of `version` must not proceed now (the lock held, the release rolled back from); None: it may."""
+        state = self.read(environment)
+        if state.lock is not None and state.lock.expires_at > _now():
+            return f"environment {environment!r} is locked by rollback {state.lock.holder}"
+        mark = state.bad_releases.get(target, {}).get(version)
+        if mark is not None and mark.active:
+            return (f"{target} {version} of {environment!r} was rolled back by {mark.rollback} (initiated by {mark.by or 'unknown'} "
+                    f"at {mark.at:%Y-%m-%d %H:%M:%S} UTC); lift the mark with: rollback release allow -e {environment} "
+                    f"-t {target} --version {version} --by NAME --reason WHY")
+        return None
+
+    def bad_releases(self, environment: str) -> dict[str, dict[str, BadRelease]]:
+        return self.read(environment).bad_releases
+
+    def allow_release(self, environment: str, target: str, version: str, *, by: str, reason: str) -> BadRelease | None:
+        """Lift the mark on a release (kept, with who lifted it and why); None when it was not marked."""
+        with self._locked(environment) as state:
+            mark = state.bad_releases.get(target, {}).get(version)
+            if mark is None or not mark.active:
+                return None
+            mark.lifted_by, mark.lifted_at, mark.lift_reason = by, _now(), reason
+            entry = state.versions.get(target) or TargetVersions()
+            entry.history = (entry.history + [{"event": "allowed", "version": version, "at": _now().isoformat(), "by": by,
+                                               "reason": reason}])[-HISTORY_LIMIT:]
+            state.versions[target] = entry
+            return mark
 
     # -- the deployment lock -------------------------------------------------
 

@@ -1,7 +1,7 @@
 """`make demo`: a broken release rolled back by a durable workflow, end to end.
 
 dev up -> deploy broken v2 -> manual rollback that needs approval -> approve with the
-`temporal` CLI -> watch -> timeline -> the monitor's automatic rollback of a broken v3 ->
+`temporal` CLI -> watch -> timeline -> the gate refusing v2 again -> the monitor's automatic rollback of a broken v3 ->
 a frontend rollback of broken JavaScript (through Varnish) -> a full rollback of all three
 tiers: a broken backend v4, a frontend v3 calling an API no backend has, and a destructive
 migration (with the integrity report) -> dev down. Exits 0 only if every rollback succeeded,
@@ -258,6 +258,17 @@ def main() -> int:
         version = front("/version")
         print("front door /version:", version)
         manual_ok = watched.returncode == 0 and final["state"] == "succeeded" and json.loads(version[1]).get("version") == "v1"
+
+        say("The deployment gate: the next automatic deploy of v2 is refused, naming the rollback")
+        from rollback.dev.stack import DevStack
+
+        os.environ["ROLLBACK_CONFIG"] = str(DevStack().config_path)  # what a pipeline's runner would point at
+        gate = sh(rollback, "gate", "-e", "demo", "-t", "backend", "--version", "v2", check=False, capture=True)
+        print(gate.stdout.strip(), f"(exit {gate.returncode})")
+        redeploy = sh(rollback, "dev", "deploy", "--target", "backend", "--version", "v2", check=False, capture=True)
+        print(redeploy.stderr.strip(), f"(exit {redeploy.returncode})")
+        manual_ok = (manual_ok and gate.returncode == 1 and "was rolled back by" in gate.stdout and redeploy.returncode == 1
+                     and json.loads(front("/version")[1]).get("version") == "v1")
 
         say("The automatic path: the monitor resumes, a pipeline deploys a broken v3")
         sh(rollback, "monitor", "resume", "-e", "demo", "--by", "demo")

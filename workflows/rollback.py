@@ -226,7 +226,8 @@ class RollbackWorkflow:
         for target in plan.targets:
             name = target.target.value
             record = RecordInput(environment=request.environment, target=name, version=target.to_version,
-                                 key=effect_key("record", name))
+                                 key=effect_key("record", name), rolled_back_from=target.from_version,
+                                 rollback=workflow.info().workflow_id, by=request.initiated_by)
             await self.saga.run(Step(id=f"{name}.record", name=f"record {name} {target.to_version} as current and known-good",
                                      target=name), partial(call, RECORD_RESTORED, record, None, attempts=10))
         # The steps are done; nothing left to undo if a later notification fails.

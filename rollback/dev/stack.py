@@ -878,6 +878,9 @@ class DevStack:
     # -- deploy / status -----------------------------------------------------------------
 
     def deploy(self, target: str, version: str, fault: str = "none") -> BackendDeploy | None:
+        # A pipeline asks the deployment gate first: a release a rollback rolled back from stays out until allowed.
+        if (refusal := StateStore(self.backend.state_dir).gate_refusal(self.environment, target, version)) is not None:
+            raise StackError(f"deploy refused by the gate: {refusal}")
         if target == "database":
             # A database release is a migration, run through the system (backup first).
             self._migrate(version)
