@@ -98,7 +98,7 @@ def endpoint_summary(settings: ApiSettings) -> str:
     """Which endpoints are on, for the startup line (names variables, never values)."""
     parts = [f"{what} {'enabled' if getattr(settings, name) else f'disabled (set {SECRETS[name]})'}"
              for what, name in (("/v1/triggers/alertmanager", "alertmanager_token"),
-                                ("/v1/triggers/pipeline", "pipeline_secret"), ("/v1/rollbacks", "token"))]
+                                ("/v1/triggers/pipeline", "pipeline_secret"), ("/v1/rollbacks and the gate", "token"))]
     return "; ".join(parts)
 
 

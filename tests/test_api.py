@@ -669,7 +669,8 @@ async def test_alert_evidence_stays_small_whatever_alertmanager_sends(offline_co
 async def test_openapi_documents_paths_bodies_and_security(offline_config, serve_api, http):
     api = await serve_api(offline_config)
     spec = (await http.get(api.url + "/openapi.json")).json()
-    assert set(spec["paths"]) == {AM_PATH, PIPELINE_PATH, "/v1/rollbacks", "/v1/rollbacks/{execution_id}"}
+    assert set(spec["paths"]) == {AM_PATH, PIPELINE_PATH, "/v1/rollbacks", "/v1/rollbacks/{execution_id}",
+                                  "/v1/environments/{environment}/gate"}
     schemes = spec["components"]["securitySchemes"]
     assert schemes["ApiToken"]["scheme"] == schemes["AlertmanagerToken"]["scheme"] == "bearer"
     assert (schemes["PipelineSignature"]["in"], schemes["PipelineSignature"]["name"]) == ("header", "X-Signature-256")
@@ -682,6 +683,7 @@ async def test_openapi_documents_paths_bodies_and_security(offline_config, serve
         assert ref == f"#/components/schemas/{body}" and body in spec["components"]["schemas"]
     assert "environment" in spec["components"]["schemas"]["RollbackRequest"]["required"]
     assert spec["paths"]["/v1/rollbacks/{execution_id}"]["get"]["security"] == [{"ApiToken": []}]
+    assert spec["paths"]["/v1/environments/{environment}/gate"]["get"]["security"] == [{"ApiToken": []}]
     refs = {ref for ref in _refs(spec)}
     assert refs <= {f"#/components/schemas/{name}" for name in spec["components"]["schemas"]}, "dangling $ref"
     docs = await http.get(api.url + "/docs")
