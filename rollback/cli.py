@@ -27,7 +27,7 @@ from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError
 
 from rollback.client import RollbackError, RollbackOrchestrator, deploy_gate, ensure_search_attributes
-from rollback.config import CONFIGURABLE_TARGETS, ConfigError, load_config
+from rollback.config import CONFIGURABLE_TARGETS, AppConfig, ConfigError, load_config
 from rollback.models import LOCK_STEP, TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget
 from rollback.versions import version_problem
 from rollback.settings import SEARCH_ATTRIBUTES, TemporalSettings, config_path, search_attribute_type
@@ -405,6 +405,17 @@ def unlock(environment: str = typer.Option(..., "--environment", "-e"),
     run(action)
 
 
+def _config_with(environment: str, target: str) -> AppConfig:
+    """The worker's config, refusing an environment or a target it does not configure."""
+    config = load_config(config_path())
+    if environment not in config.environments:
+        raise RollbackError(f"unknown environment {environment!r}; configured: {', '.join(sorted(config.environments))}")
+    configured = config.environment(environment).targets.configured()
+    if target not in configured:
+        raise RollbackError(f"target {target!r} is not configured for {environment} (configured: {', '.join(configured)})")
+    return config
+
+
 @app.command("record-deploy")
 def record_deploy(environment: str = typer.Option(..., "--environment", "-e"), target: str = typer.Option(..., "--target", "-t"),
                   version: str = typer.Option(..., "--version")) -> None:
@@ -412,12 +423,7 @@ def record_deploy(environment: str = typer.Option(..., "--environment", "-e"), t
 
     async def action() -> int:
         checked_version(version)
-        config = load_config(config_path())
-        if environment not in config.environments:
-            raise RollbackError(f"unknown environment {environment!r}; configured: {', '.join(sorted(config.environments))}")
-        configured = config.environment(environment).targets.configured()
-        if target not in configured:
-            raise RollbackError(f"target {target!r} is not configured for {environment} (configured: {', '.join(configured)})")
+        config = _config_with(environment, target)
         slice_config = config.environment(environment).targets.get(target)
         seed = slice_config.versions if slice_config else None
         store = StateStore(config.state_dir)
@@ -438,12 +444,7 @@ def gate(environment: str = typer.Option(..., "--environment", "-e"), target: st
 
     async def action() -> int:
         checked_version(version)
-        config = load_config(config_path())
-        if environment not in config.environments:
-            raise RollbackError(f"unknown environment {environment!r}; configured: {', '.join(sorted(config.environments))}")
-        configured = config.environment(environment).targets.configured()
-        if target not in configured:
-            raise RollbackError(f"target {target!r} is not configured for {environment} (configured: {', '.join(configured)})")
+        config = _config_with(environment, target)
         refusal = await deploy_gate(_orchestrator(), StateStore(config.state_dir), environment, target, version)
         if refusal is not None:
             print(f"refused: {refusal}")
@@ -464,9 +465,7 @@ def release_allow(environment: str = typer.Option(..., "--environment", "-e"), t
         checked_version(version)
         if not by.strip() or not reason.strip():
             raise ValueError("--by and --reason must say who lifts the mark and why")
-        config = load_config(config_path())
-        if environment not in config.environments:
-            raise RollbackError(f"unknown environment {environment!r}; configured: {', '.join(sorted(config.environments))}")
+        config = _config_with(environment, target)
         mark = StateStore(config.state_dir).allow_release(environment, target, version, by=by, reason=reason)
         if mark is None:
             raise RollbackError(f"{target} {version} of {environment!r} is not marked: nothing to allow")
