@@ -31,6 +31,7 @@ from rollback.config import CONFIGURABLE_TARGETS, AppConfig, ConfigError, load_c
 from rollback.models import LOCK_STEP, TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget
 from rollback.versions import version_problem
 from rollback.settings import SEARCH_ATTRIBUTES, TemporalSettings, config_path, search_attribute_type
+from rollback.live import live_version
 from rollback.state import StateStore
 from rollback.targets.frontend.config import FrontendTarget
 from rollback.targets.frontend.store import ReleaseStore
@@ -429,6 +430,16 @@ def record_deploy(environment: str = typer.Option(..., "--environment", "-e"), t
         store = StateStore(config.state_dir)
         if (refusal := store.gate_refusal(environment, target, version)) is not None and "was rolled back by" in refusal:
             raise RollbackError(f"not recorded: {refusal}")
+        if slice_config is not None:
+            # The record must say what runs: a record that drifts from the live release sends the next rollback to
+            # the wrong version, or refuses it with "nothing to roll back".
+            try:
+                live = await live_version(slice_config)
+            except LookupError as err:
+                raise RollbackError(f"not recorded: {target} of {environment!r}: {err}") from None
+            if live is not None and live != version:
+                raise RollbackError(f"not recorded: {target} of {environment!r} serves {live}, not {version}; "
+                                    "record a deploy once it is live")
         entry = store.record_deploy(environment, target, version, seed=seed)
         print(f"{environment}/{target}: current {entry.current}, known-good {entry.known_good or 'none recorded yet'}")
         return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from rollback.models import Phase
-from tests.conftest import write_config
+from tests.conftest import make_stack, write_config
 from tests.helpers import front_version, orchestrator, status_when
 
 ROLLBACK = str(Path(sys.executable).parent / "rollback")
@@ -152,8 +152,21 @@ def test_record_deploy_says_when_nothing_is_known_good_yet(blue_green, tmp_path)
     first = run_cli("record-deploy", "-e", "demo", "-t", "backend", "--version", "v1", env=env)
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == "demo/backend: current v1, known-good none recorded yet"
+    # What is not live is never recorded: the record and the front door would drift apart.
+    early = one_line_error(run_cli("record-deploy", "-e", "demo", "-t", "backend", "--version", "v2", env=env))
+    assert early == "error: not recorded: backend of 'demo' serves v1, not v2; record a deploy once it is live", early
+    blue_green.deploy("v2")
     second = run_cli("record-deploy", "-e", "demo", "-t", "backend", "--version", "v2", env=env)
     assert second.stdout.strip() == "demo/backend: current v2, known-good v1"
+
+
+def test_record_deploy_refuses_when_the_front_door_cannot_say_what_is_live(tmp_path):
+    stack = make_stack(tmp_path / "stopped", "blue_green", ["blue", "green"])  # configured, never started
+    config = tmp_path / "rollback.yaml"
+    stack.write_config(config)
+    line = one_line_error(run_cli("record-deploy", "-e", "demo", "-t", "backend", "--version", "v1",
+                                  env=cli_env(ROLLBACK_CONFIG=str(config))))
+    assert line.startswith(f"error: not recorded: backend of 'demo': the front door {stack.front_url}/version does not answer"), line
 
 
 def test_help_offers_every_target_and_refuses_an_unknown_one():
