@@ -59,6 +59,11 @@ class Coordination:
         if missing:
             raise _invalid("targets", f"{', '.join(missing)} not configured for {request.environment!r} (configured: {', '.join(configured)})")
         to_version = {k.value: v for k, v in (request.to_version or {}).items()}
+        if request.promote:
+            # The forward switch asks the deployment gate too: a release rolled back from stays out until allowed.
+            for target, version in to_version.items():
+                if (refusal := StateStore(config.state_dir).gate_refusal(request.environment, target, version)) is not None:
+                    raise ApplicationError(f"promote refused by the deployment gate: {refusal}", type="GateRefused", non_retryable=True)
         extra = [t for t in to_version if t not in wanted]
         if extra:
             raise _invalid("to_version", f"names targets not being rolled back: {', '.join(extra)}")

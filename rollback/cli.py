@@ -28,7 +28,9 @@ from temporalio.service import RPCError
 
 from rollback.client import RollbackError, RollbackOrchestrator, deploy_gate, ensure_search_attributes
 from rollback.config import CONFIGURABLE_TARGETS, AppConfig, ConfigError, load_config
-from rollback.models import LOCK_STEP, TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget
+from rollback.models import (
+    LOCK_STEP, TERMINAL_STATES, MigrateRequest, Phase, RollbackRequest, RollbackStatus, RollbackTarget, RollbackTrigger,
+)
 from rollback.versions import version_problem
 from rollback.settings import SEARCH_ATTRIBUTES, TemporalSettings, config_path, search_attribute_type
 from rollback.live import live_version
@@ -462,6 +464,30 @@ def gate(environment: str = typer.Option(..., "--environment", "-e"), target: st
             return 1
         print(f"allowed: {environment}/{target} {version}")
         return 0
+
+    run(action)
+
+
+@app.command()
+def promote(environment: str = typer.Option(..., "--environment", "-e"), target: str = typer.Option(..., "--target", "-t"),
+            version: str = typer.Option(..., "--version"), initiated_by: str = typer.Option(None, "--by"),
+            reason: str = typer.Option("", "--reason")) -> None:
+    """The forward switch pipelines run: make VERSION live (blue-green: the standby serving it; rolling: every instance;
+    frontend: the release), as a durable workflow with the rollback's steps, after the gate; recorded as a deploy.
+    Waits for the end; exit 0 only on success."""
+
+    async def action() -> int:
+        checked_version(version)
+        config = _config_with(environment, target)
+        orchestrator = _orchestrator()
+        if (refusal := await deploy_gate(orchestrator, StateStore(config.state_dir), environment, target, version)) is not None:
+            raise RollbackError(f"refused by the deployment gate: {refusal}")
+        request = RollbackRequest(environment=environment, targets=[RollbackTarget(target)], trigger=RollbackTrigger.MANUAL,
+                                  initiated_by=initiated_by or getpass.getuser(), reason=reason or f"promote {target} {version}",
+                                  to_version={RollbackTarget(target): version}, promote=True)
+        started = await orchestrator.start(request)
+        print(started.execution_id, flush=True)
+        return await _watch(orchestrator, started.execution_id, quiet=True)
 
     run(action)
 

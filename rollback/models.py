@@ -98,6 +98,8 @@ class RollbackRequest(BaseModel):
     # What a monitor or an external trigger saw (rule, value, samples); shown in the plan.
     evidence: dict[str, Any] = Field(default_factory=dict, description=f"at most {REQUEST_EVIDENCE_MAX_BYTES} bytes of JSON")
     database: DatabaseOptions | None = None
+    promote: bool = Field(default=False, description="a forward switch (`rollback promote`): the one target named goes to its "
+                                                     "to_version, recorded as a deploy; nothing is marked as rolled back from")
 
     @field_validator("evidence")
     @classmethod
@@ -119,6 +121,13 @@ class RollbackRequest(BaseModel):
         if len(set(targets)) != len(targets):
             raise ValueError("targets must not repeat")
         return targets
+
+    @model_validator(mode="after")
+    def _a_promotion_names_its_target_and_version(self) -> "RollbackRequest":
+        if self.promote and (len(self.targets) != 1 or self.targets[0] == RollbackTarget.FULL
+                             or set(self.to_version or {}) != set(self.targets)):
+            raise ValueError("promote: name exactly one target (not full) and its to_version")
+        return self
 
 
 class Approval(BaseModel):

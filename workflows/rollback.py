@@ -26,8 +26,8 @@ with workflow.unsafe.imports_passed_through():
         LOCK_STEP, Approval, ApprovalRecord, Phase, RollbackPlan, RollbackRequest, RollbackResult, RollbackStatus, Step, TargetPlan,
     )
     from rollback.payloads import (
-        ACQUIRE_LOCK, PLAN_ROLLBACK, RECORD_RESTORED, RELEASE_LOCK, SEND_NOTIFICATION, LockInput, Notification, NotifyResult,
-        RecordInput,
+        ACQUIRE_LOCK, PLAN_ROLLBACK, RECORD_DEPLOYED, RECORD_RESTORED, RELEASE_LOCK, SEND_NOTIFICATION, LockInput, Notification,
+        NotifyResult, RecordInput,
     )
     from rollback.settings import SA_ENVIRONMENT, SA_PHASE, SA_STATE, SA_TARGETS, SA_TRIGGER
     from rollback.targets.registry import TARGETS
@@ -225,6 +225,13 @@ class RollbackWorkflow:
             await flow_of(target).validate(self._run(request, plan, target))
         for target in plan.targets:
             name = target.target.value
+            if request.promote:
+                # A forward switch is a deploy: the new release becomes current, the one it left known-good.
+                deployed = RecordInput(environment=request.environment, target=name, version=target.to_version,
+                                       key=effect_key("record", name))
+                await self.saga.run(Step(id=f"{name}.record", name=f"record {name} {target.to_version} as deployed", target=name),
+                                    partial(call, RECORD_DEPLOYED, deployed, None, attempts=10))
+                continue
             record = RecordInput(environment=request.environment, target=name, version=target.to_version,
                                  key=effect_key("record", name), rolled_back_from=target.from_version,
                                  rollback=workflow.info().workflow_id, by=request.initiated_by)
