@@ -109,17 +109,21 @@ def read_manifest(release_dir: Path) -> ReleaseManifest:
     return manifest
 
 
+def check_listing(manifest: ReleaseManifest, present: set[str]) -> None:
+    """The files a store holds for the release (relative paths) are exactly those its manifest names."""
+    present = present - {MANIFEST}
+    missing = sorted(set(manifest.files) - present)
+    if missing:
+        raise ReleaseError(f"release {manifest.version}: missing {', '.join(missing[:10])}")
+    unlisted = sorted(present - set(manifest.files))
+    if unlisted:
+        raise ReleaseError(f"release {manifest.version}: not in {MANIFEST}: {', '.join(unlisted[:10])}")
+
+
 def verify_release(release_dir: Path) -> ReleaseManifest:
     """Check every file against the manifest, and that the manifest names every file. Returns the manifest."""
     manifest = read_manifest(release_dir)
-    present = {p.relative_to(release_dir).as_posix() for p in release_dir.rglob("*") if p.is_file() or p.is_symlink()}
-    present.discard(MANIFEST)
-    missing = sorted(set(manifest.files) - present)
-    if missing:
-        raise ReleaseError(f"release {release_dir.name}: missing {', '.join(missing[:10])}")
-    unlisted = sorted(present - set(manifest.files))
-    if unlisted:
-        raise ReleaseError(f"release {release_dir.name}: not in {MANIFEST}: {', '.join(unlisted[:10])}")
+    check_listing(manifest, {p.relative_to(release_dir).as_posix() for p in release_dir.rglob("*") if p.is_file() or p.is_symlink()})
     inside = release_dir.resolve()
     for relative, expected in sorted(manifest.files.items()):
         path = release_dir / relative

@@ -43,8 +43,8 @@ import boto3  # type: ignore[import-untyped]
 from botocore.config import Config  # type: ignore[import-untyped]
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError  # type: ignore[import-untyped]
 
-from rollback.targets.frontend.release import (CHUNK, MANIFEST, ReleaseError, ReleaseManifest, read_manifest, release_dir,
-                                               verify_release)
+from rollback.targets.frontend.release import (CHUNK, MANIFEST, ReleaseError, ReleaseManifest, check_listing, read_manifest,
+                                               release_dir, verify_release)
 from rollback.targets.frontend.store import ASSETS, entry_points
 from rollback.versions import version_problem
 
@@ -400,14 +400,7 @@ class S3Store:
         them all; and the release's assets already in the pool (what the CDN serves) must be the same bytes."""
         manifest = self.manifest(version)
         base = self._release_prefix(version)
-        present = {key[len(base):] for key in self._keys(base)}
-        present.discard(MANIFEST)
-        missing = sorted(set(manifest.files) - present)
-        if missing:
-            raise ReleaseError(f"release {version}: missing {', '.join(missing[:10])}")
-        unlisted = sorted(present - set(manifest.files))
-        if unlisted:
-            raise ReleaseError(f"release {version}: not in {MANIFEST}: {', '.join(unlisted[:10])}")
+        check_listing(manifest, {key[len(base):] for key in self._keys(base)})
         expected_files = sorted(manifest.files.items())
         actuals = _each(lambda item: self._download_sha256(f"{base}{item[0]}"), expected_files)
         for (relative, expected), actual in zip(expected_files, actuals, strict=True):
