@@ -15,6 +15,7 @@ No sleeps: every wait polls the page for a condition, with Playwright's deadline
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ import httpx
 import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, BrowserContext, Page, Route
+from playwright.async_api import Error as PlaywrightError
 
 from rollback.dev.frontend_build import Fault, build_release
 from rollback.dev.instances import pid_alive
@@ -178,10 +180,19 @@ class Tab:
 
     async def first_chunk(self) -> dict:
         """The page's own first chunk load (it starts one as soon as it runs), rendered: until then its render may
-        still clear `#error` behind a later load's back."""
-        await self.page.wait_for_function("() => window.chunkLoads?.length >= 1 && (!window.chunkLoads[0].ok "
-                                          "|| 'items' in window.chunkLoads[0] || 'renderError' in window.chunkLoads[0])")
-        return (await self.chunk_loads())[0]
+        still clear `#error` behind a later load's back. Read in the same evaluation as the wait's condition: a
+        page that reloads itself right away (it opened on a release that is not live) has a new document by the
+        time a second evaluation would run."""
+        for _ in range(5):
+            try:
+                rendered = await self.page.wait_for_function(
+                    "() => window.chunkLoads?.length >= 1 && (!window.chunkLoads[0].ok || 'items' in window.chunkLoads[0] "
+                    "|| 'renderError' in window.chunkLoads[0]) && JSON.stringify(window.chunkLoads[0])")
+                return json.loads(await rendered.json_value())
+            except PlaywrightError as err:
+                if "Execution context was destroyed" not in str(err):
+                    raise
+        raise AssertionError("the page kept navigating before its first chunk load could be read")
 
     async def load_items(self, chunk: str | None = None) -> dict:
         return await self.page.evaluate("(chunk) => chunk ? loadItems(chunk) : loadItems()", chunk)
