@@ -18,6 +18,7 @@ from temporalio.exceptions import ApplicationError
 from activities.health import HttpCheckInput, HttpHealth
 from activities.heartbeat import heartbeating
 from rollback.config import ConfigSource
+from rollback.live import answered_version
 from rollback.targets.backend.config import BackendTarget, Instance
 from rollback.payloads import NOTHING_TO_ROLL_BACK
 from rollback.models import HealthReport, RollbackRequest, RollbackTarget, TargetPlan
@@ -179,11 +180,9 @@ class BackendRollback:
 
     async def _version_at(self, target: BackendTarget, base_url: str) -> str | None:
         try:
-            answer = await self.health.get(base_url.rstrip("/") + target.version_path, target.health.timeout_seconds)
-            version = answer.json().get("version") if answer.status_code == 200 else None
-        except Exception:  # noqa: BLE001 - no answer is no version
-            return None
-        return version if isinstance(version, str) else None
+            return await answered_version(self.health, base_url.rstrip("/") + target.version_path, target.health.timeout_seconds)
+        except LookupError:
+            return None  # no answer is no version
 
     # -- blue-green -----------------------------------------------------------
 

@@ -7,6 +7,7 @@ Kept out of the targets' config models: workflows import those (through the regi
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 import httpx
 
@@ -29,10 +30,19 @@ async def live_version(target: TargetConfig) -> str | None:
 
 
 async def _front_door_version(target: BackendTarget) -> str:
-    url = target.router.front_url.rstrip("/") + target.version_path
+    async with httpx.AsyncClient() as http:
+        return await answered_version(http, target.router.front_url.rstrip("/") + target.version_path, target.health.timeout_seconds)
+
+
+class Getter(Protocol):
+    async def get(self, url: str, *, timeout: float) -> httpx.Response: ...
+
+
+async def answered_version(http: Getter | httpx.AsyncClient, url: str, timeout: float) -> str:
+    """The `version` a release's version endpoint answers (`{"version": ...}`); LookupError naming the URL otherwise.
+    `http`: a client, or the worker's HttpHealth (which retries a keep-alive connection nginx closed on reload)."""
     try:
-        async with httpx.AsyncClient(timeout=target.health.timeout_seconds) as http:
-            answer = await http.get(url)
+        answer = await http.get(url, timeout=timeout)
         version = answer.json().get("version") if answer.status_code == 200 else None
     except (httpx.HTTPError, ValueError, AttributeError) as err:
         raise LookupError(f"the front door {url} does not answer its version ({type(err).__name__})") from None
