@@ -67,18 +67,21 @@ def frontend_version() -> dict:
     return httpx.get(f"http://127.0.0.1:{port}/version.json", timeout=5).json()
 
 
+def start_and_watch(rollback: str, target: str, reason: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """An SRE's rollback of `target`, followed to its end: the watch and the final status."""
+    started = sh(rollback, "start", "--environment", "demo", "--target", target, "--by", "demo-sre", "--reason", reason, capture=True)
+    workflow_id = started.stdout.strip()
+    print(f"started {workflow_id}")
+    return sh(rollback, "watch", workflow_id, check=False), status(rollback, workflow_id)
+
+
 def frontend_rollback(rollback: str) -> bool:
     """A frontend release with broken JavaScript, rolled back: the pointer switch, Varnish purged, checked."""
     good = frontend_version()
     print(f"frontend through Varnish: {good}")
     sh(rollback, "dev", "deploy", "--target", "frontend", "--version", "v2", "--fault", "broken-js")
     print(f"after the deploy: {frontend_version()}")
-    started = sh(rollback, "start", "--environment", "demo", "--target", "frontend", "--by", "demo-sre",
-                 "--reason", "v2's JavaScript throws in every browser", capture=True)
-    workflow_id = started.stdout.strip()
-    print(f"started {workflow_id}")
-    watched = sh(rollback, "watch", workflow_id, check=False)
-    final = status(rollback, workflow_id)
+    watched, final = start_and_watch(rollback, "frontend", "v2's JavaScript throws in every browser")
     for step in final["steps"]:
         if step["target"] == "frontend":
             print(f"  {step['name']}: {step['detail']}")
@@ -175,12 +178,7 @@ def full_rollback(rollback: str) -> bool:
     deadline = time.monotonic() + 30
     while figures()["max_order"] < migrated["max_order"] + 50 and time.monotonic() < deadline:
         time.sleep(0.5)
-    started = sh(rollback, "start", "--environment", "demo", "--target", "full", "--by", "demo-sre",
-                 "--reason", "v4 fails and 0003 destroyed e-mails and prices", capture=True)
-    workflow_id = started.stdout.strip()
-    print(f"started {workflow_id}")
-    watched = sh(rollback, "watch", workflow_id, check=False)
-    final = status(rollback, workflow_id)
+    watched, final = start_and_watch(rollback, "full", "v4 fails and 0003 destroyed e-mails and prices")
     after = figures()
     say("Targets in reverse deployment order: frontend, backend, database")
     for target in (final["plan"] or {}).get("targets", []):
